@@ -1,0 +1,235 @@
+"""Command line: ``refresher run | once | check | status | demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+
+from refresher import __version__
+from refresher.config import Settings, load_settings
+from refresher.errors import ConfigError
+from refresher.logging import Redactor, configure_logging
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _config_path(args: argparse.Namespace) -> str | None:
+    return args.config or os.environ.get("REFRESHER_CONFIG")
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    path = _config_path(args)
+    if path is None:
+        raise ConfigError(["--config: no config file given (or set REFRESHER_CONFIG)"])
+    return load_settings(path)
+
+
+def _setup_logging(settings: Settings, redactor: Redactor) -> None:
+    configure_logging(redactor, level=settings.logging.level, fmt=settings.logging.format)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        settings = _load(args)
+    except ConfigError as exc:
+        print(f"config invalid: {len(exc.errors)} error(s)", file=sys.stderr)
+        for line in exc.errors:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(describe_plan(settings))
+    if args.online:
+        return _run_once(settings, write=False)
+    return EXIT_OK
+
+
+def describe_plan(settings: Settings) -> str:
+    """Human-readable plan of what the daemon will do with this config."""
+    from refresher.jobs import expand, tenants_of
+
+    policy = settings.refresh
+    lines = [
+        f"config OK: {len(settings.jobs)} job(s); listening on {settings.server.listen}",
+        f"refresh policy: at {policy.refresh_at:.0%} of lifetime, at least "
+        f"{policy.min_remaining:g}s before expiry, jitter ±{policy.jitter:.0%}, "
+        f"backoff {policy.backoff.initial:g}s..{policy.backoff.max:g}s, "
+        f"concurrency {policy.concurrency}",
+    ]
+    for job in settings.jobs:
+        provider = job.provider
+        tenants = [t for t in tenants_of(job) if t is not None]
+        where = getattr(provider, "token_url", None) or getattr(provider, "base_url", "")
+        lines.append(f"- job {job.name}: provider {provider.kind} {where}".rstrip())
+        if tenants:
+            lines.append(f"    tenants: {len(tenants)}")
+        for sink in job.sinks:
+            target = getattr(sink, "path", None) or getattr(sink, "secret", "")
+            shown = expand(str(target), job=job.name, tenant="{tenant}" if tenants else None)
+            lines.append(f"    sink {sink.kind}: {shown}")
+    return "\n".join(lines)
+
+
+def _run_once(settings: Settings, *, write: bool = True) -> int:
+    from refresher.daemon import Daemon
+
+    redactor = Redactor()
+    _setup_logging(settings, redactor)
+    daemon = Daemon(settings, redactor=redactor, serve_http=False)
+    if not write:
+        daemon.settings = settings
+        for job_runtime in daemon.build_runtimes():
+            job_runtime.sinks = []
+            daemon.scheduler.add(job_runtime)
+
+        async def fetch_only() -> bool:
+            async with anyio.create_task_group() as tg:
+                for runtime in list(daemon.scheduler.jobs.values()):
+                    tg.start_soon(daemon.scheduler.refresh, runtime)
+            await daemon.clients.aclose()
+            return all(r.failures == 0 for r in daemon.scheduler.jobs.values())
+
+        return EXIT_OK if anyio.run(fetch_only) else EXIT_FAILED
+    ok = anyio.run(daemon.refresh_all_once)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def cmd_once(args: argparse.Namespace) -> int:
+    try:
+        settings = _load(args)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"config error: {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    return _run_once(settings)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from refresher.daemon import Daemon
+
+    try:
+        settings = _load(args)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"config error: {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    redactor = Redactor()
+    _setup_logging(settings, redactor)
+    daemon = Daemon(settings, redactor=redactor)
+    anyio.run(daemon.serve_forever)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import httpx2
+
+    url = args.url.rstrip("/")
+    if "://" not in url:
+        url = f"http://{url}"
+    try:
+        response = httpx2.get(f"{url}/v1/tokens", timeout=5)
+        response.raise_for_status()
+        jobs = response.json()["jobs"]
+    except (httpx2.HTTPError, ValueError, KeyError) as exc:
+        print(f"cannot read status from {url}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+    else:
+        print(format_status(jobs))
+    return EXIT_OK if all(j.get("valid") for j in jobs) else EXIT_FAILED
+
+
+def format_status(jobs: list[dict[str, object]]) -> str:
+    """The status table: one row per job, tenants aggregated."""
+    rows: dict[str, dict[str, object]] = {}
+    for entry in jobs:
+        name = str(entry["job"])
+        row = rows.setdefault(
+            name,
+            {
+                "tenants": 0,
+                "valid": 0,
+                "state": "valid",
+                "expires_in": None,
+                "last_success": None,
+                "last_error": None,
+            },
+        )
+        row["tenants"] = int(str(row["tenants"])) + (1 if entry.get("tenant") else 0)
+        row["valid"] = int(str(row["valid"])) + (1 if entry.get("valid") else 0)
+        if entry.get("state") != "valid":
+            row["state"] = entry.get("state")
+        exp = entry.get("expires_in")
+        if isinstance(exp, (int, float)) and (
+            row["expires_in"] is None or exp < float(str(row["expires_in"]))
+        ):
+            row["expires_in"] = exp
+        if entry.get("last_success_at"):
+            row["last_success"] = max(str(row["last_success"] or ""), str(entry["last_success_at"]))
+        if entry.get("last_error"):
+            row["last_error"] = entry["last_error"]
+    header = (
+        f"{'JOB':<24} {'TENANTS':>7} {'STATE':<13} {'EXPIRES IN':>10}  "
+        f"{'LAST SUCCESS':<20}  LAST ERROR"
+    )
+    lines = [header]
+    for name, row in rows.items():
+        exp = row["expires_in"]
+        exp_text = f"{float(str(exp)):.0f}s" if exp is not None else "-"
+        tenants = f"{row['valid']}/{row['tenants']}" if row["tenants"] else "-"
+        lines.append(
+            f"{name:<24} {tenants:>7} {row['state']!s:<13} {exp_text:>10}  "
+            f"{row['last_success'] or '-'!s:<20}  {row['last_error'] or '-'}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from refresher.demo import run_demo
+
+    return run_demo(tokens_dir=Path(args.tokens_dir), listen=args.listen, lifetime=args.lifetime)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refresher", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"refresher {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", "-c", help="YAML config file (default: $REFRESHER_CONFIG)")
+
+    p = sub.add_parser("run", help="run the daemon")
+    with_config(p)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("once", help="refresh every job once, write sinks, exit 1 if any failed")
+    with_config(p)
+    p.set_defaults(func=cmd_once)
+    p = sub.add_parser("check", help="validate the config and print the plan")
+    with_config(p)
+    p.add_argument(
+        "--online", action="store_true", help="also fetch each token once (nothing is written)"
+    )
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("status", help="show the status of a running daemon")
+    p.add_argument("--url", default="127.0.0.1:9464")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("demo", help="run emulated providers and a daemon against them")
+    p.add_argument("--tokens-dir", default="tokens")
+    p.add_argument("--listen", default="127.0.0.1:9464")
+    p.add_argument("--lifetime", type=float, default=60.0, help="token lifetime in seconds")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return EXIT_OK

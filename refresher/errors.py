@@ -1,0 +1,135 @@
+"""The error tree. Every failure refresher reports is one of these::
+
+    RefresherError
+    ├── ConfigError                 bad configuration (names the field)
+    ├── ProviderError               a token request failed (carries `reason`)
+    │   ├── TransportError          connection refused/reset, TLS, DNS     reason=transport
+    │   │   └── TimeoutError        no answer in time                       reason=timeout
+    │   ├── ServerError             5xx                                     reason=server_error
+    │   ├── RateLimitedError        429, carries retry_after seconds        reason=rate_limited
+    │   ├── UnauthorizedError       401: credential rejected                reason=unauthorized
+    │   │   └── InvalidLinkError    Debitura: second 401 for a tenant       reason=unauthorized
+    │   ├── ForbiddenError          403: capability missing                 reason=forbidden
+    │   └── BadResponseError        malformed body, no expiry, failed JWT   reason=bad_response
+    │                               verification, token already expired
+    └── SinkError                   a sink could not store the token       reason=sink
+
+Messages never contain a token or a secret: they carry the HTTP status and the
+`title`/`detail` of an RFC 9457 problem response, which partners fill with prose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class RefresherError(Exception):
+    """Base class of every error refresher raises on purpose."""
+
+
+class ConfigError(RefresherError):
+    """The configuration is invalid; `errors` holds one ``path: message`` per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(errors))
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The parts of an ``application/problem+json`` body worth reporting."""
+
+    status: int | None = None
+    title: str | None = None
+    detail: str | None = None
+    type: str | None = None
+
+    def describe(self) -> str:
+        parts = [p for p in (self.title, self.detail) if p]
+        return ": ".join(parts)
+
+
+class ProviderError(RefresherError):
+    """A token request failed. `reason` is the metric label for this failure class."""
+
+    reason = "provider"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        problem: Problem | None = None,
+    ) -> None:
+        self.status = status
+        self.problem = problem
+        if problem is not None and problem.describe():
+            message = f"{message} ({problem.describe()})"
+        super().__init__(message)
+
+
+class TransportError(ProviderError):
+    """The request never got an HTTP answer: connection refused or reset, TLS, DNS."""
+
+    reason = "transport"
+
+
+class TimeoutError(TransportError):
+    """The provider did not answer within the configured timeout."""
+
+    reason = "timeout"
+
+
+class ServerError(ProviderError):
+    """The provider answered 5xx."""
+
+    reason = "server_error"
+
+
+class RateLimitedError(ProviderError):
+    """The provider answered 429; `retry_after` is how long it asked us to wait (seconds)."""
+
+    reason = "rate_limited"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None,
+        status: int | None = 429,
+        problem: Problem | None = None,
+    ) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, status=status, problem=problem)
+
+
+class UnauthorizedError(ProviderError):
+    """401: the provider rejected the credential. Never retried in a tight loop."""
+
+    reason = "unauthorized"
+
+
+class InvalidLinkError(UnauthorizedError):
+    """A second 401 right after a fresh mint: the tenant link itself is invalid (Debitura)."""
+
+
+class ForbiddenError(ProviderError):
+    """403: the credential is valid but lacks a capability or scope."""
+
+    reason = "forbidden"
+
+
+class BadResponseError(ProviderError):
+    """The provider answered, but not with a usable token."""
+
+    reason = "bad_response"
+
+
+class SinkError(RefresherError):
+    """A sink could not store (or remove) a token; the previous value is untouched."""
+
+    reason = "sink"
+
+    def __init__(self, message: str, *, sink: str) -> None:
+        self.sink = sink
+        super().__init__(message)

@@ -1,0 +1,56 @@
+"""Turning configuration into running parts: providers, sinks and job runtimes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from refresher.clock import Clock
+from refresher.config import FileSinkConfig, JobConfig, SinkConfig
+from refresher.errors import ConfigError
+from refresher.providers.base import HTTPClients, TokenProvider
+from refresher.scheduler import JobRuntime
+from refresher.sinks.base import TokenSink
+from refresher.sinks.file import FileSink
+
+
+def build_provider(job: JobConfig, *, clients: HTTPClients, clock: Clock) -> TokenProvider:
+    """The provider implementation for a job's ``provider.kind``."""
+    config = job.provider
+    if config.kind == "oauth2":
+        from refresher.providers.oauth2 import OAuth2Provider
+
+        return OAuth2Provider(config, clients=clients, clock=clock)
+    raise ConfigError([f"jobs.{job.name}.provider.kind: unsupported kind {config.kind!r}"])
+
+
+def tenants_of(job: JobConfig) -> list[str | None]:
+    """The tenants a job mints for; ``[None]`` for single-token providers."""
+    tenants = getattr(job.provider, "tenants", None)
+    return list(tenants) if tenants else [None]
+
+
+def expand(template: str, *, job: str, tenant: str | None) -> str:
+    """Fill ``{job}`` and ``{tenant}`` in a sink path or key."""
+    return template.replace("{job}", job).replace("{tenant}", tenant or "")
+
+
+def build_sink(config: SinkConfig, *, job: str, tenant: str | None) -> TokenSink:
+    if isinstance(config, FileSinkConfig):
+        return FileSink(config, Path(expand(config.path, job=job, tenant=tenant)))
+    raise ConfigError([f"unsupported sink kind {config.kind!r}"])
+
+
+def build_runtimes(job: JobConfig, provider: TokenProvider) -> list[JobRuntime]:
+    """One runtime per tenant (or one for the job), each with its own sinks."""
+    runtimes = []
+    for tenant in tenants_of(job):
+        runtimes.append(
+            JobRuntime(
+                job=job.name,
+                tenant=tenant,
+                provider=provider,
+                sinks=[build_sink(s, job=job.name, tenant=tenant) for s in job.sinks],
+                on_expiry=job.on_expiry,
+            )
+        )
+    return runtimes

@@ -1,0 +1,128 @@
+"""structlog setup with a redaction processor.
+
+Every log line passes `Redactor`, which masks (a) values of keys named like a
+credential (``token``, ``secret``, ``password``, ``authorization``, ``api_key`` …),
+(b) any value equal to, or containing, a secret or token refresher knows about, and
+(c) anything shaped like a JWT or a ``Bearer`` credential. A masked value becomes
+``[redacted:<fingerprint>]`` so lines stay correlatable without being useful to an
+attacker.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+from refresher.token import fingerprint
+
+_SENSITIVE_KEY = re.compile(
+    r"(^|_)(token|access_?token|secret|password|passwd|authorization|api_?key|xapikey|credential)s?$",
+    re.IGNORECASE,
+)
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
+_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")
+
+
+def mask(value: str) -> str:
+    return f"[redacted:{fingerprint(value)}]"
+
+
+class Redactor:
+    """Knows the secrets and recent tokens, and scrubs them from log events.
+
+    Credentials (few, long-lived) are searched as substrings; tokens (possibly
+    thousands) are matched exactly and, being JWTs or bearer strings in practice,
+    also caught by pattern. The token set is bounded: oldest forgotten first.
+    """
+
+    def __init__(self, max_tokens: int = 100_000) -> None:
+        self._secrets: set[str] = set()
+        self._tokens: OrderedDict[str, None] = OrderedDict()
+        self._max_tokens = max_tokens
+        self._lock = threading.Lock()
+
+    def add_secret(self, value: str) -> None:
+        if len(value) >= 4:
+            with self._lock:
+                self._secrets.add(value)
+
+    def add_token(self, value: str) -> None:
+        with self._lock:
+            self._tokens[value] = None
+            self._tokens.move_to_end(value)
+            while len(self._tokens) > self._max_tokens:
+                self._tokens.popitem(last=False)
+
+    def scrub(self, text: str) -> str:
+        with self._lock:
+            if text in self._tokens or text in self._secrets:
+                return mask(text)
+            secrets = list(self._secrets)
+        for secret in secrets:
+            if secret in text:
+                text = text.replace(secret, mask(secret))
+        text = _JWT.sub(lambda m: mask(m.group(0)), text)
+        return _BEARER.sub(lambda m: f"{m.group(1)} {mask(m.group(0))}", text)
+
+    def _value(self, key: str, value: Any) -> Any:
+        if _SENSITIVE_KEY.search(key) and value is not None and not isinstance(value, bool):
+            return mask(str(value))
+        if isinstance(value, str):
+            return self.scrub(value)
+        if isinstance(value, BaseException):
+            return self.scrub(f"{type(value).__name__}: {value}")
+        if isinstance(value, dict):
+            return {k: self._value(str(k), v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._value(key, v) for v in value]
+        return value
+
+    def __call__(
+        self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        for key in list(event_dict):
+            event_dict[key] = self._value(key, event_dict[key])
+        return event_dict
+
+
+def configure_logging(
+    redactor: Redactor,
+    *,
+    level: str = "info",
+    fmt: str = "auto",
+    stream: TextIO | None = None,
+) -> None:
+    """Install structlog's pipeline: context, level, time, redaction, rendering.
+
+    Tracebacks are rendered to text *before* redaction, so secrets in exception
+    messages are scrubbed too.
+    """
+    out = stream or sys.stderr
+    json_output = fmt == "json" or (fmt == "auto" and not out.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json_output
+        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redactor,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )

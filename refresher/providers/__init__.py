@@ -1,0 +1,1 @@
+"""Token providers: one module per partner API, sharing `providers.base`."""

@@ -1,0 +1,57 @@
+"""Generic OAuth2 client-credentials provider (RFC 6749 §4.4), form or JSON body."""
+
+from __future__ import annotations
+
+import httpx2
+
+from refresher.clock import Clock
+from refresher.config import OAuth2ProviderConfig, secret_source
+from refresher.providers.base import HTTPClients, HTTPProvider
+from refresher.token import Token
+
+
+class OAuth2Provider(HTTPProvider):
+    """``grant_type=client_credentials`` against any token URL."""
+
+    kind = "oauth2"
+
+    def __init__(self, config: OAuth2ProviderConfig, *, clients: HTTPClients, clock: Clock) -> None:
+        super().__init__(
+            config,
+            base_url=_origin(config.token_url),
+            clients=clients,
+            clock=clock,
+            secrets={"client_secret": secret_source(config, "client_secret")},
+            rate_limit_key=config.client_id,
+        )
+        self.oauth = config
+        self.path = httpx2.URL(config.token_url).raw_path.decode()
+
+    async def fetch(self, tenant: str | None) -> Token:
+        cfg = self.oauth
+        fields = {"grant_type": "client_credentials"}
+        if cfg.scopes:
+            fields["scope"] = " ".join(cfg.scopes)
+        if cfg.audience:
+            fields["audience"] = cfg.audience
+        auth = None
+        if cfg.client_auth == "basic":
+            auth = (cfg.client_id, self.secret("client_secret"))
+        else:
+            fields["client_id"] = cfg.client_id
+            fields["client_secret"] = self.secret("client_secret")
+        started = self.clock.now()
+        if cfg.body == "json":
+            body = await self.post(
+                self.path, "token request", headers=cfg.headers, json_body=fields, auth=auth
+            )
+        else:
+            body = await self.post(
+                self.path, "token request", headers=cfg.headers, data=fields, auth=auth
+            )
+        return self.token_from(body, obtained_at=started)
+
+
+def _origin(url: str) -> str:
+    parsed = httpx2.URL(url)
+    return f"{parsed.scheme}://{parsed.netloc.decode()}"

@@ -1,0 +1,537 @@
+"""When to refresh, and what to do when a refresh fails.
+
+One `Scheduler` holds every (job, tenant) as a `JobRuntime` and a single timer heap,
+so 10,000 tenants cost one sleeping task, not 10,000. Rules (DESIGN.md §4):
+
+* refresh at ``obtained_at + refresh_at × lifetime``, never later than
+  ``expires_at − min_remaining`` (capped to the part of a short lifetime after
+  ``refresh_at``), spread by ± ``jitter``;
+* transport errors, timeouts, 5xx and malformed bodies: exponential backoff with
+  full jitter (``initial`` … ``max``), planned to land before expiry while possible;
+* 429: wait exactly ``Retry-After`` (capped at ``max_retry_after``), never sooner,
+  and pause every job sharing the same client budget;
+* 401/403: a credential or capability problem: no tight loop, backoff starts at max;
+* a failure never replaces or removes a still-valid token; a minted token whose sink
+  write failed is kept in memory and the write is retried without re-minting.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup
+
+from refresher.clock import Clock
+from refresher.config import RefreshConfig
+from refresher.errors import (
+    ForbiddenError,
+    InvalidLinkError,
+    ProviderError,
+    RateLimitedError,
+    SinkError,
+    UnauthorizedError,
+)
+from refresher.logging import Redactor
+from refresher.metrics import JobSnapshot, Metrics
+from refresher.providers.base import TokenProvider
+from refresher.ratelimit import SlidingWindowLimiter
+from refresher.sinks.base import TokenSink
+from refresher.token import Token, rfc3339
+
+log = structlog.get_logger("refresher.scheduler")
+
+#: A consumer may force a refresh of the same job at most this often.
+DEFAULT_MIN_FORCE_INTERVAL = 10.0
+
+JobKey = tuple[str, str | None]
+WrittenHook = Callable[["JobRuntime", Token], Coroutine[Any, Any, None]]
+
+
+class TooSoonError(Exception):
+    """A forced refresh came before the job's minimum interval passed."""
+
+    def __init__(self, retry_after: float) -> None:
+        self.retry_after = retry_after
+        super().__init__(f"refresh allowed again in {retry_after:.1f}s")
+
+
+@dataclass(eq=False)
+class JobRuntime:
+    """The live state of one (job, tenant)."""
+
+    job: str
+    tenant: str | None
+    provider: TokenProvider
+    sinks: Sequence[TokenSink]
+    on_expiry: str = "keep"
+    token: Token | None = None
+    state: str = "pending"
+    next_refresh_at: float | None = None
+    failures: int = 0
+    last_error: str | None = None
+    last_error_message: str | None = None
+    last_success_at: float | None = None
+    backoff: float = 0.0
+    unwritten: list[TokenSink] = field(default_factory=list)
+    generation: int = 0
+    inflight: anyio.Event | None = None
+    last_forced_at: float | None = None
+    removed: bool = False
+    bound_log: Any = None
+
+    @property
+    def key(self) -> JobKey:
+        return (self.job, self.tenant)
+
+    @property
+    def provider_kind(self) -> str:
+        return self.provider.kind
+
+    def valid(self, now: float) -> bool:
+        return self.token is not None and not self.unwritten and self.token.is_valid(now)
+
+    def status(self, now: float) -> dict[str, Any]:
+        """What `/v1/tokens` shows: never the token value."""
+        token = self.token
+        return {
+            "job": self.job,
+            "tenant": self.tenant,
+            "provider": self.provider_kind,
+            "state": self.display_state(now),
+            "valid": self.valid(now),
+            "expires_at": rfc3339(token.expires_at) if token else None,
+            "expires_in": round(token.expires_at - now, 1)
+            if token and token.expires_at is not None
+            else None,
+            "fingerprint": token.fingerprint() if token else None,
+            "next_refresh_at": rfc3339(self.next_refresh_at)
+            if self.next_refresh_at is not None and math.isfinite(self.next_refresh_at)
+            else None,
+            "last_success_at": rfc3339(self.last_success_at),
+            "last_error": self.last_error,
+            "last_error_message": self.last_error_message,
+            "consecutive_failures": self.failures,
+            "sinks": [s.target for s in self.sinks],
+        }
+
+    def display_state(self, now: float) -> str:
+        if self.state == "invalid_link":
+            return "invalid_link"
+        if self.token is not None and self.token.is_valid(now):
+            if self.unwritten:
+                return "sink_failing"
+            return "valid" if self.failures == 0 else "retrying"
+        if self.token is not None:
+            return "expired"
+        return "failing" if self.failures else "pending"
+
+
+def refresh_time(token: Token, policy: RefreshConfig, rng: random.Random) -> float:
+    """When to refresh `token` (see module docstring); +inf if it never expires."""
+    if token.expires_at is None:
+        return math.inf
+    lifetime = max(token.expires_at - token.obtained_at, 0.0)
+    margin = min(policy.min_remaining, lifetime * (1 - policy.refresh_at))
+    planned = policy.refresh_at * lifetime
+    if policy.jitter:
+        planned *= 1 + rng.uniform(-policy.jitter, policy.jitter)
+    return min(token.obtained_at + planned, token.expires_at - margin)
+
+
+class Scheduler:
+    """Runs every job's refresh on time, within the concurrency and rate budgets."""
+
+    def __init__(
+        self,
+        policy: RefreshConfig,
+        *,
+        clock: Clock,
+        metrics: Metrics,
+        redactor: Redactor,
+        rng: random.Random | None = None,
+        min_force_interval: float = DEFAULT_MIN_FORCE_INTERVAL,
+        is_active: Callable[[], bool] | None = None,
+    ) -> None:
+        self.policy = policy
+        self.clock = clock
+        self.metrics = metrics
+        self.redactor = redactor
+        self.rng = rng or random.Random()
+        self.min_force_interval = min_force_interval
+        self.is_active = is_active or (lambda: True)
+        self.jobs: dict[JobKey, JobRuntime] = {}
+        self.written_hooks: list[WrittenHook] = []
+        self._heap: list[tuple[float, int, JobKey, int]] = []
+        self._seq = itertools.count()
+        self._wake = anyio.Event()
+        self._capacity = anyio.CapacityLimiter(policy.concurrency)
+        self._limiters: dict[str, SlidingWindowLimiter] = {}
+        self._provider_capacity: dict[int, anyio.CapacityLimiter] = {}
+        self._tg: TaskGroup | None = None
+        self.first_round = anyio.Event()
+        self.inflight = 0
+        self.peak_inflight = 0
+
+    # ------------------------------------------------------------------ job set
+
+    def add(self, runtime: JobRuntime) -> None:
+        """Register a job; it is refreshed at once unless `recover()` adopted a token."""
+        runtime.bound_log = (
+            log.bind(job=runtime.job, tenant=runtime.tenant)
+            if runtime.tenant
+            else log.bind(job=runtime.job)
+        )
+        self.jobs[runtime.key] = runtime
+        for secret in runtime.provider.secrets():
+            self.redactor.add_secret(secret)
+        if runtime.next_refresh_at is None:
+            self._schedule(runtime, self.clock.now())
+        else:
+            self._schedule(runtime, runtime.next_refresh_at)
+
+    def remove(self, key: JobKey) -> JobRuntime | None:
+        """Stop refreshing a job (its sinks are left as they are)."""
+        runtime = self.jobs.pop(key, None)
+        if runtime is not None:
+            runtime.removed = True
+            runtime.generation += 1
+        return runtime
+
+    async def recover(self, runtime: JobRuntime) -> bool:
+        """Adopt the token the job's sinks already hold, if every sink agrees and it
+        is not due yet. Returns True when adopted (no mint needed now)."""
+        tokens = [await sink.read_back() for sink in runtime.sinks]
+        if not tokens or any(t is None for t in tokens):
+            return False
+        first = tokens[0]
+        assert first is not None
+        if any(t is None or t.value != first.value for t in tokens):
+            return False
+        now = self.clock.now()
+        due = refresh_time(first, self.policy, self.rng)
+        if not first.is_valid(now) or due <= now:
+            return False
+        runtime.token = first
+        runtime.state = "valid"
+        runtime.next_refresh_at = due
+        self.redactor.add_token(first.value)
+        return True
+
+    # ------------------------------------------------------------------ loop
+
+    def _schedule(self, runtime: JobRuntime, moment: float) -> None:
+        runtime.generation += 1
+        runtime.next_refresh_at = moment
+        if math.isfinite(moment):
+            heapq.heappush(self._heap, (moment, next(self._seq), runtime.key, runtime.generation))
+            if self._heap[0][2] == runtime.key:
+                self._wake.set()
+
+    def reschedule_now(self, key: JobKey) -> None:
+        """Make a job due immediately (credential rotated, tenant re-added)."""
+        runtime = self.jobs.get(key)
+        if runtime is not None:
+            self._schedule(runtime, self.clock.now())
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Dispatch due jobs until cancelled."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            task_status.started()
+            if not self.jobs:
+                self.first_round.set()
+            while True:
+                now = self.clock.now()
+                if self.is_active():
+                    while self._heap and self._heap[0][0] <= now:
+                        _, _, key, generation = heapq.heappop(self._heap)
+                        runtime = self.jobs.get(key)
+                        if runtime is None or runtime.generation != generation:
+                            continue
+                        tg.start_soon(self.refresh, runtime)
+                await self._sleep()
+
+    async def _sleep(self) -> None:
+        self._wake = anyio.Event()
+        deadline = self._heap[0][0] if self._heap else math.inf
+        async with anyio.create_task_group() as race:
+
+            async def timer() -> None:
+                await self.clock.sleep_until(deadline)
+                race.cancel_scope.cancel()
+
+            async def woken() -> None:
+                await self._wake.wait()
+                race.cancel_scope.cancel()
+
+            if math.isfinite(deadline):
+                race.start_soon(timer)
+            race.start_soon(woken)
+
+    def wake(self) -> None:
+        """Re-evaluate the timer heap now (e.g. leadership was acquired)."""
+        self._wake.set()
+
+    # ------------------------------------------------------------------ one refresh
+
+    async def force(self, job: str, tenant: str | None = None) -> JobRuntime:
+        """Consumer asked for a refresh: single-flight, at most once per interval."""
+        runtime = self.jobs.get((job, tenant))
+        if runtime is None:
+            raise KeyError((job, tenant))
+        if runtime.inflight is not None:
+            await runtime.inflight.wait()
+            return runtime
+        now = self.clock.now()
+        if runtime.last_forced_at is not None:
+            wait = runtime.last_forced_at + self.min_force_interval - now
+            if wait > 0:
+                raise TooSoonError(wait)
+        runtime.last_forced_at = now
+        await self.refresh(runtime, force=True)
+        return runtime
+
+    async def refresh(self, runtime: JobRuntime, *, force: bool = False) -> None:
+        """Refresh one job now (single-flight: joins a refresh already running)."""
+        if runtime.inflight is not None:
+            await runtime.inflight.wait()
+            return
+        runtime.inflight = anyio.Event()
+        try:
+            await self._refresh(runtime, force=force)
+        finally:
+            runtime.inflight.set()
+            runtime.inflight = None
+            if not self.first_round.is_set() and all(
+                r.last_success_at is not None or r.failures for r in self.jobs.values()
+            ):
+                self.first_round.set()
+
+    def _limiter(self, provider: TokenProvider) -> SlidingWindowLimiter | None:
+        budget = provider.rate_limit
+        if budget is None:
+            return None
+        limiter = self._limiters.get(budget.key)
+        if limiter is None:
+            limiter = SlidingWindowLimiter(budget.requests, budget.period, self.clock)
+            self._limiters[budget.key] = limiter
+        return limiter
+
+    def _provider_slots(self, provider: TokenProvider) -> anyio.CapacityLimiter | None:
+        if provider.max_concurrency is None:
+            return None
+        slots = self._provider_capacity.get(id(provider))
+        if slots is None:
+            slots = anyio.CapacityLimiter(provider.max_concurrency)
+            self._provider_capacity[id(provider)] = slots
+        return slots
+
+    async def _refresh(self, runtime: JobRuntime, *, force: bool) -> None:
+        now = self.clock.now()
+        current = runtime.token
+        if (
+            not force
+            and runtime.unwritten
+            and current is not None
+            and current.is_valid(now)
+            and refresh_time(current, self.policy, self.rng) > now
+        ):
+            await self._write(runtime, current, runtime.unwritten)
+            return
+        limiter = self._limiter(runtime.provider)
+        if limiter is not None:
+            # Wait for budget without holding a concurrency slot, so a throttled
+            # provider never starves the others.
+            await limiter.wait()
+        slots = self._provider_slots(runtime.provider)
+        async with self._capacity:
+            if slots is not None:
+                await slots.acquire()
+            try:
+                if limiter is not None:
+                    await limiter.acquire()
+                await self._mint(runtime, limiter)
+            finally:
+                if slots is not None:
+                    slots.release()
+
+    async def _mint(self, runtime: JobRuntime, limiter: SlidingWindowLimiter | None) -> None:
+        labels = self.metrics.label_values(runtime.job, runtime.provider_kind, runtime.tenant)
+        started = self.clock.now()
+        self.inflight += 1
+        self.peak_inflight = max(self.peak_inflight, self.inflight)
+        try:
+            token = await runtime.provider.fetch(runtime.tenant)
+            if not token.is_valid(self.clock.now()):
+                from refresher.errors import BadResponseError
+
+                raise BadResponseError("provider returned a token that has already expired")
+        except ProviderError as error:
+            self.metrics.refresh_duration.labels(*labels).observe(
+                max(self.clock.now() - started, 0)
+            )
+            self._failed(runtime, error, labels, limiter)
+            return
+        finally:
+            self.inflight -= 1
+        self.metrics.refresh_duration.labels(*labels).observe(max(self.clock.now() - started, 0))
+        self.redactor.add_token(token.value)
+        runtime.token = token
+        if runtime.state == "invalid_link":
+            runtime.state = "pending"
+        await self._write(runtime, token, list(runtime.sinks))
+
+    async def _write(self, runtime: JobRuntime, token: Token, sinks: list[TokenSink]) -> None:
+        labels = self.metrics.label_values(runtime.job, runtime.provider_kind, runtime.tenant)
+        failed: list[TokenSink] = []
+        errors: list[SinkError] = []
+        for sink in sinks:
+            started = self.clock.now()
+            try:
+                await sink.write(token)
+            except SinkError as error:
+                failed.append(sink)
+                errors.append(error)
+                self.metrics.sink_failures.labels(*labels, sink.kind).inc()
+            finally:
+                self.metrics.sink_write_duration.labels(*labels, sink.kind).observe(
+                    max(self.clock.now() - started, 0)
+                )
+        runtime.unwritten = failed
+        if failed:
+            self.metrics.refresh_total.labels(*labels, "failure").inc()
+            self.metrics.refresh_failures.labels(*labels, "sink").inc()
+            runtime.failures += 1
+            runtime.last_error = "sink"
+            runtime.last_error_message = "; ".join(str(e) for e in errors)
+            delay = self._backoff(runtime)
+            runtime.backoff = delay
+            runtime.bound_log.error(
+                "sink write failed",
+                error=runtime.last_error_message,
+                fingerprint=token.fingerprint(),
+                retry_in=round(delay, 3),
+            )
+            self._schedule(runtime, self.clock.now() + delay)
+            return
+        now = self.clock.now()
+        self.metrics.refresh_total.labels(*labels, "success").inc()
+        runtime.state = "valid"
+        runtime.failures = 0
+        runtime.backoff = 0.0
+        runtime.last_error = None
+        runtime.last_error_message = None
+        runtime.last_success_at = now
+        due = refresh_time(token, self.policy, self.rng)
+        self._schedule(runtime, due)
+        runtime.bound_log.info(
+            "token refreshed",
+            fingerprint=token.fingerprint(),
+            expires_at=rfc3339(token.expires_at),
+            next_refresh_at=rfc3339(due) if math.isfinite(due) else None,
+        )
+        for hook in self.written_hooks:
+            if self._tg is not None:
+                self._tg.start_soon(hook, runtime, token)
+            else:
+                await hook(runtime, token)
+
+    def _backoff(self, runtime: JobRuntime) -> float:
+        """Full-jitter exponential backoff for the current failure count."""
+        policy = self.policy.backoff
+        cap = min(policy.max, policy.initial * 2 ** max(runtime.failures - 1, 0))
+        return max(policy.initial / 10, self.rng.uniform(0, cap))
+
+    def _failed(
+        self,
+        runtime: JobRuntime,
+        error: ProviderError,
+        labels: tuple[str, ...],
+        limiter: SlidingWindowLimiter | None,
+    ) -> None:
+        now = self.clock.now()
+        runtime.failures += 1
+        runtime.last_error = error.reason
+        runtime.last_error_message = str(error)
+        self.metrics.refresh_total.labels(*labels, "failure").inc()
+        self.metrics.refresh_failures.labels(*labels, error.reason).inc()
+        capped = False
+        if isinstance(error, RateLimitedError):
+            self.metrics.rate_limited.labels(*labels).inc()
+            if error.retry_after is not None:
+                self.metrics.retry_after.labels(*labels).observe(error.retry_after)
+                delay = error.retry_after
+            else:
+                delay = self._backoff(runtime)
+            if delay > self.policy.max_retry_after:
+                delay, capped = self.policy.max_retry_after, True
+            if limiter is not None:
+                limiter.block_until(now + delay)
+        else:
+            if isinstance(error, (UnauthorizedError, ForbiddenError)):
+                delay = self.policy.backoff.max
+                if isinstance(error, InvalidLinkError):
+                    runtime.state = "invalid_link"
+            else:
+                delay = self._backoff(runtime)
+            token = runtime.token
+            if token is not None and token.expires_at is not None:
+                remaining = token.expires_at - now
+                # Plan the retry to land before expiry while there is time for one.
+                if remaining > 1 and now + delay >= token.expires_at - 0.5:
+                    delay = max(min(delay, remaining / 2), 0.1)
+        runtime.backoff = delay
+        event = (
+            runtime.bound_log.error
+            if error.reason in ("unauthorized", "forbidden")
+            else runtime.bound_log.warning
+        )
+        event(
+            "refresh failed",
+            reason=error.reason,
+            error=str(error),
+            status=error.status,
+            problem_title=error.problem.title if error.problem else None,
+            problem_detail=error.problem.detail if error.problem else None,
+            retry_in=round(delay, 3),
+            retry_after_capped=capped or None,
+            consecutive_failures=runtime.failures,
+            token_still_valid=bool(runtime.token and runtime.token.is_valid(now)),
+        )
+        self._schedule(runtime, now + delay)
+
+    # ------------------------------------------------------------------ views
+
+    def snapshots(self) -> Iterable[JobSnapshot]:
+        now = self.clock.now()
+        for runtime in list(self.jobs.values()):
+            token = runtime.token
+            yield JobSnapshot(
+                job=runtime.job,
+                provider=runtime.provider_kind,
+                tenant=runtime.tenant,
+                valid=runtime.valid(now)
+                or (token is not None and token.is_valid(now) and runtime.state != "invalid_link"),
+                expires_at=token.expires_at if token else None,
+                last_success_at=runtime.last_success_at,
+                backoff_seconds=runtime.backoff,
+            )
+
+    def statuses(self) -> list[dict[str, Any]]:
+        now = self.clock.now()
+        return [r.status(now) for r in list(self.jobs.values())]
+
+    def ready(self) -> bool:
+        """Every job holds a valid token that its sinks have."""
+        now = self.clock.now()
+        return bool(self.jobs) and all(r.valid(now) for r in self.jobs.values())

@@ -1,0 +1,1 @@
+"""Token sinks: where a fresh token is published."""

@@ -1,0 +1,195 @@
+"""File sink: temp file in the same directory → write → fsync → chmod/chown →
+rename over the target → fsync the directory. A reader sees the old file or the
+new one, never a torn or empty one, and a crash leaves at most a stray temp file
+(named ``.<name>.tmp-*``, cleaned up at the next write).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import json
+import os
+import secrets as _secrets
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from refresher.config import FileSinkConfig
+from refresher.errors import SinkError
+from refresher.token import Token, jwt_claims, parse_rfc3339, rfc3339
+
+
+def render(token: Token, config: FileSinkConfig) -> bytes:
+    """The file content for `token` in the configured format."""
+    if config.format == "raw":
+        return token.value.encode() + b"\n"
+    if config.format == "header":
+        if config.header_name.lower() == "authorization":
+            return f"{config.header_name}: {token.token_type} {token.value}\n".encode()
+        return f"{config.header_name}: {token.value}\n".encode()
+    if config.format == "env":
+        name = config.env_name
+        lines = [f"{name}={token.value}", f"{name}_TYPE={token.token_type}"]
+        if token.expires_at is not None:
+            lines.append(f"{name}_EXPIRES_AT={rfc3339(token.expires_at)}")
+        return ("\n".join(lines) + "\n").encode()
+    document: dict[str, Any] = {
+        "value": token.value,
+        "token_type": token.token_type,
+        "expires_at": rfc3339(token.expires_at),
+        "obtained_at": rfc3339(token.obtained_at),
+        "scope": token.scope,
+        "fingerprint": token.fingerprint(),
+        "metadata": dict(token.extra),
+    }
+    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+
+
+def parse(content: bytes, config: FileSinkConfig) -> Token | None:
+    """Recover the token a file holds (for restart); None if it cannot be trusted."""
+    try:
+        text = content.decode()
+    except UnicodeDecodeError:
+        return None
+    value: str | None = None
+    token_type = "Bearer"
+    expires_at: float | None = None
+    obtained_at: float | None = None
+    scope = None
+    extra: dict[str, Any] = {}
+    if config.format == "json":
+        try:
+            doc = json.loads(text)
+            value = doc["value"]
+            token_type = doc.get("token_type") or "Bearer"
+            expires_at = parse_rfc3339(doc["expires_at"]) if doc.get("expires_at") else None
+            obtained_at = parse_rfc3339(doc["obtained_at"]) if doc.get("obtained_at") else None
+            scope = doc.get("scope")
+            extra = dict(doc.get("metadata") or {})
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+    elif config.format == "raw":
+        value = text.strip()
+    elif config.format == "header":
+        _, _, rest = text.strip().partition(": ")
+        parts = rest.split(" ", 1)
+        if len(parts) == 2 and config.header_name.lower() == "authorization":
+            token_type, value = parts
+        else:
+            value = rest
+    else:
+        env = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+        value = env.get(config.env_name)
+        token_type = env.get(f"{config.env_name}_TYPE", "Bearer")
+        if env.get(f"{config.env_name}_EXPIRES_AT"):
+            with contextlib.suppress(ValueError):
+                expires_at = parse_rfc3339(env[f"{config.env_name}_EXPIRES_AT"])
+    if not isinstance(value, str) or not value:
+        return None
+    claims = jwt_claims(value)
+    if claims is not None and isinstance(claims.get("exp"), (int, float)):
+        exp = float(claims["exp"])
+        expires_at = exp if expires_at is None else min(expires_at, exp)
+        if obtained_at is None and isinstance(claims.get("iat"), (int, float)):
+            obtained_at = float(claims["iat"])
+    if expires_at is None:
+        return None  # unknown expiry: treat as due rather than trust it forever
+    return Token(
+        value=value,
+        token_type=token_type,
+        obtained_at=obtained_at if obtained_at is not None else expires_at - 1,
+        expires_at=expires_at,
+        scope=scope,
+        extra=extra,
+    )
+
+
+class FileSink:
+    """Writes a token to `path` atomically with `mode` and optional `group`."""
+
+    kind = "file"
+
+    def __init__(self, config: FileSinkConfig, path: Path) -> None:
+        self.config = config
+        self.path = path
+        self.target = str(path)
+        self._swept = False
+
+    async def write(self, token: Token) -> None:
+        content = render(token, self.config)
+        await anyio.to_thread.run_sync(self._write_sync, content)
+
+    async def read_back(self) -> Token | None:
+        try:
+            content = await anyio.to_thread.run_sync(self.path.read_bytes)
+        except OSError:
+            return None
+        return parse(content, self.config)
+
+    async def remove(self) -> None:
+        try:
+            await anyio.to_thread.run_sync(self.path.unlink)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise SinkError(f"cannot remove {self.path}: {exc.strerror}", sink=self.kind) from None
+
+    def _write_sync(self, content: bytes) -> None:
+        directory = self.path.parent
+        if not directory.is_dir():
+            raise SinkError(f"cannot write {self.path}: directory does not exist", sink=self.kind)
+        if not self._swept:
+            self._clean_stale_temps()
+            self._swept = True
+        tmp = directory / f".{self.path.name}.tmp-{_secrets.token_hex(4)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                view = memoryview(content)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+                os.fchmod(fd, self.config.mode)
+                if self.config.group is not None:
+                    os.fchown(fd, -1, _gid(self.config.group))
+            finally:
+                os.close(fd)
+            # rename() replaces a symlink at `path` itself; it never writes through it.
+            os.rename(tmp, self.path)
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            reason = errno.errorcode.get(exc.errno or 0, "error")
+            raise SinkError(
+                f"cannot write {self.path}: {exc.strerror or exc} ({reason})", sink=self.kind
+            ) from None
+
+    def _clean_stale_temps(self) -> None:
+        # Leftovers of a crash mid-write; ours only (same target name prefix).
+        prefix = f".{self.path.name}.tmp-"
+        try:
+            entries = list(os.scandir(self.path.parent))
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name.startswith(prefix):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
+def _gid(group: str | int) -> int:
+    if isinstance(group, int):
+        return group
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise SinkError(f"unknown group {group!r}", sink="file") from None

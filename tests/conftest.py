@@ -1,0 +1,157 @@
+"""Shared fixtures: injected clock, loopback emulators, daemons, and the leak guard.
+
+Every test's log output is captured through refresher's real structlog pipeline;
+at teardown the leak guard asserts that no secret configured in the test and no
+token any emulator issued during it appears in that output.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+
+from refresher.clock import ManualClock
+from refresher.config import load_settings
+from refresher.daemon import Daemon
+from refresher.emulators.base import Emulator
+from refresher.logging import Redactor, configure_logging
+
+CLIENT_ID = "demo-client"
+CLIENT_SECRET = "s3cr3t-client-secret-value"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class LeakGuard:
+    """Collects secrets and emulators of a test and checks captured output."""
+
+    def __init__(self) -> None:
+        self.buffer = io.StringIO()
+        self.redactor = Redactor()
+        self.secrets: set[str] = {CLIENT_SECRET}
+        self.emulators: list[Emulator] = []
+        self.extra_outputs: list[str] = []
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.buffer.getvalue().splitlines() if line.strip()]
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines() if line.get("event") == name]
+
+    def values(self) -> set[str]:
+        values = set(self.secrets)
+        for emulator in self.emulators:
+            values.update(emulator.issued)
+        return values
+
+    def check(self, text: str) -> None:
+        for value in self.values():
+            assert value not in text, f"secret or token (fingerprint {value[:4]}…) leaked"
+
+
+@pytest.fixture(autouse=True)
+def leak_guard() -> Iterator[LeakGuard]:
+    guard = LeakGuard()
+    configure_logging(guard.redactor, level="debug", fmt="json", stream=guard.buffer)
+    yield guard
+    guard.check(guard.buffer.getvalue())
+    for text in guard.extra_outputs:
+        guard.check(text)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(start=1_800_000_000.0)
+
+
+@pytest.fixture
+def make_emulator(leak_guard: LeakGuard) -> Iterator[Callable[..., Any]]:
+    started: list[Emulator] = []
+
+    def make(cls: type[Emulator], **kwargs: Any) -> Any:
+        emulator = cls(**kwargs).start()
+        started.append(emulator)
+        leak_guard.emulators.append(emulator)
+        return emulator
+
+    yield make
+    for emulator in started:
+        emulator.stop()
+
+
+@pytest.fixture
+def oauth2_emulator(make_emulator: Callable[..., Any], clock: ManualClock) -> Any:
+    from refresher.emulators.oauth2 import OAuth2Emulator
+
+    return make_emulator(
+        OAuth2Emulator, clients={CLIENT_ID: CLIENT_SECRET}, clock=clock, token_lifetime=3600
+    )
+
+
+def oauth2_job(emulator: Any, tmp_path: Path, **overrides: Any) -> dict[str, Any]:
+    job: dict[str, Any] = {
+        "name": "api",
+        "provider": {
+            "kind": "oauth2",
+            "token_url": emulator.token_url,
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+        },
+        "sinks": [{"kind": "file", "path": str(tmp_path / "api.token")}],
+    }
+    job.update(overrides)
+    return job
+
+
+@pytest.fixture
+def start_daemon(clock: ManualClock, leak_guard: LeakGuard) -> Callable[..., Any]:
+    """``async with start_daemon(config_dict) as daemon:`` on the manual clock, port 0."""
+
+    @asynccontextmanager
+    async def start(config: dict[str, Any], **kwargs: Any) -> AsyncIterator[Daemon]:
+        config = {"server": {"listen": "127.0.0.1:0"}, **config}
+        settings = load_settings(data=config)
+        daemon = Daemon(
+            settings,
+            clock=kwargs.pop("clock", clock),
+            redactor=leak_guard.redactor,
+            rng=random.Random(7),
+            **kwargs,
+        )
+        async with daemon.running():
+            yield daemon
+
+    return start
+
+
+async def wait_for(
+    predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition"
+) -> None:
+    """Poll (in real time, briefly) until `predicate()` holds."""
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.005)
+
+
+async def get_json(
+    daemon: Daemon, path: str, leak_guard: LeakGuard | None = None
+) -> tuple[int, Any]:
+    async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{daemon.port}") as client:
+        response = await client.get(path)
+    if leak_guard is not None:
+        leak_guard.extra_outputs.append(response.text)
+    return response.status_code, response.json() if "json" in response.headers.get(
+        "content-type", ""
+    ) else response.text

@@ -1,0 +1,260 @@
+"""The daemon end to end on the injected clock: real HTTP to the emulator, real files."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from refresher.emulators.base import Fault
+from tests.conftest import CLIENT_ID, get_json, oauth2_job, wait_for
+
+pytestmark = pytest.mark.anyio
+
+
+def metric(daemon, name: str, **labels: str) -> float | None:
+    from prometheus_client import generate_latest
+
+    for family in text_string_to_metric_families(generate_latest(daemon.metrics.registry).decode()):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None
+
+
+def runtime(daemon):
+    return daemon.scheduler.jobs[("api", None)]
+
+
+async def test_token_is_refreshed_before_expiry_and_file_swapped_atomically(
+    start_daemon, oauth2_emulator, clock, tmp_path: Path
+) -> None:
+    target = tmp_path / "api.token"
+    config = {"jobs": [oauth2_job(oauth2_emulator, tmp_path)]}
+    seen: set[str] = set()
+    bad: list[str] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                data = target.read_text()
+            except FileNotFoundError:
+                continue
+            if not data.startswith("eyJ") or not data.endswith("\n") or data.count(".") != 2:
+                bad.append(data[:10])
+            seen.add(data)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        async with start_daemon(config) as daemon:
+            rt = runtime(daemon)
+            await wait_for(lambda: rt.token is not None and rt.inflight is None)
+            first = rt.token
+            start = clock.now()
+            for cycle in range(1, 4):
+                due = rt.next_refresh_at
+                lifetime = rt.token.expires_at - rt.token.obtained_at
+                # 0.75 of the lifetime ± 10 % jitter, never within min_remaining (5 min) of expiry.
+                assert rt.token.obtained_at + 0.675 * lifetime <= due <= rt.token.expires_at - 300
+                await clock.set(due)
+                await wait_for(
+                    lambda c=cycle: (
+                        oauth2_emulator.count(status=200) == c + 1 and rt.inflight is None
+                    )
+                )
+                assert target.read_text().strip() == rt.token.value
+                assert rt.token.expires_at > clock.now() + 300
+            assert rt.token.value != first.value
+            assert clock.now() - start > 2 * 3600, "three refreshes span several token lifetimes"
+            assert oauth2_emulator.count() == 4
+    finally:
+        stop.set()
+        thread.join()
+    assert bad == []
+    assert len(seen) >= 2
+
+
+async def test_429_waits_exactly_retry_after(
+    start_daemon, oauth2_emulator, clock, tmp_path
+) -> None:
+    oauth2_emulator.inject(Fault.rate_limited("7"))
+    async with start_daemon({"jobs": [oauth2_job(oauth2_emulator, tmp_path)]}) as daemon:
+        rt = runtime(daemon)
+        await wait_for(lambda: rt.failures == 1)
+        first = oauth2_emulator.requests[0]
+        assert first.status == 429
+        assert rt.next_refresh_at == pytest.approx(first.at + 7, abs=1e-6)
+        await clock.advance(6.99)
+        await wait_for(lambda: True)
+        assert oauth2_emulator.count() == 1, "retried before Retry-After"
+        await clock.advance(0.01)
+        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        second = oauth2_emulator.requests[1]
+        assert second.at - first.at == pytest.approx(7.0, abs=1e-6)
+        assert metric(daemon, "refresher_rate_limited_total", job="api") == 1
+        assert (
+            metric(daemon, "refresher_refresh_failures_total", job="api", reason="rate_limited")
+            == 1
+        )
+        assert metric(daemon, "refresher_retry_after_seconds_sum", job="api") == 7
+
+
+async def test_429_with_http_date(start_daemon, oauth2_emulator, clock, tmp_path) -> None:
+    from email.utils import formatdate
+
+    oauth2_emulator.inject(Fault.rate_limited(formatdate(clock.now() + 30, usegmt=True)))
+    async with start_daemon({"jobs": [oauth2_job(oauth2_emulator, tmp_path)]}) as daemon:
+        rt = runtime(daemon)
+        await wait_for(lambda: rt.failures == 1)
+        assert rt.next_refresh_at - oauth2_emulator.requests[0].at == pytest.approx(30, abs=1.0)
+
+
+async def test_5xx_storm_backs_off_keeps_old_token_then_expires(
+    start_daemon, oauth2_emulator, clock, tmp_path, leak_guard
+) -> None:
+    oauth2_emulator.token_lifetime = 600
+    target = tmp_path / "api.token"
+    config = {
+        "refresh": {"backoff": {"initial": "1s", "max": "60s"}},
+        "jobs": [oauth2_job(oauth2_emulator, tmp_path)],
+    }
+    async with start_daemon(config) as daemon:
+        rt = runtime(daemon)
+        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        old = rt.token
+        oauth2_emulator.inject(Fault.server_error(count=10_000))
+        delays: list[float] = []
+        while clock.now() < old.expires_at + 600:
+            n = rt.failures
+            await clock.set(rt.next_refresh_at)
+            await wait_for(lambda n=n: rt.failures == n + 1)
+            delays.append(rt.backoff)
+            if clock.now() < old.expires_at:
+                # A failure never replaces or removes the still-valid token.
+                assert target.read_text().strip() == old.value
+                assert metric(daemon, "refresher_token_valid", job="api") == 1
+                if old.expires_at - clock.now() > 1:
+                    assert rt.next_refresh_at < old.expires_at, (
+                        "retry planned to land before expiry"
+                    )
+        # Exponential growth with full jitter, capped at max.
+        assert all(d <= 60 for d in delays)
+        assert max(delays) > 10, "backoff grew"
+        assert len({round(d, 3) for d in delays}) > len(delays) // 2, "delays are jittered"
+        assert clock.now() > old.expires_at
+        assert metric(daemon, "refresher_token_valid", job="api") == 0
+        assert target.read_text().strip() == old.value, "on_expiry: keep leaves the last value"
+        assert metric(
+            daemon, "refresher_refresh_failures_total", job="api", reason="server_error"
+        ) == len(delays)
+        status, body = await get_json(daemon, "/v1/tokens", leak_guard)
+        assert (
+            body["jobs"][0]["state"] == "expired"
+            and body["jobs"][0]["last_error"] == "server_error"
+        )
+        # Provider comes back: recovery.
+        oauth2_emulator.clear_faults()
+        await clock.set(rt.next_refresh_at)
+        await wait_for(lambda: rt.token is not old and rt.inflight is None)
+        assert metric(daemon, "refresher_token_valid", job="api") == 1
+        assert metric(daemon, "refresher_backoff_seconds", job="api") == 0
+
+
+async def test_backoff_delays_respect_exponential_caps(
+    start_daemon, oauth2_emulator, clock, tmp_path
+) -> None:
+    config = {
+        "refresh": {"backoff": {"initial": "1s", "max": "30s"}},
+        "jobs": [oauth2_job(oauth2_emulator, tmp_path)],
+    }
+    oauth2_emulator.inject(Fault.server_error(count=10_000))
+    async with start_daemon(config) as daemon:
+        rt = runtime(daemon)
+        for attempt in range(1, 12):
+            await wait_for(lambda a=attempt: rt.failures == a)
+            assert 0.1 <= rt.backoff <= min(30, 2 ** (attempt - 1)) + 1e-9
+            await clock.set(rt.next_refresh_at)
+
+
+async def test_401_is_not_retried_in_a_loop(
+    start_daemon, oauth2_emulator, clock, tmp_path, leak_guard
+) -> None:
+    job = oauth2_job(oauth2_emulator, tmp_path)
+    job["provider"]["client_secret"] = "wrong-secret-value"
+    leak_guard.secrets.add("wrong-secret-value")
+    async with start_daemon({"jobs": [job]}) as daemon:
+        rt = runtime(daemon)
+        await wait_for(lambda: rt.failures == 1)
+        for _ in range(60):  # one simulated hour, minute by minute
+            await clock.advance(60)
+            await wait_for(lambda: rt.inflight is None)
+        # Backoff starts at max (5 min): at most 1 + 60/5 requests in the hour.
+        assert oauth2_emulator.count() <= 13
+        assert oauth2_emulator.count(status=401) == oauth2_emulator.count()
+        assert rt.display_state(clock.now()) == "failing"
+        failed = leak_guard.events("refresh failed")
+        assert failed and failed[0]["reason"] == "unauthorized"
+        assert failed[0]["problem_detail"] == "invalid client credentials"
+        assert failed[0]["job"] == "api"
+
+
+async def test_readyz_flips_after_first_successful_write(
+    start_daemon, oauth2_emulator, clock, tmp_path
+) -> None:
+    oauth2_emulator.inject(Fault.server_error(count=1))
+    async with start_daemon({"jobs": [oauth2_job(oauth2_emulator, tmp_path)]}) as daemon:
+        rt = runtime(daemon)
+        await wait_for(lambda: rt.failures == 1)
+        status, body = await get_json(daemon, "/readyz")
+        assert status == 503 and body["jobs"][0]["state"] == "failing"
+        assert (await get_json(daemon, "/healthz"))[0] == 200
+        await clock.set(rt.next_refresh_at)
+        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        status, body = await get_json(daemon, "/readyz")
+        assert status == 200
+
+
+async def test_status_and_metrics_never_contain_the_token(
+    start_daemon, oauth2_emulator, tmp_path, leak_guard
+) -> None:
+    async with start_daemon({"jobs": [oauth2_job(oauth2_emulator, tmp_path)]}) as daemon:
+        rt = runtime(daemon)
+        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        status, body = await get_json(daemon, "/v1/tokens", leak_guard)
+        entry = body["jobs"][0]
+        assert entry["fingerprint"] == rt.token.fingerprint()
+        assert entry["state"] == "valid" and entry["provider"] == "oauth2"
+        assert rt.token.value not in str(body)
+        status, text = await get_json(daemon, "/metrics", leak_guard)
+        assert 'refresher_token_valid{job="api",provider="oauth2"} 1.0' in text
+        assert "refresher_build_info" in text
+        # the request carried the secret in the body, as configured (form, client auth in body)
+        request = oauth2_emulator.requests[0]
+        assert b"client_id=" + CLIENT_ID.encode() in request.body
+        assert request.headers["content-type"] == "application/x-www-form-urlencoded"
+
+
+async def test_restart_with_valid_token_on_disk_does_not_mint(
+    start_daemon, oauth2_emulator, clock, tmp_path
+) -> None:
+    config = {
+        "jobs": [
+            oauth2_job(
+                oauth2_emulator,
+                tmp_path,
+                sinks=[{"kind": "file", "path": str(tmp_path / "api.json"), "format": "json"}],
+            )
+        ]
+    }
+    async with start_daemon(config) as daemon:
+        await wait_for(lambda: runtime(daemon).token is not None)
+        fp = runtime(daemon).token.fingerprint()
+    assert oauth2_emulator.count() == 1
+    async with start_daemon(config) as daemon:
+        assert runtime(daemon).token.fingerprint() == fp
+        assert (await get_json(daemon, "/readyz"))[0] == 200
+        assert oauth2_emulator.count() == 1, "restart re-minted a valid token"
