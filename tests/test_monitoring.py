@@ -1,0 +1,350 @@
+"""The alerting rules in helm/refresher/files/alerts.yaml, checked and unit-tested with promtool.
+
+* `promtool check rules` and `promtool test rules tests/monitoring/alerts_test.yaml` must pass.
+* Every alert carries severity, summary, description and a runbook_url pointing at its
+  README runbook heading (RUNBOOK_HEADINGS below is the list the README must contain).
+* The promtool tests cover every alert with a firing and a silent case, and they are sharp
+  enough to catch deliberately broken copies of the rules (MUTANTS).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RULES = ROOT / "helm" / "refresher" / "files" / "alerts.yaml"
+RULE_TESTS = ROOT / "tests" / "monitoring" / "alerts_test.yaml"
+DASHBOARD = ROOT / "helm" / "refresher" / "dashboards" / "refresher.json"
+PROMTOOL = shutil.which("promtool")
+
+
+def needs_promtool(test: Any) -> Any:
+    """Mark a test as needing promtool; skipped only when promtool is not on PATH."""
+    skip = pytest.mark.skipif(PROMTOOL is None, reason="promtool not on PATH (Debian: prometheus)")
+    return pytest.mark.prometheus(skip(test))
+
+
+RUNBOOK_BASE = "https://github.com/refresher-dev/refresher/blob/main/README.md#"
+
+# README.md ("Monitoring" -> "Runbook") must contain exactly these headings (any level). GitHub
+# turns "#### Runbook: RefresherDown" into the anchor #runbook-refresherdown, which is what
+# each alert's runbook_url points at.
+RUNBOOK_HEADINGS = {
+    "RefresherDown": "Runbook: RefresherDown",
+    "RefresherRefreshFailing": "Runbook: RefresherRefreshFailing",
+    "RefresherTokenExpiringSoon": "Runbook: RefresherTokenExpiringSoon",
+    "RefresherTokenExpired": "Runbook: RefresherTokenExpired",
+    "RefresherRateLimited": "Runbook: RefresherRateLimited",
+    "RefresherSinkWriteFailing": "Runbook: RefresherSinkWriteFailing",
+    "RefresherNoLeader": "Runbook: RefresherNoLeader",
+}
+
+# Alerts about a whole process or deployment: their series carry no token job/provider labels
+# (`job` there is the scrape job), so their descriptions cannot name a provider.
+NO_PROVIDER_LABEL = {"RefresherDown", "RefresherNoLeader"}
+
+SEVERITIES = {"critical", "warning"}
+
+
+def github_anchor(heading: str) -> str:
+    """The fragment GitHub generates for a Markdown heading (ASCII headings)."""
+    slug = heading.strip().lower()
+    slug = re.sub(r"[^\w\- ]", "", slug)
+    return slug.replace(" ", "-")
+
+
+def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    assert PROMTOOL is not None
+    return subprocess.run(
+        [PROMTOOL, *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def output(proc: subprocess.CompletedProcess[str]) -> str:
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+
+
+@functools.cache
+def _load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def rules_doc() -> dict[str, Any]:
+    """The parsed rules file (a fresh copy: callers may modify it)."""
+    return copy.deepcopy(_load_yaml(RULES))
+
+
+def rule_tests() -> dict[str, Any]:
+    """The parsed promtool test file (a fresh copy: callers may modify it)."""
+    return copy.deepcopy(_load_yaml(RULE_TESTS))
+
+
+def load_rules() -> list[dict[str, Any]]:
+    return [rule for group in rules_doc()["groups"] for rule in group["rules"]]
+
+
+def alerts() -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+    for rule in load_rules():
+        name = rule["alert"]
+        assert name not in found, f"duplicate alert {name}"
+        found[name] = rule
+    return found
+
+
+# ------------------------------------------------------------------------------ promtool
+
+
+@needs_promtool
+def test_promtool_check_rules() -> None:
+    proc = run("check", "rules", RULES)
+    print(output(proc))
+    assert proc.returncode == 0, output(proc)
+    assert f"SUCCESS: {len(load_rules())} rules found" in proc.stdout, output(proc)
+
+
+@needs_promtool
+def test_promtool_test_rules() -> None:
+    proc = run("test", "rules", RULE_TESTS)
+    print(output(proc))
+    assert proc.returncode == 0, output(proc)
+    assert "SUCCESS" in proc.stdout, output(proc)
+
+
+# ------------------------------------------------------------------------------ metadata
+
+
+def test_alert_set_matches_runbook_list() -> None:
+    assert sorted(alerts()) == sorted(RUNBOOK_HEADINGS)
+
+
+@pytest.mark.parametrize("name", sorted(RUNBOOK_HEADINGS))
+def test_alert_metadata(name: str) -> None:
+    rule = alerts()[name]
+    assert rule["expr"].strip()
+    assert rule.get("for"), f"{name} has no `for:`; every alert here needs one"
+    assert rule["labels"]["severity"] in SEVERITIES
+    annotations = rule["annotations"]
+    assert annotations["summary"].strip()
+    description = annotations["description"]
+    assert "{{ $labels.job }}" in description
+    if name not in NO_PROVIDER_LABEL:
+        assert "{{ $labels.provider }}" in description
+    assert annotations["runbook_url"] == RUNBOOK_BASE + github_anchor(RUNBOOK_HEADINGS[name])
+    assert annotations["runbook_url"] == RUNBOOK_BASE + "runbook-" + name.lower()
+
+
+def test_github_anchor() -> None:
+    assert github_anchor("Runbook: RefresherDown") == "runbook-refresherdown"
+    assert github_anchor("Load the rules (VM)") == "load-the-rules-vm"
+
+
+# ------------------------------------------------------------------------------ the tests
+
+
+def test_rule_tests_load_the_shipped_rules() -> None:
+    files = rule_tests()["rule_files"]
+    assert [(RULE_TESTS.parent / f).resolve() for f in files] == [RULES.resolve()]
+
+
+def test_rule_tests_cover_every_alert_both_ways() -> None:
+    firing: set[str] = set()
+    silent: set[str] = set()
+    for case in rule_tests()["tests"]:
+        for check in case.get("alert_rule_test", []):
+            (firing if check.get("exp_alerts") else silent).add(check["alertname"])
+    names = set(alerts())
+    assert names - firing == set(), "alerts without a firing test case"
+    assert names - silent == set(), "alerts without a must-not-fire test case"
+    assert (firing | silent) <= names, "tests name alerts that do not exist"
+
+
+def test_firing_cases_check_labels_and_annotations() -> None:
+    for case in rule_tests()["tests"]:
+        for check in case.get("alert_rule_test", []):
+            for exp in check.get("exp_alerts") or []:
+                where = f"{case['name']} @ {check['eval_time']}"
+                assert exp["exp_labels"]["severity"] in SEVERITIES, where
+                assert set(exp["exp_annotations"]) >= {"summary", "description", "runbook_url"}, (
+                    where
+                )
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """A deliberately broken copy of one alert, and the promtool test case that must catch it."""
+
+    alert: str
+    key: str  # "expr" or "for"
+    value: str | None  # None: delete the key
+    caught_by: str  # name of the test case in alerts_test.yaml
+
+
+MUTANTS = {
+    "refresh-failing-no-for": Mutant(
+        "RefresherRefreshFailing",
+        "for",
+        None,
+        "RefresherRefreshFailing stays silent for one transient failure followed by success",
+    ),
+    "refresh-failing-no-success-guard": Mutant(
+        "RefresherRefreshFailing",
+        "expr",
+        "sum without (reason) (increase(refresher_refresh_failures_total[15m])) > 0",
+        "RefresherRefreshFailing stays silent for one transient failure followed by success",
+    ),
+    # the brief's first sketch: silent for a process that never succeeded
+    "refresh-failing-needs-timestamp": Mutant(
+        "RefresherRefreshFailing",
+        "expr",
+        "sum without (reason) (increase(refresher_refresh_failures_total[15m])) > 0"
+        " and (time() - refresher_token_last_success_timestamp_seconds) > 900",
+        "RefresherRefreshFailing fires for a process that never succeeded (no timestamp series)",
+    ),
+    "expiring-soon-includes-standby": Mutant(
+        "RefresherTokenExpiringSoon",
+        "expr",
+        "(refresher_token_expiry_timestamp_seconds - time()) < 300 and refresher_token_valid == 1",
+        "RefresherTokenExpiringSoon stays silent for a normal refresh, an invalid token and a "
+        "standby replica",
+    ),
+    "expired-ignores-tenants": Mutant(
+        "RefresherTokenExpired",
+        "expr",
+        "refresher_token_valid == 0",
+        "RefresherTokenExpired fires for an invalid token and for missing tenants",
+    ),
+    "expired-standby-ignores-election-flag": Mutant(
+        "RefresherTokenExpired",
+        "expr",
+        "(refresher_token_valid == 0 or refresher_tenants_valid < refresher_tenants_total)"
+        " unless on (namespace, instance) refresher_is_leader == 0",
+        "RefresherTokenExpired fires for an invalid token and for missing tenants",
+    ),
+    "rate-limited-any-429": Mutant(
+        "RefresherRateLimited",
+        "expr",
+        "increase(refresher_rate_limited_total[15m]) > 0",
+        "RefresherRateLimited stays silent for occasional 429s with short Retry-After",
+    ),
+    # misses a long Retry-After after the first 429 (the counter series appears at 1)
+    "rate-limited-misses-first-429": Mutant(
+        "RefresherRateLimited",
+        "expr",
+        "increase(refresher_rate_limited_total[15m]) > 2 or (refresher_backoff_seconds > 600"
+        " and increase(refresher_rate_limited_total[30m]) > 0)",
+        "RefresherRateLimited fires on repeated 429s and on one long Retry-After",
+    ),
+    "sink-short-for": Mutant(
+        "RefresherSinkWriteFailing",
+        "for",
+        "5m",
+        "RefresherSinkWriteFailing stays silent for a single failed write",
+    ),
+    "no-leader-ignores-election-flag": Mutant(
+        "RefresherNoLeader",
+        "expr",
+        "max by (namespace, job) (refresher_is_leader) == 0",
+        "RefresherNoLeader stays silent with a leader, during handover and without leader election",
+    ),
+    "down-without-absent": Mutant(
+        "RefresherDown",
+        "expr",
+        'up{job=~".*refresher.*"} == 0',
+        "RefresherDown fires when no target matches the selector",
+    ),
+}
+
+
+def write_case(directory: Path, mutant: Mutant | None, case_name: str) -> Path:
+    """A rules file (mutated when `mutant` is given) and a test file with one test case."""
+    directory.mkdir()
+    doc = rules_doc()
+    if mutant is not None:
+        [rule] = [r for g in doc["groups"] for r in g["rules"] if r.get("alert") == mutant.alert]
+        if mutant.value is None:
+            del rule[mutant.key]
+        else:
+            rule[mutant.key] = mutant.value
+    rules = directory / "alerts.yaml"
+    rules.write_text(yaml.safe_dump(doc, sort_keys=False))
+    tests = rule_tests()
+    tests["rule_files"] = [str(rules)]
+    tests["tests"] = [case for case in tests["tests"] if case["name"] == case_name]
+    assert len(tests["tests"]) == 1, f"no test case named {case_name!r}"
+    path = directory / "alerts_test.yaml"
+    path.write_text(yaml.safe_dump(tests, sort_keys=False))
+    return path
+
+
+@needs_promtool
+def test_rule_tests_reject_broken_rules(tmp_path: Path) -> None:
+    """Each mutant must make its named test case fail on an alert assertion."""
+    jobs: dict[str, Path] = {}
+    for name, mutant in MUTANTS.items():
+        jobs[name] = write_case(tmp_path / name, mutant, mutant.caught_by)
+    # control: an unmodified case through the same YAML round trip passes
+    control_case = next(iter(MUTANTS.values())).caught_by
+    jobs["control"] = write_case(tmp_path / "control", None, control_case)
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        results = dict(zip(jobs, pool.map(lambda p: run("test", "rules", p), jobs.values())))
+    control = results.pop("control")
+    assert control.returncode == 0, output(control)
+    survived = sorted(name for name, proc in results.items() if proc.returncode == 0)
+    assert not survived, f"promtool tests did not catch these broken rules: {survived}"
+    for name, proc in results.items():
+        mutant = MUTANTS[name]
+        # a failed expectation of that alert (promtool reports it on stderr), not a broken file
+        assert f"name: {mutant.caught_by}," in proc.stderr, output(proc)
+        assert f"alertname: {mutant.alert}," in proc.stderr, output(proc)
+
+
+# ------------------------------------------------------------------------------ metric names
+
+
+def exported_sample_names() -> set[str]:
+    """Every sample name the daemon's metric set can expose (refresher/metrics.py)."""
+    from refresher.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.watch(lambda: [], is_leader=lambda: True)
+    names: set[str] = set()
+    for family in metrics.registry.collect():
+        suffixes = {
+            "counter": ("_total",),
+            "histogram": ("_bucket", "_sum", "_count"),
+        }.get(family.type, ("",))
+        names.update(family.name + suffix for suffix in suffixes)
+    return names
+
+
+def test_rules_and_dashboard_use_only_exported_metrics() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [rule["expr"] for rule in load_rules()]
+    stack = list(dashboard["panels"])
+    while stack:
+        panel = stack.pop()
+        stack.extend(panel.get("panels") or [])
+        exprs.extend(target["expr"] for target in panel.get("targets") or [])
+    used = {name for expr in exprs for name in re.findall(r"\brefresher_[a-z_]+\b", expr)}
+    exported = exported_sample_names()
+    assert used, "no refresher_* metric found in the rules/dashboard"
+    assert sorted(used - exported) == [], f"not exported by refresher/metrics.py: {exported}"
