@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -80,21 +81,7 @@ def _run_once(settings: Settings, *, write: bool = True) -> int:
     redactor = Redactor()
     _setup_logging(settings, redactor)
     daemon = Daemon(settings, redactor=redactor, serve_http=False)
-    if not write:
-        daemon.settings = settings
-        for job_runtime in daemon.build_runtimes():
-            job_runtime.sinks = []
-            daemon.scheduler.add(job_runtime)
-
-        async def fetch_only() -> bool:
-            async with anyio.create_task_group() as tg:
-                for runtime in list(daemon.scheduler.jobs.values()):
-                    tg.start_soon(daemon.scheduler.refresh, runtime)
-            await daemon.clients.aclose()
-            return all(r.failures == 0 for r in daemon.scheduler.jobs.values())
-
-        return EXIT_OK if anyio.run(fetch_only) else EXIT_FAILED
-    ok = anyio.run(daemon.refresh_all_once)
+    ok = anyio.run(functools.partial(daemon.refresh_all_once, write=write))
     return EXIT_OK if ok else EXIT_FAILED
 
 
@@ -119,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     redactor = Redactor()
     _setup_logging(settings, redactor)
-    daemon = Daemon(settings, redactor=redactor)
+    daemon = Daemon(settings, redactor=redactor, config_path=Path(_config_path(args) or ""))
     anyio.run(daemon.serve_forever)
     return EXIT_OK
 

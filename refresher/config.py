@@ -185,7 +185,223 @@ def _http_url(value: str) -> str:
     return value.rstrip("/")
 
 
-ProviderConfig = Annotated[OAuth2ProviderConfig, Field(discriminator="kind")]
+#: DutyClaims' documented scope vocabulary (seeds/000: "Current scope vocabulary").
+DUTYCLAIMS_SCOPES = frozenset(
+    {
+        "partner.read",
+        "partner.manage",
+        "clients.read",
+        "clients.write",
+        "authority.read",
+        "authority.write",
+        "revenue.read",
+        "webhooks.read",
+        "webhooks.write",
+        "diligence.read",
+        "diligence.submit",
+        "financing.request",
+        "litigation.enroll",
+        "notifications.read",
+        "notifications.write",
+    }
+)
+DUTYCLAIMS_PRODUCTION_HOSTS = ("api.dutyclaims.com",)
+DUTYCLAIMS_LIVE_PREFIX = "dcp_live_"
+
+
+def _peek_secret(model: BaseModel, name: str) -> str | None:
+    """The secret's current value if it can be read at config time (for sanity checks)."""
+    source = secret_source(model, name)
+    if source is None:
+        return None
+    try:
+        return source.read()
+    except (OSError, ConfigError):
+        return None
+
+
+class DutyClaimsProviderConfig(HTTPProviderConfig):
+    """DutyClaims: managed credentials in production, OAuth2 client credentials in sandbox."""
+
+    kind: Literal["dutyclaims"]
+    mode: Literal["sandbox", "managed"]
+    base_url: str = "https://api.dutyclaims.com"
+    # sandbox
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    client_secret_file: Path | None = None
+    client_secret_env: str | None = None
+    scopes: list[str] = Field(default_factory=list)
+    #: The contract shows the sandbox token endpoint on the production host; refuse it
+    #: unless the operator says they really mean it (sandbox OAuth proves nothing there).
+    sandbox_on_production_host: bool = False
+    # managed
+    credential: SecretStr | None = None
+    credential_file: Path | None = None
+    credential_env: str | None = None
+    header: Literal["authorization", "x-api-key"] = "authorization"
+
+    _check_files = field_validator("client_secret_file", "credential_file")(_existing_file)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _http_url(value)
+
+    @field_validator("scopes")
+    @classmethod
+    def _known_scopes(cls, scopes: list[str]) -> list[str]:
+        unknown = [s for s in scopes if s not in DUTYCLAIMS_SCOPES]
+        if unknown:
+            raise ValueError(
+                f"unknown DutyClaims scope(s) {', '.join(map(repr, unknown))}; "
+                f"documented: {', '.join(sorted(DUTYCLAIMS_SCOPES))}"
+            )
+        return scopes
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> DutyClaimsProviderConfig:
+        if self.mode == "sandbox":
+            if self.client_id is None:
+                raise ValueError("mode sandbox needs client_id")
+            _secret_fields(self, "client_secret", required=True)
+            if any(
+                getattr(self, f) is not None
+                for f in ("credential", "credential_file", "credential_env")
+            ):
+                raise ValueError(
+                    "credential* is for mode managed; sandbox uses client_id/client_secret"
+                )
+            secret = _peek_secret(self, "client_secret") or ""
+            if secret.startswith(DUTYCLAIMS_LIVE_PREFIX):
+                raise ValueError(
+                    "a production managed credential (dcp_live_...) is configured as a sandbox "
+                    "client secret; production uses mode: managed (sandbox OAuth is not a "
+                    "production flow)"
+                )
+            host = httpx_host(self.base_url)
+            if host in DUTYCLAIMS_PRODUCTION_HOSTS and not self.sandbox_on_production_host:
+                raise ValueError(
+                    f"sandbox OAuth against the production host {host}: the contract says "
+                    "sandbox OAuth is no proof of production access; use the sandbox base_url "
+                    "(or set sandbox_on_production_host: true if DutyClaims told you to)"
+                )
+        else:
+            _secret_fields(self, "credential", required=True)
+            if self.client_id is not None or self.scopes:
+                raise ValueError(
+                    "client_id/scopes are for mode sandbox; managed publishes a credential"
+                )
+        return self
+
+
+def httpx_host(url: str) -> str:
+    return re.sub(r"^https?://", "", url).split("/", 1)[0].split(":", 1)[0].lower()
+
+
+class DebituraProviderConfig(HTTPProviderConfig):
+    """Debitura: an API key (``XApiKey``) mints one HS256 JWT per ``externalTenantId``."""
+
+    kind: Literal["debitura"]
+    base_url: str = "https://referral-api.debitura.com"
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    api_key_env: str | None = None
+    tenants: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(default_factory=list)
+    tenants_file: Path | None = None
+    max_concurrency: int | None = Field(default=16, gt=0)
+
+    _check_files = field_validator("api_key_file", "tenants_file")(_existing_file)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _http_url(value)
+
+    @field_validator("tenants")
+    @classmethod
+    def _unique(cls, tenants: list[str]) -> list[str]:
+        dupes = sorted({t for t in tenants if tenants.count(t) > 1}) if len(tenants) < 5000 else []
+        if dupes or len(set(tenants)) != len(tenants):
+            raise ValueError(f"duplicate tenant(s) {', '.join(dupes) or '(several)'}")
+        return tenants
+
+    @model_validator(mode="after")
+    def _sources(self) -> DebituraProviderConfig:
+        _secret_fields(self, "api_key", required=True)
+        if not self.tenants and self.tenants_file is None:
+            raise ValueError("one of tenants or tenants_file is required")
+        if self.tenants and self.tenants_file is not None:
+            raise ValueError("set only one of tenants, tenants_file")
+        return self
+
+    def tenant_list(self) -> list[str]:
+        """Configured tenants; a ``tenants_file`` is read now (one per line, # comments)."""
+        if self.tenants_file is None:
+            return list(self.tenants)
+        return read_tenants_file(self.tenants_file)
+
+
+def read_tenants_file(path: Path) -> list[str]:
+    seen: dict[str, None] = {}
+    for line in path.read_text().splitlines():
+        tenant = line.split("#", 1)[0].strip()
+        if tenant:
+            seen[tenant] = None
+    return list(seen)
+
+
+class GooclaimProviderConfig(HTTPProviderConfig):
+    """Gooclaim: JSON client credentials → RS256 machine JWT (1 h), 60 requests/min."""
+
+    kind: Literal["gooclaim"]
+    base_url: str = "https://api.gooclaim.com"
+    client_id: str
+    client_secret: SecretStr | None = None
+    client_secret_file: Path | None = None
+    client_secret_env: str | None = None
+    issuer: str | None = None
+    audience: str = "gooclaim-api"
+    public_key_file: Path | None = None
+    jwks_url: str | None = None
+    tenant_id: str | None = None
+    introspect: bool = False
+    requests_per_minute: int | None = Field(default=60, gt=0)
+    introspect_requests_per_minute: int = Field(default=600, gt=0)
+
+    _check_files = field_validator("client_secret_file", "public_key_file")(_existing_file)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _http_url(value)
+
+    @field_validator("public_key_file")
+    @classmethod
+    def _pem(cls, value: Path | None) -> Path | None:
+        if value is not None and b"-----BEGIN" not in value.read_bytes()[:4096]:
+            raise ValueError("not a PEM public key")
+        return value
+
+    @model_validator(mode="after")
+    def _verification(self) -> GooclaimProviderConfig:
+        _secret_fields(self, "client_secret", required=True)
+        if self.public_key_file is not None and self.jwks_url is not None:
+            raise ValueError("set only one of public_key_file, jwks_url")
+        if (self.public_key_file or self.jwks_url) and not self.issuer:
+            raise ValueError(
+                "issuer is required to verify tokens (the contract says verify aud and iss)"
+            )
+        return self
+
+
+ProviderConfig = Annotated[
+    OAuth2ProviderConfig
+    | DutyClaimsProviderConfig
+    | DebituraProviderConfig
+    | GooclaimProviderConfig,
+    Field(discriminator="kind"),
+]
 
 
 # ---------------------------------------------------------------------------- sinks
@@ -211,7 +427,9 @@ class FileSinkConfig(Model):
     format: Literal["raw", "json", "env", "header"] = "raw"
     mode: Annotated[int, BeforeValidator(_file_mode)] = 0o600
     group: str | int | None = None
-    header_name: str = "Authorization"
+    #: ``format: header`` header; default: the provider's choice (DutyClaims managed
+    #: ``header: x-api-key``), else ``Authorization``.
+    header_name: str | None = None
     env_name: str = "TOKEN"
 
     @field_validator("path")
@@ -224,7 +442,22 @@ class FileSinkConfig(Model):
         return value
 
 
-SinkConfig = Annotated[FileSinkConfig, Field(discriminator="kind")]
+class KubernetesSinkConfig(Model):
+    """Keep one key of a Kubernetes Secret fresh (server-side apply of our keys only)."""
+
+    kind: Literal["kubernetes"]
+    namespace: str | None = None  # default: the pod's namespace (in-cluster)
+    secret: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253)
+    key: str = "{job}"  # per-tenant jobs: default "{tenant}" (see jobs.py)
+    type: str = "Opaque"
+    extra_keys: list[Literal["expires_at", "token_type"]] = Field(default_factory=list)
+    kubeconfig: Path | None = None  # default: in-cluster service account
+    context: str | None = None
+
+    _check_kubeconfig = field_validator("kubeconfig")(_existing_file)
+
+
+SinkConfig = Annotated[FileSinkConfig | KubernetesSinkConfig, Field(discriminator="kind")]
 
 
 # ---------------------------------------------------------------------------- jobs and daemon
@@ -275,6 +508,28 @@ class ServerConfig(Model):
         return int(self.listen.rpartition(":")[2])
 
 
+class LeaderElectionConfig(Model):
+    """Kubernetes Lease leader election (client-go defaults)."""
+
+    enabled: bool = False
+    lease_name: str = "refresher"
+    namespace: str | None = None  # default: $POD_NAMESPACE or the in-cluster namespace
+    identity: str | None = None  # default: $POD_NAME or the hostname
+    lease_duration: PositiveDuration = 15.0
+    renew_deadline: PositiveDuration = 10.0
+    retry_period: PositiveDuration = 2.0
+    kubeconfig: Path | None = None
+    context: str | None = None
+
+    _check_kubeconfig = field_validator("kubeconfig")(_existing_file)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LeaderElectionConfig:
+        if not self.retry_period < self.renew_deadline < self.lease_duration:
+            raise ValueError("need retry_period < renew_deadline < lease_duration")
+        return self
+
+
 class MetricsConfig(Model):
     tenant_labels: bool = False
 
@@ -296,6 +551,16 @@ class JobConfig(Model):
     on_expiry: Literal["keep", "remove"] = "keep"
     on_remove: Literal["keep", "delete"] = "keep"
 
+    @model_validator(mode="after")
+    def _tenant_paths(self) -> JobConfig:
+        if isinstance(self.provider, DebituraProviderConfig):
+            for index, sink in enumerate(self.sinks):
+                if isinstance(sink, FileSinkConfig) and "{tenant}" not in sink.path:
+                    raise ValueError(
+                        f"sinks[{index}].path must contain {{tenant}}: one token per tenant"
+                    )
+        return self
+
 
 class Settings(BaseSettings):
     """The whole configuration. Env vars ``REFRESHER_<SECTION>__<FIELD>`` override YAML."""
@@ -311,6 +576,7 @@ class Settings(BaseSettings):
     refresh: RefreshConfig = RefreshConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
+    leader_election: LeaderElectionConfig = LeaderElectionConfig()
     jobs: list[JobConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -1,12 +1,19 @@
-"""The daemon: wires config → providers, sinks, scheduler, HTTP server, signals."""
+"""The daemon: wires config → providers, sinks, scheduler, HTTP server, file
+watches, signals and systemd notifications.
+
+Events it reacts to besides its timer: a rotated credential file (re-mint the jobs
+that use it), a changed ``tenants_file`` (mint added tenants, withdraw removed ones),
+SIGHUP (reload the config; unchanged jobs keep their tokens and schedules), and
+SIGTERM/SIGINT (stop scheduling, finish in-flight writes, exit 0).
+"""
 
 from __future__ import annotations
 
-import math
 import random
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -14,21 +21,27 @@ import structlog
 from anyio.abc import TaskGroup
 
 from refresher.clock import Clock, SystemClock
-from refresher.config import Settings
+from refresher.config import DebituraProviderConfig, JobConfig, Settings, load_settings
+from refresher.errors import ConfigError, SinkError
+from refresher.jobs import build_provider, build_runtimes
 from refresher.logging import Redactor
 from refresher.metrics import Metrics
-from refresher.providers.base import HTTPClients
+from refresher.providers.base import HTTPClients, TokenProvider
 from refresher.scheduler import JobRuntime, Scheduler
+from refresher.sdnotify import SystemdNotifier
 from refresher.server import admin_token_reader, bind, create_app, is_loopback, make_server
+from refresher.watch import FileWatcher
 
 log = structlog.get_logger("refresher")
 
 #: SIGTERM: how long in-flight refreshes may take to finish before we exit anyway.
 SHUTDOWN_GRACE = 10.0
+#: Tell systemd READY=1 after the first round settles, or after this long at most.
+READY_AT_LATEST = 60.0
 
 
 class Daemon:
-    """One refresher process: every configured job, its server and its signals.
+    """One refresher process: every configured job, its server and its events.
 
     Use `running()` in tests (an async context manager that returns once the server
     listens) and `serve_forever()` from the CLI.
@@ -42,61 +55,213 @@ class Daemon:
         redactor: Redactor | None = None,
         rng: random.Random | None = None,
         serve_http: bool = True,
+        config_path: Path | None = None,
+        notifier: SystemdNotifier | None = None,
+        is_leader: Callable[[], bool] | None = None,
     ) -> None:
         self.settings = settings
+        self.config_path = config_path
         self.clock = clock or SystemClock()
         self.redactor = redactor or Redactor()
         self.metrics = Metrics(tenant_labels=settings.metrics.tenant_labels)
         self.clients = HTTPClients()
+        self.is_leader = is_leader
         self.scheduler = Scheduler(
             settings.refresh,
             clock=self.clock,
             metrics=self.metrics,
             redactor=self.redactor,
             rng=rng,
+            is_active=is_leader,
         )
-        self.metrics.watch(self.scheduler.snapshots)
+        self.metrics.watch(self.scheduler.snapshots, is_leader=is_leader)
+        self.notifier = notifier or SystemdNotifier.from_env()
         self.serve_http = serve_http
         self.port: int | None = None
+        self.job_configs: dict[str, JobConfig] = {}
+        self.providers: dict[str, TokenProvider] = {}
+        self.watcher = FileWatcher()
         self._server: Any = None
         self._server_done = anyio.Event()
-        self.stopped = anyio.Event()
+        self._tg: TaskGroup | None = None
+        self._watch_scope: anyio.CancelScope | None = None
+        self.reloads = 0
 
-    # ------------------------------------------------------------ assembly
+    # ------------------------------------------------------------ job set
 
-    def build_runtimes(self) -> list[JobRuntime]:
-        from refresher.jobs import build_provider, build_runtimes
-
-        runtimes = []
-        for job in self.settings.jobs:
-            provider = build_provider(job, clients=self.clients, clock=self.clock)
-            runtimes.extend(build_runtimes(job, provider))
+    async def add_job(self, job: JobConfig) -> list[JobRuntime]:
+        """Build a job's provider and runtimes, adopt valid tokens from its sinks, start it."""
+        provider = build_provider(job, clients=self.clients, clock=self.clock)
+        runtimes = build_runtimes(job, provider)
+        for runtime in runtimes:
+            await self.scheduler.recover(runtime)
+            self.scheduler.add(runtime)
+        self.job_configs[job.name] = job
+        self.providers[job.name] = provider
         return runtimes
+
+    async def remove_job(self, name: str, *, delete: bool | None = None) -> None:
+        """Stop a job; its sink files stay unless it says ``on_remove: delete``."""
+        job = self.job_configs.pop(name, None)
+        self.providers.pop(name, None)
+        if job is None:
+            return
+        delete = job.on_remove == "delete" if delete is None else delete
+        for key in [k for k in self.scheduler.jobs if k[0] == name]:
+            runtime = self.scheduler.remove(key)
+            if runtime is not None and delete:
+                await _withdraw(runtime)
+
+    def _watch_job(self, job: JobConfig) -> None:
+        provider = self.providers[job.name]
+
+        async def rotated(path: Path) -> None:
+            current = self.providers.get(job.name)
+            if current is not provider:
+                return
+            for secret in provider.secrets():
+                self.redactor.add_secret(secret)
+            keys = [k for k in self.scheduler.jobs if k[0] == job.name]
+            log.info(
+                "credential rotated: re-minting", job=job.name, path=str(path), tokens=len(keys)
+            )
+            for key in keys:
+                self.scheduler.reschedule_now(key)
+
+        for path in provider.secret_files():
+            self.watcher.watch(path, rotated)
+        if isinstance(job.provider, DebituraProviderConfig) and job.provider.tenants_file:
+
+            async def tenants_changed(path: Path) -> None:
+                if self.job_configs.get(job.name) is not job:
+                    return
+                await self._sync_tenants(job)
+
+            self.watcher.watch(job.provider.tenants_file, tenants_changed)
+
+    async def _sync_tenants(self, job: JobConfig) -> None:
+        assert isinstance(job.provider, DebituraProviderConfig)
+        try:
+            wanted = set(job.provider.tenant_list())
+        except OSError as exc:
+            log.error("cannot read tenants_file", job=job.name, error=str(exc))
+            return
+        current = {k[1] for k in self.scheduler.jobs if k[0] == job.name}
+        added, removed = wanted - current, current - wanted
+        provider = self.providers[job.name]
+        for runtime in build_runtimes(job, provider, tenants=sorted(added)):
+            await self.scheduler.recover(runtime)
+            self.scheduler.add(runtime)
+        for tenant in removed:
+            gone = self.scheduler.remove((job.name, tenant))
+            if gone is not None:
+                await _withdraw(gone)
+        log.info("tenants changed", job=job.name, added=len(added), removed=len(removed))
 
     async def load_jobs(self) -> None:
         """Build every job, adopt valid tokens already in the sinks, register."""
-        recovered = 0
-        runtimes = self.build_runtimes()
-        for runtime in runtimes:
-            if await self.scheduler.recover(runtime):
-                recovered += 1
-            self.scheduler.add(runtime)
-        log.info("jobs loaded", jobs=len(runtimes), recovered_from_sinks=recovered)
+        for job in self.settings.jobs:
+            await self.add_job(job)
+        recovered = sum(1 for r in self.scheduler.jobs.values() if r.token is not None)
+        log.info("jobs loaded", jobs=len(self.scheduler.jobs), recovered_from_sinks=recovered)
+
+    async def reload(self) -> bool:
+        """SIGHUP: apply a new config without dropping valid tokens.
+
+        Unchanged jobs keep their tokens and schedules; changed jobs are rebuilt
+        (their sinks' valid tokens are adopted, so nothing is re-minted needlessly);
+        new jobs start; removed jobs stop. An invalid config changes nothing.
+        """
+        self.notifier.reloading()
+        try:
+            if self.config_path is None:
+                raise ConfigError(["no config file to reload from"])
+            new = load_settings(self.config_path)
+        except ConfigError as exc:
+            self.metrics.config_reload_failures.inc()
+            log.error("reload rejected: keeping the running config", errors=exc.errors)
+            self.notifier.ready(self.status_line())
+            return False
+        old_jobs = dict(self.job_configs)
+        new_jobs = {j.name: j for j in new.jobs}
+        kept = [n for n in new_jobs if old_jobs.get(n) == new_jobs[n]]
+        for name, old in old_jobs.items():
+            if name not in new_jobs:
+                await self.remove_job(name)
+            elif old != new_jobs[name]:
+                await self.remove_job(name, delete=False)
+        for name, job in new_jobs.items():
+            if name not in kept:
+                await self.add_job(job)
+        if new.server != self.settings.server:
+            log.warning("server settings changed: they apply at the next restart")
+        self.scheduler.policy = new.refresh
+        self.settings = new
+        self.reloads += 1
+        self._restart_watcher()
+        log.info(
+            "config reloaded",
+            kept=len(kept),
+            added=len([n for n in new_jobs if n not in old_jobs]),
+            removed=len([n for n in old_jobs if n not in new_jobs]),
+            changed=len([n for n in new_jobs if n in old_jobs and n not in kept]),
+        )
+        self.notifier.ready(self.status_line())
+        return True
 
     # ------------------------------------------------------------ running
+
+    def status_line(self) -> str:
+        now = self.clock.now()
+        jobs = list(self.scheduler.jobs.values())
+        return f"{sum(r.valid(now) for r in jobs)}/{len(jobs)} tokens valid"
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Daemon]:
         """Start everything in the background; stop (gracefully) on exit."""
         await self.load_jobs()
         async with anyio.create_task_group() as tg:
+            self._tg = tg
             await tg.start(self.scheduler.run)
+            self._restart_watcher()
             if self.serve_http:
                 await self._start_server(tg)
+            tg.start_soon(self._systemd)
             try:
                 yield self
             finally:
                 await self.shutdown(tg)
+
+    def _restart_watcher(self) -> None:
+        if self._tg is None:
+            return
+        if self._watch_scope is not None:
+            self.watcher.stop()
+            self._watch_scope.cancel()
+        self.watcher = FileWatcher()
+        for job in self.job_configs.values():
+            self._watch_job(job)
+        watcher = self.watcher
+
+        async def run() -> None:
+            with anyio.CancelScope() as scope:
+                self._watch_scope = scope
+                await watcher.run()
+
+        self._tg.start_soon(run)
+
+    async def _systemd(self) -> None:
+        """READY=1 once the first round settled, STATUS= and WATCHDOG=1 from the loop."""
+        if not self.notifier.enabled:
+            return
+        with anyio.move_on_after(READY_AT_LATEST):
+            await self.scheduler.first_round.wait()
+        self.notifier.ready(self.status_line())
+        interval = self.notifier.watchdog_interval() or 10.0
+        while True:
+            await anyio.sleep(interval)
+            self.notifier.watchdog()
+            self.notifier.status(self.status_line())
 
     async def _start_server(self, tg: TaskGroup) -> None:
         server_cfg = self.settings.server
@@ -106,10 +271,9 @@ class Daemon:
         if not is_loopback(server_cfg.host):
             # Off loopback, forced refreshes need the admin bearer secret (none set: always 401).
             admin = admin_token_reader(server_cfg.admin_token_file)
-        app = create_app(self.scheduler, self.metrics, admin_token=admin)
+        app = create_app(self.scheduler, self.metrics, admin_token=admin, is_leader=self.is_leader)
         self._server = make_server(app)
         server = self._server
-
         done = self._server_done = anyio.Event()
 
         async def serve() -> None:
@@ -126,17 +290,19 @@ class Daemon:
 
     async def shutdown(self, tg: TaskGroup) -> None:
         """Stop dispatching, let in-flight refreshes and writes finish, then stop."""
+        self.notifier.stopping()
         self.scheduler.is_active = lambda: False
-        with anyio.move_on_after(SHUTDOWN_GRACE):
+        self.watcher.stop()
+        with anyio.move_on_after(SHUTDOWN_GRACE, shield=True):
             while any(r.inflight is not None for r in list(self.scheduler.jobs.values())):
                 await anyio.sleep(0.01)
         if self._server is not None:
             self._server.should_exit = True
-            with anyio.move_on_after(5):
+            with anyio.move_on_after(5, shield=True):
                 await self._server_done.wait()
         tg.cancel_scope.cancel()
-        await self.clients.aclose()
-        self.stopped.set()
+        with anyio.CancelScope(shield=True):
+            await self.clients.aclose()
 
     async def serve_forever(self) -> None:
         """Run until SIGTERM/SIGINT; return normally (exit 0) after a graceful stop."""
@@ -144,15 +310,21 @@ class Daemon:
             async with self.running():
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        log.info("SIGHUP received: reload not supported by this build, ignoring")
+                        await self.reload()
                         continue
                     log.info("stopping", signal=signal.Signals(signum).name)
                     break
 
-    async def refresh_all_once(self) -> bool:
-        """`refresher once`: refresh every job now, write sinks; True if all succeeded."""
-        runtimes = self.build_runtimes()
+    async def refresh_all_once(self, *, write: bool = True) -> bool:
+        """`refresher once`: refresh every job now and write its sinks (`check
+        --online`: fetch only); True if every job succeeded."""
+        runtimes: list[JobRuntime] = []
+        for job in self.settings.jobs:
+            provider = build_provider(job, clients=self.clients, clock=self.clock)
+            runtimes.extend(build_runtimes(job, provider))
         for runtime in runtimes:
+            if not write:
+                runtime.sinks = []
             self.scheduler.add(runtime)
         async with anyio.create_task_group() as tg:
             for runtime in runtimes:
@@ -162,7 +334,12 @@ class Daemon:
         return all(r.valid(now) and r.failures == 0 for r in runtimes)
 
 
-def seconds_until(moment: float | None, now: float) -> float | None:
-    if moment is None or not math.isfinite(moment):
-        return None
-    return moment - now
+async def _withdraw(runtime: JobRuntime) -> None:
+    """Remove a job's token from its sinks (tenant removed, job deleted)."""
+    for sink in runtime.sinks:
+        try:
+            await sink.remove()
+        except SinkError as exc:
+            log.error(
+                "cannot withdraw token", job=runtime.job, tenant=runtime.tenant, error=str(exc)
+            )

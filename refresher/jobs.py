@@ -5,9 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from refresher.clock import Clock
-from refresher.config import FileSinkConfig, JobConfig, SinkConfig
+from refresher.config import (
+    DebituraProviderConfig,
+    DutyClaimsProviderConfig,
+    FileSinkConfig,
+    GooclaimProviderConfig,
+    JobConfig,
+    OAuth2ProviderConfig,
+    SinkConfig,
+)
 from refresher.errors import ConfigError
 from refresher.providers.base import HTTPClients, TokenProvider
+from refresher.providers.debitura import DebituraProvider
+from refresher.providers.dutyclaims import DutyClaimsProvider
+from refresher.providers.gooclaim import GooclaimProvider
+from refresher.providers.oauth2 import OAuth2Provider
 from refresher.scheduler import JobRuntime
 from refresher.sinks.base import TokenSink
 from refresher.sinks.file import FileSink
@@ -16,17 +28,22 @@ from refresher.sinks.file import FileSink
 def build_provider(job: JobConfig, *, clients: HTTPClients, clock: Clock) -> TokenProvider:
     """The provider implementation for a job's ``provider.kind``."""
     config = job.provider
-    if config.kind == "oauth2":
-        from refresher.providers.oauth2 import OAuth2Provider
-
+    if isinstance(config, OAuth2ProviderConfig):
         return OAuth2Provider(config, clients=clients, clock=clock)
+    if isinstance(config, DutyClaimsProviderConfig):
+        return DutyClaimsProvider(config, clients=clients, clock=clock)
+    if isinstance(config, DebituraProviderConfig):
+        return DebituraProvider(config, clients=clients, clock=clock)
+    if isinstance(config, GooclaimProviderConfig):
+        return GooclaimProvider(config, clients=clients, clock=clock)
     raise ConfigError([f"jobs.{job.name}.provider.kind: unsupported kind {config.kind!r}"])
 
 
 def tenants_of(job: JobConfig) -> list[str | None]:
     """The tenants a job mints for; ``[None]`` for single-token providers."""
-    tenants = getattr(job.provider, "tenants", None)
-    return list(tenants) if tenants else [None]
+    if isinstance(job.provider, DebituraProviderConfig):
+        return list(job.provider.tenant_list())
+    return [None]
 
 
 def expand(template: str, *, job: str, tenant: str | None) -> str:
@@ -40,10 +57,12 @@ def build_sink(config: SinkConfig, *, job: str, tenant: str | None) -> TokenSink
     raise ConfigError([f"unsupported sink kind {config.kind!r}"])
 
 
-def build_runtimes(job: JobConfig, provider: TokenProvider) -> list[JobRuntime]:
+def build_runtimes(
+    job: JobConfig, provider: TokenProvider, *, tenants: list[str] | None = None
+) -> list[JobRuntime]:
     """One runtime per tenant (or one for the job), each with its own sinks."""
     runtimes = []
-    for tenant in tenants_of(job):
+    for tenant in tenants_of(job) if tenants is None else tenants:
         runtimes.append(
             JobRuntime(
                 job=job.name,

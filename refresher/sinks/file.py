@@ -27,9 +27,10 @@ def render(token: Token, config: FileSinkConfig) -> bytes:
     if config.format == "raw":
         return token.value.encode() + b"\n"
     if config.format == "header":
-        if config.header_name.lower() == "authorization":
-            return f"{config.header_name}: {token.token_type} {token.value}\n".encode()
-        return f"{config.header_name}: {token.value}\n".encode()
+        header = header_name(token, config)
+        if header.lower() == "authorization":
+            return f"{header}: {token.token_type} {token.value}\n".encode()
+        return f"{header}: {token.value}\n".encode()
     if config.format == "env":
         name = config.env_name
         lines = [f"{name}={token.value}", f"{name}_TYPE={token.token_type}"]
@@ -46,6 +47,14 @@ def render(token: Token, config: FileSinkConfig) -> bytes:
         "metadata": dict(token.extra),
     }
     return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+
+
+def header_name(token: Token, config: FileSinkConfig) -> str:
+    """The header a ``format: header`` file uses for `token`."""
+    if config.header_name:
+        return config.header_name
+    chosen = token.extra.get("header")
+    return chosen if isinstance(chosen, str) else "Authorization"
 
 
 def parse(content: bytes, config: FileSinkConfig) -> Token | None:
@@ -74,9 +83,9 @@ def parse(content: bytes, config: FileSinkConfig) -> Token | None:
     elif config.format == "raw":
         value = text.strip()
     elif config.format == "header":
-        _, _, rest = text.strip().partition(": ")
+        name, _, rest = text.strip().partition(": ")
         parts = rest.split(" ", 1)
-        if len(parts) == 2 and config.header_name.lower() == "authorization":
+        if len(parts) == 2 and name.lower() == "authorization":
             token_type, value = parts
         else:
             value = rest
