@@ -155,3 +155,36 @@ async def get_json(
     return response.status_code, response.json() if "json" in response.headers.get(
         "content-type", ""
     ) else response.text
+
+
+async def settle(scheduler: Any) -> None:
+    """Wait (real time, briefly) until no provider request is in flight."""
+    await anyio.sleep(0)
+    await wait_for(lambda: scheduler.inflight == 0, timeout=30)
+    await anyio.sleep(0.002)
+    await wait_for(lambda: scheduler.inflight == 0, timeout=30)
+
+
+async def drive(clock: ManualClock, scheduler: Any, until: Callable[[], bool], *, horizon: float) -> None:
+    """Advance the manual clock from deadline to deadline until `until()` holds.
+
+    Between steps it lets in-flight HTTP requests finish, so every request is
+    stamped with the simulated moment it was sent at.
+    """
+    while True:
+        await settle(scheduler)
+        if until():
+            return
+        # The scheduler re-arms its timer a few loop iterations after a refresh.
+        for _ in range(500):
+            deadline = clock.next_deadline()
+            if deadline is not None:
+                break
+            await anyio.sleep(0.002)
+        if deadline is None or deadline > horizon:
+            raise AssertionError(
+                f"condition not reached {horizon - clock.now():.0f}s before the horizon "
+                f"(next deadline {deadline}, timer heap {len(scheduler._heap)}, "
+                f"in flight {sum(r.inflight is not None for r in scheduler.jobs.values())})"
+            )
+        await clock.set(deadline)

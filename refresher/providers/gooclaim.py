@@ -87,7 +87,11 @@ class GooclaimProvider(HTTPProvider):
         if key is not None:
             options["require"] = ["exp", "aud", "iss"]
         else:
+            # PyJWT turns every other check off with the signature check: turn the
+            # claim checks the contract asks for back on explicitly.
             options["verify_signature"] = False
+            options["verify_aud"] = True
+            options["verify_iss"] = cfg.issuer is not None
             options["require"] = ["exp", "aud"]
         try:
             claims = jwt.decode(
