@@ -460,6 +460,70 @@ class KubernetesSinkConfig(Model):
 SinkConfig = Annotated[FileSinkConfig | KubernetesSinkConfig, Field(discriminator="kind")]
 
 
+# ---------------------------------------------------------------------------- notifiers
+
+_SIGNALS = {"HUP", "USR1", "USR2", "TERM", "INT", "ALRM", "WINCH", "CONT"}
+
+
+class SignalNotifierConfig(Model):
+    """Send a signal to a consumer process after each new token is written."""
+
+    kind: Literal["signal"]
+    pid: int | None = Field(default=None, gt=1)
+    pid_file: Path | None = None  # re-read every time: consumers restart
+    signal: str = "HUP"
+
+    @field_validator("signal")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        name = value.upper().removeprefix("SIG")
+        if name not in _SIGNALS:
+            raise ValueError(
+                f"unsupported signal {value!r}; use one of {', '.join(sorted(_SIGNALS))}"
+            )
+        return name
+
+    @model_validator(mode="after")
+    def _target(self) -> SignalNotifierConfig:
+        if (self.pid is None) == (self.pid_file is None):
+            raise ValueError("set exactly one of pid, pid_file")
+        return self
+
+
+class CommandNotifierConfig(Model):
+    """Run a command (argv, no shell) after each new token is written."""
+
+    kind: Literal["command"]
+    argv: list[str] = Field(min_length=1)
+    timeout: PositiveDuration = 10.0
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class WebhookNotifierConfig(Model):
+    """POST ``{job, tenant, expires_at, fingerprint}`` after each new token is written."""
+
+    kind: Literal["webhook"]
+    url: str
+    secret_file: Path | None = None  # HMAC-SHA256 key for the signature header
+    signature_header: str = "X-Refresher-Signature"
+    timeout: PositiveDuration = 5.0
+    retries: int = Field(default=3, ge=0, le=10)
+    retry_backoff: PositiveDuration = 0.5
+
+    _check_secret = field_validator("secret_file")(_existing_file)
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        return _http_url(value)
+
+
+NotifierConfig = Annotated[
+    SignalNotifierConfig | CommandNotifierConfig | WebhookNotifierConfig,
+    Field(discriminator="kind"),
+]
+
+
 # ---------------------------------------------------------------------------- jobs and daemon
 
 
@@ -548,6 +612,7 @@ class JobConfig(Model):
     name: str = Field(pattern=JOB_NAME)
     provider: ProviderConfig
     sinks: list[SinkConfig] = Field(min_length=1)
+    notify: list[NotifierConfig] = Field(default_factory=list)
     on_expiry: Literal["keep", "remove"] = "keep"
     on_remove: Literal["keep", "delete"] = "keep"
 

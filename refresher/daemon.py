@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import structlog
 from anyio.abc import TaskGroup
 
@@ -26,10 +27,12 @@ from refresher.errors import ConfigError, SinkError
 from refresher.jobs import build_provider, build_runtimes
 from refresher.logging import Redactor
 from refresher.metrics import Metrics
+from refresher.notify import Notifier, TokenWritten, build_notifier
 from refresher.providers.base import HTTPClients, TokenProvider
 from refresher.scheduler import JobRuntime, Scheduler
 from refresher.sdnotify import SystemdNotifier
 from refresher.server import admin_token_reader, bind, create_app, is_loopback, make_server
+from refresher.token import Token, rfc3339
 from refresher.watch import FileWatcher
 
 log = structlog.get_logger("refresher")
@@ -86,6 +89,9 @@ class Daemon:
         self._tg: TaskGroup | None = None
         self._watch_scope: anyio.CancelScope | None = None
         self.reloads = 0
+        self.notifiers: dict[str, list[Notifier]] = {}
+        self._notify_client: httpx2.AsyncClient | None = None
+        self.scheduler.written_hooks.append(self._notify)
 
     # ------------------------------------------------------------ job set
 
@@ -98,7 +104,45 @@ class Daemon:
             self.scheduler.add(runtime)
         self.job_configs[job.name] = job
         self.providers[job.name] = provider
+        if job.notify:
+            if self._notify_client is None:
+                self._notify_client = httpx2.AsyncClient(follow_redirects=False)
+            client = self._notify_client
+            self.notifiers[job.name] = [build_notifier(n, client=client) for n in job.notify]
+        else:
+            self.notifiers.pop(job.name, None)
         return runtimes
+
+    async def _notify(self, runtime: JobRuntime, token: Token) -> None:
+        """Run the job's notifiers concurrently; failures are logged and counted."""
+        notifiers = self.notifiers.get(runtime.job)
+        if not notifiers:
+            return
+        event = TokenWritten(
+            job=runtime.job,
+            tenant=runtime.tenant,
+            expires_at=rfc3339(token.expires_at),
+            fingerprint=token.fingerprint(),
+            sink_paths=tuple(s.target for s in runtime.sinks),
+        )
+        labels = self.metrics.label_values(runtime.job, runtime.provider_kind, runtime.tenant)
+
+        async def deliver(notifier: Notifier) -> None:
+            try:
+                await notifier.notify(event)
+            except Exception as exc:  # a notifier must never take the daemon down
+                self.metrics.notify_failures.labels(*labels, notifier.kind).inc()
+                log.error(
+                    "notification failed",
+                    job=runtime.job,
+                    tenant=runtime.tenant,
+                    notifier=notifier.kind,
+                    error=str(exc),
+                )
+
+        async with anyio.create_task_group() as tg:
+            for notifier in notifiers:
+                tg.start_soon(deliver, notifier)
 
     async def remove_job(self, name: str, *, delete: bool | None = None) -> None:
         """Stop a job; its sink files stay unless it says ``on_remove: delete``."""
@@ -303,6 +347,8 @@ class Daemon:
         tg.cancel_scope.cancel()
         with anyio.CancelScope(shield=True):
             await self.clients.aclose()
+            if self._notify_client is not None:
+                await self._notify_client.aclose()
 
     async def serve_forever(self) -> None:
         """Run until SIGTERM/SIGINT; return normally (exit 0) after a graceful stop."""

@@ -1,64 +1,129 @@
-"""``refresher demo``: emulated providers plus a daemon against them, no credentials."""
+"""``refresher demo``: the three partner emulators plus a daemon against them.
+
+No credentials needed: the emulators run on loopback with demo credentials and
+short-lived tokens (60 s by default), so a newcomer sees tokens rotate in ``./tokens``
+within a minute while metrics and status are served on 127.0.0.1:9464.
+"""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import anyio
 
 from refresher.config import load_settings
+from refresher.emulators.base import Emulator
+from refresher.emulators.debitura import DebituraEmulator
+from refresher.emulators.dutyclaims import DutyClaimsEmulator
+from refresher.emulators.gooclaim import GooclaimEmulator
 from refresher.logging import Redactor, configure_logging
 
+DEMO_TENANTS = ["acme-001", "globex-002", "initech-003"]
 
-def demo_config(emulator_urls: dict[str, str], tokens_dir: Path, listen: str) -> dict[str, Any]:
-    """The demo's config: one job per emulated provider, files under `tokens_dir`."""
+
+def demo_config(
+    dutyclaims: DutyClaimsEmulator,
+    debitura: DebituraEmulator,
+    gooclaim: GooclaimEmulator,
+    *,
+    tokens_dir: Path,
+    public_key_file: Path,
+    listen: str,
+) -> dict[str, Any]:
+    """One DutyClaims sandbox job, a 3-tenant Debitura job, a verified Gooclaim job."""
+    ((dc_client, dc_secret),) = dutyclaims.clients.items()
+    ((goo_client, goo_secret),) = gooclaim.clients.items()
+    (deb_key,) = debitura.api_keys
     return {
         "server": {"listen": listen},
         "refresh": {"min_remaining": "10s", "backoff": {"initial": "1s", "max": "15s"}},
         "logging": {"format": "console"},
         "jobs": [
             {
-                "name": "oauth2-demo",
+                "name": "dutyclaims",
                 "provider": {
-                    "kind": "oauth2",
-                    "token_url": emulator_urls["oauth2"] + "/oauth/token",
-                    "client_id": "demo-client",
-                    "client_secret": "demo-secret",
-                    "scopes": ["read"],
+                    "kind": "dutyclaims",
+                    "mode": "sandbox",
+                    "base_url": dutyclaims.url,
+                    "client_id": dc_client,
+                    "client_secret": dc_secret,
+                    "scopes": ["clients.read", "webhooks.read"],
                 },
                 "sinks": [
-                    {"kind": "file", "path": str(tokens_dir / "oauth2-demo.token")},
+                    {"kind": "file", "path": str(tokens_dir / "dutyclaims.json"), "format": "json"}
+                ],
+            },
+            {
+                "name": "debitura",
+                "provider": {
+                    "kind": "debitura",
+                    "base_url": debitura.url,
+                    "api_key": deb_key,
+                    "tenants": DEMO_TENANTS,
+                },
+                "sinks": [{"kind": "file", "path": str(tokens_dir / "debitura-{tenant}.jwt")}],
+            },
+            {
+                "name": "gooclaim",
+                "provider": {
+                    "kind": "gooclaim",
+                    "base_url": gooclaim.url,
+                    "client_id": goo_client,
+                    "client_secret": goo_secret,
+                    "issuer": gooclaim.issuer,
+                    "public_key_file": str(public_key_file),
+                    "introspect": True,
+                },
+                "sinks": [
+                    {"kind": "file", "path": str(tokens_dir / "gooclaim.token")},
                     {
                         "kind": "file",
-                        "path": str(tokens_dir / "oauth2-demo.json"),
-                        "format": "json",
+                        "path": str(tokens_dir / "gooclaim.env"),
+                        "format": "env",
+                        "env_name": "GOOCLAIM_TOKEN",
                     },
                 ],
-            }
+            },
         ],
     }
 
 
 def run_demo(*, tokens_dir: Path, listen: str, lifetime: float) -> int:
     from refresher.daemon import Daemon
-    from refresher.emulators.oauth2 import OAuth2Emulator
 
     tokens_dir.mkdir(parents=True, exist_ok=True)
-    emulator = OAuth2Emulator(token_lifetime=lifetime).start()
-    try:
-        settings = load_settings(
-            data=demo_config({"oauth2": emulator.url}, tokens_dir.resolve(), listen)
-        )
-        redactor = Redactor()
-        configure_logging(redactor, level="info", fmt="console")
-        print(
-            f"refresher demo: emulated provider at {emulator.url}, tokens in {tokens_dir}/, "
-            f"metrics at http://{listen}/metrics, status at http://{listen}/v1/tokens"
-            " - Ctrl-C stops",
-            flush=True,
-        )
-        anyio.run(Daemon(settings, redactor=redactor).serve_forever)
-    finally:
-        emulator.stop()
+    dutyclaims = DutyClaimsEmulator(token_lifetime=lifetime)
+    debitura = DebituraEmulator(token_lifetime=lifetime)
+    gooclaim = GooclaimEmulator(token_lifetime=lifetime)
+    emulators: list[Emulator] = [dutyclaims, debitura, gooclaim]
+    with tempfile.TemporaryDirectory(prefix="refresher-demo-") as scratch:
+        try:
+            for emulator in emulators:
+                emulator.start()
+            public_key = Path(scratch) / "gooclaim.pem"
+            public_key.write_bytes(gooclaim.public_key_pem())
+            data = demo_config(
+                dutyclaims,
+                debitura,
+                gooclaim,
+                tokens_dir=tokens_dir.resolve(),
+                public_key_file=public_key,
+                listen=listen,
+            )
+            settings = load_settings(data=data)
+            redactor = Redactor()
+            configure_logging(redactor, level="info", fmt="console")
+            print(
+                f"refresher demo: DutyClaims {dutyclaims.url}, Debitura {debitura.url}, "
+                f"Gooclaim {gooclaim.url} (emulated, {lifetime:g}s tokens)\n"
+                f"tokens in {tokens_dir}/ - metrics http://{listen}/metrics - "
+                f"status http://{listen}/v1/tokens (or: refresher status) - Ctrl-C stops",
+                flush=True,
+            )
+            anyio.run(Daemon(settings, redactor=redactor).serve_forever)
+        finally:
+            for emulator in emulators:
+                emulator.stop()
     return 0

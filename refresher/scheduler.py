@@ -32,6 +32,7 @@ from anyio.abc import TaskGroup
 from refresher.clock import Clock
 from refresher.config import RefreshConfig
 from refresher.errors import (
+    BadResponseError,
     ForbiddenError,
     InvalidLinkError,
     ProviderError,
@@ -373,14 +374,17 @@ class Scheduler:
         try:
             token = await runtime.provider.fetch(runtime.tenant)
             if not token.is_valid(self.clock.now()):
-                from refresher.errors import BadResponseError
-
                 raise BadResponseError("provider returned a token that has already expired")
         except ProviderError as error:
             self.metrics.refresh_duration.labels(*labels).observe(
                 max(self.clock.now() - started, 0)
             )
             self._failed(runtime, error, labels, limiter)
+            return
+        except Exception as exc:  # a bug or an unreadable secret must not stop the daemon
+            runtime.bound_log.exception("unexpected error during refresh")
+            unexpected = BadResponseError(f"unexpected error: {type(exc).__name__}: {exc}")
+            self._failed(runtime, unexpected, labels, limiter)
             return
         finally:
             self.inflight -= 1
@@ -399,7 +403,12 @@ class Scheduler:
             started = self.clock.now()
             try:
                 await sink.write(token)
-            except SinkError as error:
+            except Exception as exc:
+                error = (
+                    exc
+                    if isinstance(exc, SinkError)
+                    else SinkError(f"unexpected {type(exc).__name__}: {exc}", sink=sink.kind)
+                )
                 failed.append(sink)
                 errors.append(error)
                 self.metrics.sink_failures.labels(*labels, sink.kind).inc()

@@ -1,0 +1,202 @@
+"""Notifiers: tell consumers a new token was written.
+
+* ``signal`` — send a signal to a pid or a ``pid_file`` (re-read each time, retried
+  briefly when missing because consumers restart);
+* ``command`` — run argv (no shell) with ``REFRESHER_JOB``, ``REFRESHER_TENANT``,
+  ``REFRESHER_SINK_PATH``, ``REFRESHER_EXPIRES_AT`` in the environment (never the
+  token), killed at its timeout; a non-zero exit is logged and counted;
+* ``webhook`` — POST ``{job, tenant, expires_at, fingerprint}`` JSON, optionally
+  signed ``sha256=<hmac>`` with a key from a file, retried with backoff.
+
+The scheduler runs notifiers in their own tasks: a slow or failing notifier never
+blocks the refresh loop or other jobs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import signal as _signal
+import subprocess
+from dataclasses import dataclass
+from typing import Protocol
+
+import anyio
+import httpx2
+
+from refresher.config import (
+    CommandNotifierConfig,
+    NotifierConfig,
+    SignalNotifierConfig,
+    WebhookNotifierConfig,
+)
+from refresher.errors import RefresherError
+
+
+class NotifyError(RefresherError):
+    """A notifier could not deliver its notification."""
+
+
+@dataclass(frozen=True)
+class TokenWritten:
+    """What a notifier may tell: never the token itself."""
+
+    job: str
+    tenant: str | None
+    expires_at: str | None
+    fingerprint: str
+    sink_paths: tuple[str, ...]
+
+    def payload(self) -> dict[str, object]:
+        return {
+            "job": self.job,
+            "tenant": self.tenant,
+            "expires_at": self.expires_at,
+            "fingerprint": self.fingerprint,
+        }
+
+
+class Notifier(Protocol):
+    """Delivers one `TokenWritten` event; raises `NotifyError` on failure."""
+
+    kind: str
+
+    async def notify(self, event: TokenWritten) -> None: ...
+
+
+class SignalNotifier:
+    kind = "signal"
+
+    def __init__(
+        self, config: SignalNotifierConfig, *, missing_retries: int = 10, retry_delay: float = 0.2
+    ) -> None:
+        self.config = config
+        self.signum = getattr(_signal, f"SIG{config.signal}")
+        self.missing_retries = missing_retries
+        self.retry_delay = retry_delay
+
+    async def _pid(self) -> int:
+        if self.config.pid is not None:
+            return self.config.pid
+        assert self.config.pid_file is not None
+        for attempt in range(self.missing_retries + 1):
+            try:
+                text = self.config.pid_file.read_text().strip()
+                return int(text)
+            except FileNotFoundError:
+                if attempt == self.missing_retries:
+                    raise NotifyError(f"pid_file {self.config.pid_file} does not exist") from None
+                await anyio.sleep(self.retry_delay)
+            except ValueError:
+                raise NotifyError(f"pid_file {self.config.pid_file} does not hold a pid") from None
+        raise NotifyError("unreachable")  # pragma: no cover
+
+    async def notify(self, event: TokenWritten) -> None:
+        pid = await self._pid()
+        try:
+            os.kill(pid, self.signum)
+        except ProcessLookupError:
+            raise NotifyError(f"no process {pid}") from None
+        except PermissionError:
+            raise NotifyError(f"not allowed to signal process {pid}") from None
+
+
+class CommandNotifier:
+    kind = "command"
+
+    def __init__(self, config: CommandNotifierConfig) -> None:
+        self.config = config
+
+    def environment(self, event: TokenWritten) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REFRESHER_")}
+        env.update(self.config.env)
+        env.update(
+            REFRESHER_JOB=event.job,
+            REFRESHER_TENANT=event.tenant or "",
+            REFRESHER_SINK_PATH=event.sink_paths[0] if event.sink_paths else "",
+            REFRESHER_EXPIRES_AT=event.expires_at or "",
+            REFRESHER_FINGERPRINT=event.fingerprint,
+        )
+        return env
+
+    async def notify(self, event: TokenWritten) -> None:
+        try:
+            process = await anyio.open_process(
+                self.config.argv,
+                env=self.environment(event),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                # Not captured: a consumer's script may echo what it read.
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise NotifyError(f"cannot run {self.config.argv[0]}: {exc.strerror or exc}") from None
+        async with process:
+            with anyio.move_on_after(self.config.timeout) as scope:
+                await process.wait()
+            if scope.cancelled_caught:
+                process.kill()
+                with anyio.CancelScope(shield=True):
+                    await process.wait()
+                raise NotifyError(
+                    f"{self.config.argv[0]} timed out after {self.config.timeout:g}s and was killed"
+                )
+            stderr = b""
+            if process.stderr is not None:
+                with anyio.move_on_after(1):
+                    stderr = await process.stderr.receive(2048)
+        if process.returncode != 0:
+            tail = stderr.decode(errors="replace").strip().splitlines()[-1:] if stderr else []
+            raise NotifyError(
+                f"{self.config.argv[0]} exited {process.returncode}"
+                + (f": {tail[0][:200]}" if tail else "")
+            )
+
+
+class WebhookNotifier:
+    kind = "webhook"
+
+    def __init__(self, config: WebhookNotifierConfig, client: httpx2.AsyncClient) -> None:
+        self.config = config
+        self.client = client
+
+    def signature(self, body: bytes) -> str | None:
+        if self.config.secret_file is None:
+            return None
+        key = self.config.secret_file.read_bytes().strip()
+        return "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
+
+    async def notify(self, event: TokenWritten) -> None:
+        body = json.dumps(event.payload(), sort_keys=True).encode()
+        headers = {"Content-Type": "application/json"}
+        signature = self.signature(body)
+        if signature:
+            headers[self.config.signature_header] = signature
+        last = ""
+        for attempt in range(self.config.retries + 1):
+            if attempt:
+                await anyio.sleep(self.config.retry_backoff * 2 ** (attempt - 1))
+            try:
+                response = await self.client.post(
+                    self.config.url, content=body, headers=headers, timeout=self.config.timeout
+                )
+            except httpx2.HTTPError as exc:
+                last = type(exc).__name__
+                continue
+            if response.status_code < 300:
+                return
+            last = f"HTTP {response.status_code}"
+            if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
+                break
+        raise NotifyError(f"webhook {self.config.url.split('?')[0]} failed: {last}")
+
+
+def build_notifier(config: NotifierConfig, *, client: httpx2.AsyncClient) -> Notifier:
+    if isinstance(config, SignalNotifierConfig):
+        return SignalNotifier(config)
+    if isinstance(config, CommandNotifierConfig):
+        return CommandNotifier(config)
+    return WebhookNotifier(config, client)
