@@ -7,7 +7,7 @@ never drift from what `/v1/tokens` reports, and 10,000 tenants cost nothing betw
 scrapes.
 
 Labels: ``job`` and ``provider``; ``tenant`` only with ``metrics.tenant_labels: true``
-(otherwise per-tenant jobs aggregate, and ``tenants_valid``/``tenants_total`` say
+(otherwise per-tenant jobs aggregate, and ``tenants_valid``/``tenants_configured`` say
 how many of a job's tenants hold a valid token).
 """
 
@@ -175,8 +175,10 @@ class StateCollector(Collector):
             "Tenants of the job holding a valid token.",
             labels=["job", "provider"],
         )
-        tenants_total = GaugeMetricFamily(
-            f"{PREFIX}_tenants_total", "Tenants configured for the job.", labels=["job", "provider"]
+        tenants_configured = GaugeMetricFamily(
+            f"{PREFIX}_tenants_configured",
+            "Tenants configured for the job.",
+            labels=["job", "provider"],
         )
         groups: dict[tuple[str, ...], list[JobSnapshot]] = {}
         tenants: dict[tuple[str, str], list[int]] = {}
@@ -199,8 +201,8 @@ class StateCollector(Collector):
             backoff.add_metric(values, max(s.backoff_seconds for s in snaps))
         for (job, provider), (ok, total) in tenants.items():
             tenants_valid.add_metric([job, provider], ok)
-            tenants_total.add_metric([job, provider], total)
-        yield from (valid, expiry, last_success, backoff, tenants_valid, tenants_total)
+            tenants_configured.add_metric([job, provider], total)
+        yield from (valid, expiry, last_success, backoff, tenants_valid, tenants_configured)
         if self.is_leader is not None:
             enabled = GaugeMetricFamily(
                 f"{PREFIX}_leader_election_enabled",

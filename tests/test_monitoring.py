@@ -235,7 +235,7 @@ MUTANTS = {
     "expired-standby-ignores-election-flag": Mutant(
         "RefresherTokenExpired",
         "expr",
-        "(refresher_token_valid == 0 or refresher_tenants_valid < refresher_tenants_total)"
+        "(refresher_token_valid == 0 or refresher_tenants_valid < refresher_tenants_configured)"
         " unless on (namespace, instance) refresher_is_leader == 0",
         "RefresherTokenExpired fires for an invalid token and for missing tenants",
     ),

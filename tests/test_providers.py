@@ -211,7 +211,7 @@ async def test_debitura_mints_per_tenant_with_xapikey(start_daemon, debitura, cl
     assert set(json.loads(request.body)) == {"externalTenantId"}
     assert "authorization" not in request.headers
     assert 'refresher_tenants_valid{job="debitura",provider="debitura"} 3.0' in body
-    assert 'refresher_tenants_total{job="debitura",provider="debitura"} 3.0' in body
+    assert 'refresher_tenants_configured{job="debitura",provider="debitura"} 3.0' in body
 
 
 async def test_debitura_always_re_mints_before_30_minutes(start_daemon, debitura, clock, tmp_path) -> None:

@@ -228,7 +228,7 @@ def build() -> dashboard_model.Dashboard:
                 "Per-tenant jobs: tenants holding a valid token, and tenants configured.",
                 _queries(
                     (f"max by (job) (refresher_tenants_valid{{{TOKEN_JOB}}})", "{{job}} valid"),
-                    (f"max by (job) (refresher_tenants_total{{{TOKEN_JOB}}})", "{{job}} total"),
+                    (f"max by (job) (refresher_tenants_configured{{{TOKEN_JOB}}})", "{{job}} total"),
                 ),
                 width=6,
             ).thresholds(_thresholds((None, "blue")))
