@@ -25,6 +25,7 @@ from refresher.clock import Clock, SystemClock
 from refresher.config import DebituraProviderConfig, JobConfig, Settings, load_settings
 from refresher.errors import ConfigError, SinkError
 from refresher.jobs import build_provider, build_runtimes
+from refresher.leader import LeaderElector
 from refresher.logging import Redactor
 from refresher.metrics import Metrics
 from refresher.notify import Notifier, TokenWritten, build_notifier
@@ -32,6 +33,7 @@ from refresher.providers.base import HTTPClients, TokenProvider
 from refresher.scheduler import JobRuntime, Scheduler
 from refresher.sdnotify import SystemdNotifier
 from refresher.server import admin_token_reader, bind, create_app, is_loopback, make_server
+from refresher.sinks.kubernetes import KubeClients
 from refresher.token import Token, rfc3339
 from refresher.watch import FileWatcher
 
@@ -68,6 +70,17 @@ class Daemon:
         self.redactor = redactor or Redactor()
         self.metrics = Metrics(tenant_labels=settings.metrics.tenant_labels)
         self.clients = HTTPClients()
+        self.kube = KubeClients()
+        self.elector: LeaderElector | None = None
+        self._leading = False
+        if is_leader is None and settings.leader_election.enabled:
+            self.elector = LeaderElector(
+                settings.leader_election,
+                clients=self.kube,
+                clock=self.clock,
+                on_change=self._leadership_changed,
+            )
+            is_leader = self.elector.is_leader
         self.is_leader = is_leader
         self.scheduler = Scheduler(
             settings.refresh,
@@ -75,7 +88,7 @@ class Daemon:
             metrics=self.metrics,
             redactor=self.redactor,
             rng=rng,
-            is_active=is_leader,
+            is_active=self._may_refresh if is_leader is not None else None,
         )
         self.metrics.watch(self.scheduler.snapshots, is_leader=is_leader)
         self.notifier = notifier or SystemdNotifier.from_env()
@@ -93,12 +106,41 @@ class Daemon:
         self._notify_client: httpx2.AsyncClient | None = None
         self.scheduler.written_hooks.append(self._notify)
 
+    # ------------------------------------------------------------ leadership
+
+    def _may_refresh(self) -> bool:
+        """Only the Lease holder refreshes, and only once it has re-read the sinks."""
+        return (
+            self.is_leader is not None
+            and self.is_leader()
+            and (self.elector is None or self._leading)
+        )
+
+    def _leadership_changed(self, leading: bool) -> None:
+        log.info("leadership changed", leader=leading)
+        if not leading:
+            self._leading = False
+            return
+        if self._tg is not None:
+            self._tg.start_soon(self._take_over)
+
+    async def _take_over(self) -> None:
+        """New leader: adopt what the previous leader wrote, then refresh only what is due."""
+        adopted = 0
+        for runtime in list(self.scheduler.jobs.values()):
+            if runtime.inflight is None and await self.scheduler.recover(runtime):
+                adopted += 1
+                self.scheduler.reschedule(runtime, runtime.next_refresh_at)
+        self._leading = True
+        self.scheduler.wake()
+        log.info("leading", adopted_from_sinks=adopted, jobs=len(self.scheduler.jobs))
+
     # ------------------------------------------------------------ job set
 
     async def add_job(self, job: JobConfig) -> list[JobRuntime]:
         """Build a job's provider and runtimes, adopt valid tokens from its sinks, start it."""
         provider = build_provider(job, clients=self.clients, clock=self.clock)
-        runtimes = build_runtimes(job, provider)
+        runtimes = build_runtimes(job, provider, kube=self.kube)
         for runtime in runtimes:
             await self.scheduler.recover(runtime)
             self.scheduler.add(runtime)
@@ -193,7 +235,7 @@ class Daemon:
         current = {k[1] for k in self.scheduler.jobs if k[0] == job.name}
         added, removed = wanted - current, current - wanted
         provider = self.providers[job.name]
-        for runtime in build_runtimes(job, provider, tenants=sorted(added)):
+        for runtime in build_runtimes(job, provider, tenants=sorted(added), kube=self.kube):
             await self.scheduler.recover(runtime)
             self.scheduler.add(runtime)
         for tenant in removed:
@@ -267,6 +309,8 @@ class Daemon:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             await tg.start(self.scheduler.run)
+            if self.elector is not None:
+                await tg.start(self.elector.run)
             self._restart_watcher()
             if self.serve_http:
                 await self._start_server(tg)
@@ -344,8 +388,14 @@ class Daemon:
             self._server.should_exit = True
             with anyio.move_on_after(5, shield=True):
                 await self._server_done.wait()
+        with anyio.CancelScope(shield=True):
+            if self.elector is not None:
+                # Hand over at once instead of making the next leader wait out the lease.
+                with anyio.move_on_after(5):
+                    await self.elector.release()
         tg.cancel_scope.cancel()
         with anyio.CancelScope(shield=True):
+            await self.kube.aclose()
             await self.clients.aclose()
             if self._notify_client is not None:
                 await self._notify_client.aclose()
@@ -367,7 +417,7 @@ class Daemon:
         runtimes: list[JobRuntime] = []
         for job in self.settings.jobs:
             provider = build_provider(job, clients=self.clients, clock=self.clock)
-            runtimes.extend(build_runtimes(job, provider))
+            runtimes.extend(build_runtimes(job, provider, kube=self.kube))
         for runtime in runtimes:
             if not write:
                 runtime.sinks = []
@@ -376,6 +426,7 @@ class Daemon:
             for runtime in runtimes:
                 tg.start_soon(self.scheduler.refresh, runtime)
         await self.clients.aclose()
+        await self.kube.aclose()
         now = self.clock.now()
         return all(r.valid(now) and r.failures == 0 for r in runtimes)
 

@@ -23,6 +23,7 @@ from refresher.providers.oauth2 import OAuth2Provider
 from refresher.scheduler import JobRuntime
 from refresher.sinks.base import TokenSink
 from refresher.sinks.file import FileSink
+from refresher.sinks.kubernetes import KubeClients, KubernetesSink
 
 
 def build_provider(job: JobConfig, *, clients: HTTPClients, clock: Clock) -> TokenProvider:
@@ -51,14 +52,24 @@ def expand(template: str, *, job: str, tenant: str | None) -> str:
     return template.replace("{job}", job).replace("{tenant}", tenant or "")
 
 
-def build_sink(config: SinkConfig, *, job: str, tenant: str | None) -> TokenSink:
+def build_sink(
+    config: SinkConfig, *, job: str, tenant: str | None, kube: KubeClients | None = None
+) -> TokenSink:
     if isinstance(config, FileSinkConfig):
         return FileSink(config, Path(expand(config.path, job=job, tenant=tenant)))
-    raise ConfigError([f"unsupported sink kind {config.kind!r}"])
+    if kube is None:
+        raise ConfigError([f"job {job}: kubernetes sink needs a Kubernetes client"])
+    # Per-tenant jobs default to one Secret key per tenant.
+    key = "{tenant}" if tenant is not None and config.key == "{job}" else config.key
+    return KubernetesSink(config, expand(key, job=job, tenant=tenant), clients=kube)
 
 
 def build_runtimes(
-    job: JobConfig, provider: TokenProvider, *, tenants: list[str] | None = None
+    job: JobConfig,
+    provider: TokenProvider,
+    *,
+    tenants: list[str] | None = None,
+    kube: KubeClients | None = None,
 ) -> list[JobRuntime]:
     """One runtime per tenant (or one for the job), each with its own sinks."""
     runtimes = []
@@ -68,7 +79,7 @@ def build_runtimes(
                 job=job.name,
                 tenant=tenant,
                 provider=provider,
-                sinks=[build_sink(s, job=job.name, tenant=tenant) for s in job.sinks],
+                sinks=[build_sink(s, job=job.name, tenant=tenant, kube=kube) for s in job.sinks],
                 on_expiry=job.on_expiry,
             )
         )

@@ -236,6 +236,10 @@ class Scheduler:
             if self._heap[0][2] == runtime.key:
                 self._wake.set()
 
+    def reschedule(self, runtime: JobRuntime, moment: float | None) -> None:
+        """Plan a job's next refresh at `moment` (now if None)."""
+        self._schedule(runtime, self.clock.now() if moment is None else moment)
+
     def reschedule_now(self, key: JobKey) -> None:
         """Make a job due immediately (credential rotated, tenant re-added)."""
         runtime = self.jobs.get(key)

@@ -1,0 +1,1360 @@
+"""A loopback Kubernetes API server for the subset refresher uses.
+
+Speaks the real REST/JSON protocol, so lightkube (or kubectl, or curl) talks to it
+exactly as to a kube-apiserver:
+
+* ``/api/v1/namespaces/{ns}/secrets[/{name}]`` — GET, list, POST, PUT, PATCH
+  (server-side apply ``application/apply-patch+yaml`` with ``fieldManager``/``force``,
+  ``application/merge-patch+json``, ``application/strategic-merge-patch+json``), DELETE.
+* ``/apis/coordination.k8s.io/v1/namespaces/{ns}/leases[/{name}]`` — the same verbs.
+* ``/api/v1/namespaces/{name}`` (GET) and ``/version``.
+
+Behaviour that matters for refresher is modelled faithfully: bearer-token
+authentication (401), ``resourceVersion`` that moves on every real change, 409 on a
+stale ``resourceVersion``, 404 for a missing object or (on create) a missing
+namespace, Secret validation (data keys, base64, immutable ``type``), strict
+``MicroTime`` parsing on Leases, ``Status`` error bodies, and server-side apply field
+ownership per field manager at the granularity of data keys, labels, annotations
+and top-level/spec fields — enough that two appliers with distinct keys, and a third
+tool writing with PUT or a merge patch, never clobber each other, while a field an
+applier stops applying is removed when nobody else owns it. Managed fields are
+reported in ``metadata.managedFields`` in the real ``FieldsV1`` shape.
+
+Fault injection: `forbid` (403 per verb+resource, like a missing RBAC rule), `fail`
+(one-shot or counted errors: 409, 429, 500, 503 …, optionally only for one
+verb/resource, optionally slow), `revoke_token`. Every request lands in
+`requests` (see `calls`).
+
+The optional TLS mode (``tls=True``) serves HTTPS with a throw-away CA, so the
+in-cluster path (``KUBERNETES_SERVICE_HOST``, service-account ``ca.crt`` and
+``token``) can be exercised too; see `write_service_account`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import copy
+import ipaddress
+import json
+import re
+import secrets
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from refresher.emulators.base import Emulator, RecordedRequest
+
+Path_ = tuple[str, ...]
+
+_REASONS = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    409: "Conflict",
+    410: "Gone",
+    415: "UnsupportedMediaType",
+    422: "Invalid",
+    429: "TooManyRequests",
+    500: "InternalError",
+    503: "ServiceUnavailable",
+    504: "Timeout",
+}
+
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_CONFIG_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+_MICRO_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d\d)$")
+_MICRO_LAYOUT = "2006-01-02T15:04:05.000000Z07:00"
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class ResourceKind:
+    """One API resource the emulator serves."""
+
+    plural: str
+    kind: str
+    group: str
+    version: str
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def qualified(self) -> str:
+        """The name in apiserver messages: ``secrets``, ``leases.coordination.k8s.io``."""
+        return f"{self.plural}.{self.group}" if self.group else self.plural
+
+
+SECRETS = ResourceKind("secrets", "Secret", "", "v1")
+LEASES = ResourceKind("leases", "Lease", "coordination.k8s.io", "v1")
+
+
+@dataclass
+class KubeFault:
+    """An injected error for the next `count` matching requests."""
+
+    status: int
+    count: int = 1
+    verb: str | None = None
+    resource: str | None = None
+    message: str | None = None
+    delay: float = 0.0
+    #: Answer normally after `delay` (a slow but successful response).
+    passthrough: bool = False
+
+    def matches(self, verb: str, resource: str) -> bool:
+        return (self.verb is None or self.verb == verb) and (
+            self.resource is None or self.resource == resource
+        )
+
+
+@dataclass
+class _Ownership:
+    fields: set[Path_]
+    time: str
+
+
+@dataclass
+class _Stored:
+    kind: ResourceKind
+    obj: dict[str, Any]
+    #: (manager, operation) → the fields that manager owns.
+    managers: dict[tuple[str, str], _Ownership] = field(default_factory=dict)
+
+
+class ApiProblem(Exception):
+    """Raised inside a handler; becomes a ``Status`` response."""
+
+    def __init__(
+        self,
+        code: int,
+        message: str,
+        *,
+        reason: str | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason or _REASONS.get(code, "Unknown")
+        self.details = dict(details) if details else None
+
+
+def status_body(
+    code: int, message: str, *, reason: str | None = None, details: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """A ``meta/v1 Status`` failure body as the apiserver sends it."""
+    body: dict[str, Any] = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason or _REASONS.get(code, "Unknown"),
+        "code": code,
+    }
+    if details:
+        body["details"] = dict(details)
+    return body
+
+
+def status_response(problem: ApiProblem) -> JSONResponse:
+    return JSONResponse(
+        status_body(problem.code, problem.message, reason=problem.reason, details=problem.details),
+        status_code=problem.code,
+    )
+
+
+class KubernetesEmulator(Emulator):
+    """A tiny kube-apiserver. Namespaces come from `namespaces` (``default`` if None).
+
+    A bearer token (``token``, random by default) is accepted for the user
+    ``system:serviceaccount:<namespace>:refresher``; add more with `add_token`.
+    """
+
+    name = "kubernetes"
+
+    def __init__(
+        self,
+        *,
+        namespaces: Iterable[str] | None = None,
+        token: str | None = None,
+        user: str | None = None,
+        tls: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.namespaces: set[str] = set(namespaces if namespaces is not None else ["default"])
+        self.tls = tls
+        self.objects: dict[tuple[str, str, str], _Stored] = {}
+        self.kube_faults: list[KubeFault] = []
+        self.forbidden: set[tuple[str, str, str | None, str | None]] = set()
+        self.tokens: dict[str, str] = {}
+        self._rv = 1000
+        #: Guards the API state (objects, namespaces, rules, tokens); re-entrant because
+        #: apply-create authorizes "create" while holding it. Base `_lock` guards the log.
+        self._state = threading.RLock()
+        self._tls_dir: Path | None = None
+        self.ca_pem: bytes | None = None
+        first_ns = sorted(self.namespaces)[0] if self.namespaces else "default"
+        self.token = token or f"kube-sa-{secrets.token_urlsafe(24)}"
+        self.add_token(self.token, user or f"system:serviceaccount:{first_ns}:refresher")
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    def routes(self) -> list[Route]:
+        core = "/api/v1/namespaces/{namespace}"
+        coord = "/apis/coordination.k8s.io/v1/namespaces/{namespace}"
+        every = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+        return [
+            Route("/version", self._version, methods=["GET"]),
+            Route("/api/v1/namespaces/{name}", self._namespace, methods=["GET"]),
+            Route(core + "/secrets", self._secrets, methods=every),
+            Route(core + "/secrets/{name}", self._secrets, methods=every),
+            Route(coord + "/leases", self._leases, methods=every),
+            Route(coord + "/leases/{name}", self._leases, methods=every),
+        ]
+
+    def app(self) -> Starlette:
+        app = super().app()
+        app.add_exception_handler(HTTPException, self._http_exception)
+        return app
+
+    def start(self) -> KubernetesEmulator:
+        """Like `Emulator.start`, plus HTTPS with a fresh CA when ``tls=True``."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        ssl_args: dict[str, Any] = {}
+        if self.tls:
+            self._tls_dir = Path(tempfile.mkdtemp(prefix="kube-emulator-tls-"))
+            ca_pem, cert_pem, key_pem = _tls_material(self.host)
+            self.ca_pem = ca_pem
+            (self._tls_dir / "tls.crt").write_bytes(cert_pem)
+            (self._tls_dir / "tls.key").write_bytes(key_pem)
+            ssl_args = {
+                "ssl_certfile": str(self._tls_dir / "tls.crt"),
+                "ssl_keyfile": str(self._tls_dir / "tls.key"),
+            }
+        config = uvicorn.Config(
+            self.app(),
+            log_level="error",
+            access_log=False,
+            lifespan="off",
+            timeout_keep_alive=30,
+            **ssl_args,
+        )
+        server = uvicorn.Server(config)
+        self._server = server
+
+        def serve() -> None:
+            asyncio.run(server.serve(sockets=[sock]))
+            sock.close()
+
+        self._thread = threading.Thread(target=serve, name=f"{self.name}-emulator", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError(f"{self.name} emulator did not start")
+            time.sleep(0.005)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            # Skip uvicorn's graceful wait for idle keep-alive connections: an
+            # emulator going away may drop them (clients see a closed connection).
+            self._server.force_exit = True
+        super().stop()
+        if self._tls_dir is not None:
+            shutil.rmtree(self._tls_dir, ignore_errors=True)
+            self._tls_dir = None
+
+    def __enter__(self) -> KubernetesEmulator:
+        return self.start()
+
+    # ---------------------------------------------------------------- test controls
+
+    def add_token(self, token: str, user: str) -> None:
+        """Accept `token` as a bearer credential for `user`."""
+        with self._state:
+            self.tokens[token] = user
+        with self._lock:
+            self.issued.append(token)  # the leak guard checks logs never show it
+
+    def revoke_token(self, token: str) -> None:
+        with self._state:
+            self.tokens.pop(token, None)
+
+    def add_namespace(self, namespace: str) -> None:
+        with self._state:
+            self.namespaces.add(namespace)
+
+    def forbid(
+        self, verb: str, resource: str, *, namespace: str | None = None, name: str | None = None
+    ) -> None:
+        """Answer 403 to `verb` on `resource` (optionally only in a namespace / for a name)."""
+        with self._state:
+            self.forbidden.add((verb, resource, namespace, name))
+
+    def allow(self, verb: str | None = None, resource: str | None = None) -> None:
+        """Lift `forbid` rules (all of them when called without arguments)."""
+        with self._state:
+            self.forbidden = {
+                rule
+                for rule in self.forbidden
+                if not (
+                    (verb is None or rule[0] == verb) and (resource is None or rule[1] == resource)
+                )
+            }
+
+    def fail(
+        self,
+        status: int = 500,
+        *,
+        count: int = 1,
+        verb: str | None = None,
+        resource: str | None = None,
+        message: str | None = None,
+        delay: float = 0.0,
+        passthrough: bool = False,
+    ) -> None:
+        """Answer the next `count` matching requests with `status` (a Status body)."""
+        with self._state:
+            self.kube_faults.append(
+                KubeFault(
+                    status=status,
+                    count=count,
+                    verb=verb,
+                    resource=resource,
+                    message=message,
+                    delay=delay,
+                    passthrough=passthrough,
+                )
+            )
+
+    def slow(
+        self,
+        seconds: float,
+        *,
+        count: int = 1,
+        verb: str | None = None,
+        resource: str | None = None,
+    ) -> None:
+        """Answer the next `count` matching requests normally, but `seconds` late."""
+        self.fail(200, count=count, verb=verb, resource=resource, delay=seconds, passthrough=True)
+
+    def conflict(self, count: int = 1, *, verb: str = "patch", resource: str = "secrets") -> None:
+        """One-shot 409s: "the object has been modified" for the next `count` writes."""
+        self.fail(409, count=count, verb=verb, resource=resource)
+
+    def clear_faults(self) -> None:
+        super().clear_faults()
+        with self._state:
+            self.kube_faults.clear()
+
+    def get(self, resource: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The stored object as the API would return it (a copy), or None."""
+        with self._state:
+            stored = self.objects.get((resource, namespace, name))
+            return self._render(stored) if stored is not None else None
+
+    def secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.get("secrets", namespace, name)
+
+    def lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.get("leases", namespace, name)
+
+    def secret_data(self, namespace: str, name: str) -> dict[str, str]:
+        """A Secret's data, base64-decoded (``{}`` when the Secret does not exist)."""
+        obj = self.secret(namespace, name)
+        if obj is None:
+            return {}
+        return {
+            k: base64.b64decode(v).decode(errors="replace")
+            for k, v in (obj.get("data") or {}).items()
+        }
+
+    def managers(self, resource: str, namespace: str, name: str) -> dict[str, set[str]]:
+        """``manager → {".data.key", ".metadata.labels.x", …}`` for one object."""
+        with self._state:
+            stored = self.objects.get((resource, namespace, name))
+            if stored is None:
+                return {}
+            out: dict[str, set[str]] = {}
+            for (manager, _op), owned in stored.managers.items():
+                out.setdefault(manager, set()).update("." + ".".join(p) for p in owned.fields)
+            return out
+
+    def put_secret(
+        self,
+        namespace: str,
+        name: str,
+        data: Mapping[str, str],
+        *,
+        labels: Mapping[str, str] | None = None,
+        annotations: Mapping[str, str] | None = None,
+        type: str = "Opaque",
+        manager: str = "kubectl-edit",
+    ) -> None:
+        """Write keys as another tool would (an Update by `manager`), creating the Secret."""
+        with self._state:
+            if namespace not in self.namespaces:
+                raise KeyError(f"namespace {namespace!r} does not exist")
+            key = ("secrets", namespace, name)
+            stored = self.objects.get(key)
+            encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+            if stored is None:
+                obj: dict[str, Any] = {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "metadata": {"name": name, "namespace": namespace},
+                    "type": type,
+                    "data": encoded,
+                }
+                if labels:
+                    obj["metadata"]["labels"] = dict(labels)
+                if annotations:
+                    obj["metadata"]["annotations"] = dict(annotations)
+                self._insert(SECRETS, namespace, name, obj, manager=manager, operation="Update")
+            else:
+                patch: dict[str, Any] = {"data": encoded}
+                if labels or annotations:
+                    patch["metadata"] = {}
+                    if labels:
+                        patch["metadata"]["labels"] = dict(labels)
+                    if annotations:
+                        patch["metadata"]["annotations"] = dict(annotations)
+                new = _merge_patch(stored.obj, patch)
+                self._commit_update(stored, new, manager)
+
+    def calls(
+        self,
+        *,
+        method: str | None = None,
+        resource: str | None = None,
+        status: int | None = None,
+    ) -> list[RecordedRequest]:
+        """Recorded requests, filtered by HTTP method, resource plural and status."""
+        with self._lock:
+            return [
+                r
+                for r in self.requests
+                if (method is None or r.method == method)
+                and (resource is None or _resource_of(r.path) == resource)
+                and (status is None or r.status == status)
+            ]
+
+    def write_kubeconfig(
+        self,
+        path: str | Path,
+        *,
+        namespace: str = "default",
+        token: str | None = None,
+        context: str = "emulator",
+        user: str = "refresher",
+    ) -> Path:
+        """Write a kubeconfig pointing at this emulator with a token user; returns the path."""
+        path = Path(path)
+        cluster: dict[str, Any] = {"server": self.url}
+        if self.tls:
+            assert self.ca_pem is not None
+            cluster["certificate-authority-data"] = base64.b64encode(self.ca_pem).decode()
+        document = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": context, "cluster": cluster}],
+            "users": [{"name": user, "user": {"token": token or self.token}}],
+            "contexts": [
+                {
+                    "name": context,
+                    "context": {"cluster": context, "user": user, "namespace": namespace},
+                }
+            ],
+            "current-context": context,
+        }
+        path.write_text(yaml.safe_dump(document, sort_keys=False))
+        path.chmod(0o600)
+        return path
+
+    def write_service_account(
+        self, directory: str | Path, *, namespace: str = "default", token: str | None = None
+    ) -> dict[str, str]:
+        """Lay out a fake ``/var/run/secrets/kubernetes.io/serviceaccount`` in `directory`
+        (``token``, ``ca.crt``, ``namespace``) and return the ``KUBERNETES_SERVICE_*``
+        environment a pod would see. Needs ``tls=True`` (in-cluster config is HTTPS)."""
+        if not self.tls or self.ca_pem is None:
+            raise RuntimeError("in-cluster config needs the emulator started with tls=True")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "token").write_text(token or self.token)
+        (directory / "ca.crt").write_bytes(self.ca_pem)
+        (directory / "namespace").write_text(namespace)
+        return {"KUBERNETES_SERVICE_HOST": self.host, "KUBERNETES_SERVICE_PORT": str(self.port)}
+
+    # ---------------------------------------------------------------- HTTP entry points
+
+    async def _version(self, request: Request) -> Response:
+        return JSONResponse(
+            {"major": "1", "minor": "33", "gitVersion": "v1.33.0-refresher-emulator"}
+        )
+
+    async def _namespace(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        with self._state:
+            exists = name in self.namespaces
+        if not exists:
+            problem = ApiProblem(
+                404, f'namespaces "{name}" not found', details={"name": name, "kind": "namespaces"}
+            )
+            return status_response(problem)
+        return JSONResponse(
+            {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": name},
+                "status": {"phase": "Active"},
+            }
+        )
+
+    async def _secrets(self, request: Request) -> Response:
+        return await self._serve(request, SECRETS)
+
+    async def _leases(self, request: Request) -> Response:
+        return await self._serve(request, LEASES)
+
+    async def _http_exception(self, request: Request, exc: Exception) -> Response:
+        code = exc.status_code if isinstance(exc, HTTPException) else 500
+        message = (
+            "the server could not find the requested resource"
+            if code == 404
+            else f"the server does not allow this method on the requested resource ({code})"
+        )
+        return status_response(ApiProblem(code, message))
+
+    async def _serve(self, request: Request, kind: ResourceKind) -> Response:
+        body = await request.body()
+        namespace = request.path_params["namespace"]
+        name: str | None = request.path_params.get("name")
+        verb = _verb(request.method, name)
+        user = self._authenticate(request)
+        try:
+            if user is None:
+                raise ApiProblem(401, "Unauthorized")
+            if name is None and verb not in ("list", "create"):
+                raise ApiProblem(405, f"the emulator does not support {verb} on a collection")
+            self._authorize(user, verb, kind, namespace, name)
+            fault = self._take_fault(verb, kind.plural)
+            if fault is not None:
+                if fault.delay:
+                    await asyncio.sleep(fault.delay)
+                if not fault.passthrough:
+                    raise self._fault_problem(fault, kind, name)
+            response = self._dispatch(
+                request, body, kind=kind, verb=verb, user=user, namespace=namespace, name=name
+            )
+        except ApiProblem as problem:
+            response = status_response(problem)
+        self.record(request, body, response.status_code, user)
+        return response
+
+    # ---------------------------------------------------------------- auth and faults
+
+    def _authenticate(self, request: Request) -> str | None:
+        header = request.headers.get("authorization", "")
+        scheme, _, credential = header.partition(" ")
+        if scheme.lower() != "bearer" or not credential:
+            return None
+        with self._state:
+            return self.tokens.get(credential.strip())
+
+    def _authorize(
+        self, user: str, verb: str, kind: ResourceKind, namespace: str, name: str | None
+    ) -> None:
+        with self._state:
+            denied = any(
+                rule_verb == verb
+                and rule_resource == kind.plural
+                and (rule_ns is None or rule_ns == namespace)
+                and (rule_name is None or rule_name == name)
+                for rule_verb, rule_resource, rule_ns, rule_name in self.forbidden
+            )
+        if not denied:
+            return
+        what = f'{kind.qualified} "{name}"' if name else kind.qualified
+        raise ApiProblem(
+            403,
+            f'{what} is forbidden: User "{user}" cannot {verb} resource "{kind.plural}" '
+            f'in API group "{kind.group}" in the namespace "{namespace}"',
+            details={"name": name or "", "group": kind.group, "kind": kind.plural},
+        )
+
+    def _take_fault(self, verb: str, resource: str) -> KubeFault | None:
+        with self._state:
+            for fault in self.kube_faults:
+                if fault.matches(verb, resource):
+                    fault.count -= 1
+                    if fault.count <= 0:
+                        self.kube_faults.remove(fault)
+                    return fault
+        return None
+
+    def _fault_problem(self, fault: KubeFault, kind: ResourceKind, name: str | None) -> ApiProblem:
+        details: dict[str, Any] = {"name": name or "", "group": kind.group, "kind": kind.plural}
+        if fault.message is not None:
+            message = fault.message
+        elif fault.status == 409:
+            message = (
+                f'Operation cannot be fulfilled on {kind.qualified} "{name}": the object has been '
+                "modified; please apply your changes to the latest version and try again"
+            )
+        elif fault.status == 429:
+            message = "Too many requests, please try again later."
+            details["retryAfterSeconds"] = 1
+        elif fault.status == 504:
+            message = "The request did not complete in time"
+        else:
+            message = f"injected fault: HTTP {fault.status}"
+        return ApiProblem(fault.status, message, details=details)
+
+    # ---------------------------------------------------------------- verbs
+
+    def _dispatch(
+        self,
+        request: Request,
+        body: bytes,
+        *,
+        kind: ResourceKind,
+        verb: str,
+        user: str,
+        namespace: str,
+        name: str | None,
+    ) -> Response:
+        params = request.query_params
+        if params.get("dryRun"):
+            raise ApiProblem(400, "dryRun is not supported by the emulator")
+        manager = params.get("fieldManager") or _default_manager(request)
+        if len(manager) > 128:
+            raise ApiProblem(422, "fieldManager: Too long: must have at most 128 bytes")
+        with self._state:
+            if verb == "list":
+                return JSONResponse(self._list(kind, namespace))
+            if verb == "create":
+                obj = _parse_json(body, kind)
+                return JSONResponse(self._create(kind, namespace, obj, manager), status_code=201)
+            assert name is not None
+            if verb == "get":
+                return JSONResponse(self._render(self._require(kind, namespace, name)))
+            if verb == "update":
+                obj = _parse_json(body, kind)
+                return JSONResponse(self._update(kind, namespace, name, obj, manager))
+            if verb == "delete":
+                stored = self._require(kind, namespace, name)
+                del self.objects[(kind.plural, namespace, stored.obj["metadata"]["name"])]
+                return JSONResponse(
+                    {
+                        "kind": "Status",
+                        "apiVersion": "v1",
+                        "metadata": {},
+                        "status": "Success",
+                        "details": {
+                            "name": name,
+                            "kind": kind.plural,
+                            "uid": stored.obj["metadata"]["uid"],
+                        },
+                    }
+                )
+            content_type = request.headers.get("content-type", "").split(";")[0].strip()
+            if content_type == "application/apply-patch+yaml":
+                if not params.get("fieldManager"):
+                    raise ApiProblem(
+                        422,
+                        'PatchOptions.meta.k8s.io "" is invalid: fieldManager: Required value: '
+                        "is required for apply patch",
+                    )
+                force = params.get("force", "false").lower() == "true"
+                applied = _parse_yaml(body)
+                obj, created = self._apply(
+                    kind, namespace, name, applied, manager=manager, force=force, user=user
+                )
+                return JSONResponse(obj, status_code=201 if created else 200)
+            if content_type in (
+                "application/merge-patch+json",
+                "application/strategic-merge-patch+json",
+            ):
+                patch = _parse_json(body, kind, require_kind=False)
+                return JSONResponse(self._merge(kind, namespace, name, patch, manager))
+            raise ApiProblem(
+                415,
+                f"the body of the request was in an unknown format - accepted media types include: "
+                f"application/merge-patch+json, application/strategic-merge-patch+json, "
+                f"application/apply-patch+yaml (got {content_type or 'none'})",
+            )
+
+    def _list(self, kind: ResourceKind, namespace: str) -> dict[str, Any]:
+        items = [
+            self._render(stored)
+            for (plural, ns, _), stored in sorted(self.objects.items())
+            if plural == kind.plural and ns == namespace
+        ]
+        return {
+            "kind": f"{kind.kind}List",
+            "apiVersion": kind.api_version,
+            "metadata": {"resourceVersion": str(self._rv)},
+            "items": items,
+        }
+
+    def _require(self, kind: ResourceKind, namespace: str, name: str | None) -> _Stored:
+        stored = self.objects.get((kind.plural, namespace, name or ""))
+        if stored is None:
+            raise _not_found(kind, name or "")
+        return stored
+
+    def _create(
+        self, kind: ResourceKind, namespace: str, obj: dict[str, Any], manager: str
+    ) -> dict[str, Any]:
+        meta = obj.setdefault("metadata", {})
+        if not isinstance(meta, dict):
+            raise ApiProblem(400, "metadata must be an object")
+        self._check_namespace_exists(namespace)
+        if meta.get("namespace") not in (None, namespace):
+            raise ApiProblem(
+                400,
+                "the namespace of the provided object does not match the namespace sent on the "
+                "request",
+            )
+        name = meta.get("name")
+        if not name:
+            raise _invalid(kind, "", "metadata.name", "", "name or generateName is required")
+        if (kind.plural, namespace, name) in self.objects:
+            raise ApiProblem(
+                409,
+                f'{kind.qualified} "{name}" already exists',
+                reason="AlreadyExists",
+                details={"name": name, "group": kind.group, "kind": kind.plural},
+            )
+        stored = self._insert(kind, namespace, name, obj, manager=manager, operation="Update")
+        return self._render(stored)
+
+    def _update(
+        self, kind: ResourceKind, namespace: str, name: str, obj: dict[str, Any], manager: str
+    ) -> dict[str, Any]:
+        stored = self._require(kind, namespace, name)
+        meta = obj.get("metadata") or {}
+        if meta.get("name") != name:
+            raise ApiProblem(400, "the name of the object does not match the name on the URL")
+        self._check_resource_version(stored, meta.get("resourceVersion"), name)
+        new = _strip_system(obj)
+        new["metadata"] = {
+            **_system_meta(stored.obj),
+            **{
+                k: v
+                for k, v in (obj.get("metadata") or {}).items()
+                if k in ("labels", "annotations")
+            },
+        }
+        self._commit_update(stored, new, manager)
+        return self._render(stored)
+
+    def _merge(
+        self, kind: ResourceKind, namespace: str, name: str, patch: dict[str, Any], manager: str
+    ) -> dict[str, Any]:
+        stored = self._require(kind, namespace, name)
+        meta = patch.get("metadata") or {}
+        if isinstance(meta, dict):
+            self._check_resource_version(stored, meta.get("resourceVersion"), name)
+            if meta.get("name") not in (None, name):
+                raise ApiProblem(400, "the name of the object does not match the name on the URL")
+        new = _merge_patch(stored.obj, _strip_system(patch, keep_meta=("labels", "annotations")))
+        new["metadata"] = {
+            **_system_meta(stored.obj),
+            **{
+                k: v
+                for k, v in (new.get("metadata") or {}).items()
+                if k in ("labels", "annotations")
+            },
+        }
+        self._commit_update(stored, new, manager)
+        return self._render(stored)
+
+    def _apply(
+        self,
+        kind: ResourceKind,
+        namespace: str,
+        name: str,
+        applied: Any,
+        *,
+        manager: str,
+        force: bool,
+        user: str,
+    ) -> tuple[dict[str, Any], bool]:
+        if not isinstance(applied, dict):
+            raise ApiProblem(400, "the applied configuration must be an object")
+        if applied.get("apiVersion") != kind.api_version or applied.get("kind") != kind.kind:
+            raise ApiProblem(
+                400,
+                f"apiVersion and kind must be {kind.api_version!r} and {kind.kind!r} in an apply "
+                f"request (got {applied.get('apiVersion')!r}, {applied.get('kind')!r})",
+            )
+        meta = applied.get("metadata") or {}
+        if not isinstance(meta, dict) or meta.get("name") != name:
+            raise ApiProblem(400, "the name of the object does not match the name on the URL")
+        if meta.get("namespace") not in (None, namespace):
+            raise ApiProblem(
+                400,
+                "the namespace of the provided object does not match the namespace sent on the "
+                "request",
+            )
+        if "managedFields" in meta:
+            raise ApiProblem(400, "metadata.managedFields must be nil in an apply request")
+        applied = _normalise(kind, applied)
+        stored = self.objects.get((kind.plural, namespace, name))
+        if stored is None:
+            self._check_namespace_exists(namespace)
+            # Creating through apply is authorized as "create" as well as "patch".
+            self._authorize(user, "create", kind, namespace, name)
+            if meta.get("resourceVersion"):
+                raise _not_found(kind, name)
+            obj = _strip_system(applied, keep_meta=("name", "labels", "annotations"))
+            stored = self._insert(kind, namespace, name, obj, manager=manager, operation="Apply")
+            return self._render(stored), True
+        self._check_resource_version(stored, meta.get("resourceVersion"), name)
+        live = _fields(stored.obj)
+        wanted = _fields(applied)
+        key = (manager, "Apply")
+        conflicts: list[tuple[str, Path_]] = []
+        for path, value in wanted.items():
+            if live.get(path, _MISSING) == value:
+                continue
+            for (other, op), owned in stored.managers.items():
+                if (other, op) != key and path in owned.fields:
+                    conflicts.append((other, path))
+        if conflicts and not force:
+            causes = [
+                {
+                    "type": "FieldManagerConflict",
+                    "message": f'conflict with "{other}" using {kind.api_version}',
+                    "field": "." + ".".join(path),
+                }
+                for other, path in conflicts
+            ]
+            listing = "\n".join(
+                f'- conflict with "{other}" using {kind.api_version}: .{".".join(path)}'
+                for other, path in conflicts
+            )
+            raise ApiProblem(
+                409,
+                f"Apply failed with {len(conflicts)} conflict{'s' if len(conflicts) > 1 else ''}:\n"
+                + listing,
+                details={"name": name, "group": kind.group, "kind": kind.plural, "causes": causes},
+            )
+        new = copy.deepcopy(stored.obj)
+        for path, value in wanted.items():
+            _set_path(new, path, value)
+        previously = stored.managers.get(key)
+        for path in (previously.fields if previously else set()) - set(wanted):
+            owned_elsewhere = any(
+                path in owned.fields for k, owned in stored.managers.items() if k != key
+            )
+            if not owned_elsewhere and path != ("type",):
+                _delete_path(new, path)
+        self._validate(kind, new, stored.obj)
+        changed = _comparable(new) != _comparable(stored.obj)
+        now = self._timestamp()
+        # Forced fields change hands; fields applied with an equal value are shared.
+        for path, value in wanted.items():
+            if live.get(path, _MISSING) != value:
+                for other_key, owned in stored.managers.items():
+                    if other_key != key:
+                        owned.fields.discard(path)
+        stored.managers[key] = _Ownership(set(wanted), now)
+        self._prune_ownership(stored, new)
+        if changed:
+            stored.obj = new
+            self._bump(stored)
+        return self._render(stored), False
+
+    # ---------------------------------------------------------------- storage helpers
+
+    def _check_namespace_exists(self, namespace: str) -> None:
+        if namespace not in self.namespaces:
+            raise ApiProblem(
+                404,
+                f'namespaces "{namespace}" not found',
+                details={"name": namespace, "kind": "namespaces"},
+            )
+
+    def _check_resource_version(self, stored: _Stored, wanted: object, name: str) -> None:
+        if wanted and str(wanted) != stored.obj["metadata"]["resourceVersion"]:
+            raise ApiProblem(
+                409,
+                f'Operation cannot be fulfilled on {stored.kind.qualified} "{name}": the object '
+                "has been modified; please apply your changes to the latest version and try again",
+                details={"name": name, "group": stored.kind.group, "kind": stored.kind.plural},
+            )
+
+    def _insert(
+        self,
+        kind: ResourceKind,
+        namespace: str,
+        name: str,
+        obj: dict[str, Any],
+        *,
+        manager: str,
+        operation: str,
+    ) -> _Stored:
+        if not _DNS_SUBDOMAIN.match(name) or len(name) > 253:
+            raise _invalid(kind, name, "metadata.name", name, "a lowercase RFC 1123 subdomain")
+        obj = _normalise(kind, copy.deepcopy(obj))
+        # The creator owns what it sent, not what the server defaulted (``type``).
+        owned = set(_fields({k: v for k, v in obj.items() if k not in ("apiVersion", "kind")}))
+        obj["apiVersion"] = kind.api_version
+        obj["kind"] = kind.kind
+        user_meta = {
+            k: v for k, v in (obj.get("metadata") or {}).items() if k in ("labels", "annotations")
+        }
+        obj["metadata"] = {
+            "name": name,
+            "namespace": namespace,
+            "uid": str(uuid.uuid4()),
+            "resourceVersion": "0",
+            "creationTimestamp": _rfc3339(self.now()),
+            **user_meta,
+        }
+        obj.pop("status", None)
+        if kind is SECRETS:
+            obj.setdefault("type", "Opaque")
+        self._validate(kind, obj, None)
+        stored = _Stored(kind=kind, obj=obj)
+        stored.managers[(manager, operation)] = _Ownership(owned, self._timestamp())
+        self.objects[(kind.plural, namespace, name)] = stored
+        self._bump(stored)
+        return stored
+
+    def _commit_update(self, stored: _Stored, new: dict[str, Any], manager: str) -> None:
+        new = _normalise(stored.kind, new)
+        if stored.kind is SECRETS:
+            new.setdefault("type", stored.obj.get("type", "Opaque"))
+        self._validate(stored.kind, new, stored.obj)
+        before = _fields(stored.obj)
+        after = _fields(new)
+        changed = {p for p, v in after.items() if before.get(p, _MISSING) != v}
+        key = (manager, "Update")
+        for other_key, owned in stored.managers.items():
+            if other_key != key:
+                owned.fields -= changed
+        if changed:
+            entry = stored.managers.setdefault(key, _Ownership(set(), self._timestamp()))
+            entry.fields |= changed
+            entry.time = self._timestamp()
+        self._prune_ownership(stored, new)
+        if _comparable(new) != _comparable(stored.obj):
+            stored.obj = new
+            self._bump(stored)
+
+    def _prune_ownership(self, stored: _Stored, obj: dict[str, Any]) -> None:
+        present = set(_fields(obj))
+        for key in list(stored.managers):
+            stored.managers[key].fields &= present
+            if not stored.managers[key].fields:
+                del stored.managers[key]
+
+    def _bump(self, stored: _Stored) -> None:
+        self._rv += 1
+        stored.obj["metadata"]["resourceVersion"] = str(self._rv)
+
+    def _timestamp(self) -> str:
+        return _rfc3339(self.now())
+
+    def _render(self, stored: _Stored) -> dict[str, Any]:
+        obj = copy.deepcopy(stored.obj)
+        obj["metadata"]["managedFields"] = [
+            {
+                "manager": manager,
+                "operation": operation,
+                "apiVersion": stored.kind.api_version,
+                "time": owned.time,
+                "fieldsType": "FieldsV1",
+                "fieldsV1": _fields_v1(owned.fields),
+            }
+            for (manager, operation), owned in sorted(stored.managers.items())
+        ]
+        return obj
+
+    def _validate(
+        self, kind: ResourceKind, obj: dict[str, Any], old: dict[str, Any] | None
+    ) -> None:
+        name = (obj.get("metadata") or {}).get("name", "")
+        meta = obj.get("metadata") or {}
+        for key, value in (meta.get("labels") or {}).items():
+            problem = _qualified_name_problem(key)
+            if problem:
+                raise _invalid(kind, name, "metadata.labels", key, problem)
+            if not isinstance(value, str) or len(value) > 63 or not _LABEL_VALUE.match(value):
+                raise _invalid(kind, name, "metadata.labels", str(value), "a valid label value")
+        for key, value in (meta.get("annotations") or {}).items():
+            problem = _qualified_name_problem(key)
+            if problem:
+                raise _invalid(kind, name, "metadata.annotations", key, problem)
+            if not isinstance(value, str):
+                raise ApiProblem(400, f"annotation {key!r} must be a string")
+        if kind is SECRETS:
+            self._validate_secret(obj, old, name)
+        elif kind is LEASES:
+            _validate_lease(obj, name)
+
+    def _validate_secret(self, obj: dict[str, Any], old: dict[str, Any] | None, name: str) -> None:
+        data = obj.get("data") or {}
+        if not isinstance(data, dict):
+            raise ApiProblem(400, "Secret.data must be an object")
+        for key, value in data.items():
+            if len(key) > 253 or not _CONFIG_KEY.match(key):
+                raise _invalid(
+                    SECRETS,
+                    name,
+                    f"data[{key}]",
+                    key,
+                    "a valid config key must consist of alphanumeric characters, '-', '_' or '.'",
+                )
+            if not isinstance(value, str):
+                raise ApiProblem(
+                    400,
+                    f'Secret in version "v1" cannot be handled as a Secret: data[{key}] must be '
+                    "a string",
+                )
+            try:
+                base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise ApiProblem(
+                    400,
+                    'Secret in version "v1" cannot be handled as a Secret: illegal base64 data',
+                ) from None
+        if old is not None:
+            if obj.get("type", "Opaque") != old.get("type", "Opaque"):
+                raise _invalid(SECRETS, name, "type", str(obj.get("type")), "field is immutable")
+            if old.get("immutable") and obj.get("data") != old.get("data"):
+                raise _invalid(
+                    SECRETS, name, "data", "", "field is immutable when `immutable` is set"
+                )
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _verb(method: str, name: str | None) -> str:
+    if method == "GET":
+        return "get" if name else "list"
+    return {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}[method]
+
+
+def _resource_of(path: str) -> str | None:
+    parts = path.strip("/").split("/")
+    if "namespaces" in parts:
+        index = parts.index("namespaces")
+        if len(parts) > index + 2:
+            return parts[index + 2]
+        return "namespaces"
+    return None
+
+
+def _default_manager(request: Request) -> str:
+    # The apiserver derives a default field manager from the User-Agent.
+    agent = request.headers.get("user-agent", "unknown")
+    return agent.split("/")[0][:128] or "unknown"
+
+
+def _not_found(kind: ResourceKind, name: str) -> ApiProblem:
+    return ApiProblem(
+        404,
+        f'{kind.qualified} "{name}" not found',
+        details={"name": name, "group": kind.group, "kind": kind.plural},
+    )
+
+
+def _invalid(kind: ResourceKind, name: str, path: str, value: str, detail: str) -> ApiProblem:
+    return ApiProblem(
+        422,
+        f'{kind.kind} "{name}" is invalid: {path}: Invalid value: "{value}": {detail}',
+        details={
+            "name": name,
+            "group": kind.group,
+            "kind": kind.kind,
+            "causes": [{"reason": "FieldValueInvalid", "message": detail, "field": path}],
+        },
+    )
+
+
+def _qualified_name_problem(key: str) -> str | None:
+    prefix, slash, local = key.rpartition("/")
+    if slash and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+        return "prefix part must be a lowercase RFC 1123 subdomain"
+    if not local or len(local) > 63:
+        return "name part must be no more than 63 characters"
+    if not _QUALIFIED_NAME.match(local):
+        return (
+            "name part must consist of alphanumeric characters, '-', '_' or '.', and must start "
+            "and end with an alphanumeric character"
+        )
+    return None
+
+
+def _validate_lease(obj: dict[str, Any], name: str) -> None:
+    spec = obj.get("spec") or {}
+    if not isinstance(spec, dict):
+        raise ApiProblem(400, "Lease.spec must be an object")
+    for key in ("acquireTime", "renewTime"):
+        value = spec.get(key)
+        if value is not None and (not isinstance(value, str) or not _MICRO_TIME.match(value)):
+            # What the apiserver's MicroTime decoder (time.Parse with RFC3339Micro) says.
+            raise ApiProblem(
+                400,
+                f'Lease in version "v1" cannot be handled as a Lease: parsing time "{value}" as '
+                f'"{_MICRO_LAYOUT}": cannot parse as ".000000"',
+            )
+    duration = spec.get("leaseDurationSeconds")
+    if duration is not None and (not isinstance(duration, int) or duration <= 0):
+        raise _invalid(
+            LEASES, name, "spec.leaseDurationSeconds", str(duration), "must be greater than 0"
+        )
+    transitions = spec.get("leaseTransitions")
+    if transitions is not None and (not isinstance(transitions, int) or transitions < 0):
+        raise _invalid(
+            LEASES,
+            name,
+            "spec.leaseTransitions",
+            str(transitions),
+            "must be greater than or equal to 0",
+        )
+
+
+def _parse_json(body: bytes, kind: ResourceKind, *, require_kind: bool = True) -> dict[str, Any]:
+    try:
+        obj = json.loads(body)
+    except ValueError as exc:
+        raise ApiProblem(
+            400,
+            f'{kind.kind} in version "{kind.version}" cannot be handled as a {kind.kind}: {exc}',
+        ) from None
+    if not isinstance(obj, dict):
+        raise ApiProblem(400, "the request body must be a JSON object")
+    if require_kind and obj.get("kind") not in (None, kind.kind):
+        raise ApiProblem(400, f"the body kind {obj.get('kind')!r} does not match {kind.kind!r}")
+    return obj
+
+
+def _parse_yaml(body: bytes) -> Any:
+    try:
+        return yaml.safe_load(body)
+    except yaml.YAMLError as exc:
+        raise ApiProblem(400, f"error decoding YAML: {exc}") from None
+
+
+def _normalise(kind: ResourceKind, obj: dict[str, Any]) -> dict[str, Any]:
+    """stringData → data (base64), as the apiserver does on every write."""
+    obj = copy.deepcopy(obj)
+    if kind is SECRETS:
+        string_data = obj.pop("stringData", None)
+        if isinstance(string_data, dict) and string_data:
+            data = obj.setdefault("data", {}) or {}
+            for key, value in string_data.items():
+                data[key] = base64.b64encode(str(value).encode()).decode()
+            obj["data"] = data
+    return obj
+
+
+def _strip_system(obj: dict[str, Any], *, keep_meta: tuple[str, ...] = ()) -> dict[str, Any]:
+    out = {k: copy.deepcopy(v) for k, v in obj.items() if k != "status"}
+    meta = obj.get("metadata")
+    if isinstance(meta, dict):
+        out["metadata"] = {k: copy.deepcopy(v) for k, v in meta.items() if k in keep_meta}
+    return out
+
+
+def _system_meta(obj: dict[str, Any]) -> dict[str, Any]:
+    meta = obj["metadata"]
+    return {
+        k: meta[k]
+        for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+        if k in meta
+    }
+
+
+def _fields(obj: Mapping[str, Any]) -> dict[Path_, Any]:
+    """The object's owned-field granularity: labels, annotations, map entries, scalars."""
+    out: dict[Path_, Any] = {}
+    meta = obj.get("metadata") or {}
+    for section in ("labels", "annotations"):
+        for key, value in (meta.get(section) or {}).items():
+            out[("metadata", section, key)] = value
+    for top, value in obj.items():
+        if top in ("apiVersion", "kind", "metadata", "status"):
+            continue
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                out[(top, key)] = inner
+        elif value is not None:
+            out[(top,)] = value
+    return out
+
+
+def _set_path(obj: dict[str, Any], path: Path_, value: Any) -> None:
+    target = obj
+    for part in path[:-1]:
+        nxt = target.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            target[part] = nxt
+        target = nxt
+    target[path[-1]] = copy.deepcopy(value)
+
+
+def _delete_path(obj: dict[str, Any], path: Path_) -> None:
+    parents = [obj]
+    target = obj
+    for part in path[:-1]:
+        nxt = target.get(part)
+        if not isinstance(nxt, dict):
+            return
+        parents.append(nxt)
+        target = nxt
+    target.pop(path[-1], None)
+    # Drop maps left empty (``data: {}`` reads back as absent, like the apiserver).
+    for depth in range(len(path) - 1, 0, -1):
+        container = parents[depth]
+        if not container and path[depth - 1] != "metadata":
+            parents[depth - 1].pop(path[depth - 1], None)
+
+
+def _merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = _merge_patch(result.get(key), value)
+    return result
+
+
+def _comparable(obj: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in obj.items() if k != "metadata"}
+    meta = obj.get("metadata") or {}
+    out["metadata"] = {k: meta.get(k) for k in ("labels", "annotations") if meta.get(k)}
+    for key in ("data",):
+        if not out.get(key):
+            out.pop(key, None)
+    return out
+
+
+def _fields_v1(fields: Iterable[Path_]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path in sorted(fields):
+        node = tree
+        for part in path:
+            node = node.setdefault(f"f:{part}", {})
+    return tree
+
+
+def _rfc3339(moment: float) -> str:
+    return datetime.fromtimestamp(int(moment), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _tls_material(host: str) -> tuple[bytes, bytes, bytes]:
+    """A throw-away CA and a server certificate for `host` (PEM: ca, cert, key)."""
+    now = datetime.now(UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "refresher-emulator-ca")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [
+        x509.DNSName("localhost"),
+        x509.DNSName("kubernetes.default.svc"),
+    ]
+    try:
+        names.append(x509.IPAddress(ipaddress.ip_address(host)))
+    except ValueError:
+        names.append(x509.DNSName(host))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    key_pem = key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return ca_cert.public_bytes(pem), cert.public_bytes(pem), key_pem

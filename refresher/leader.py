@@ -1,0 +1,445 @@
+"""Leader election over a ``coordination.k8s.io/v1`` Lease, with client-go semantics.
+
+With more than one replica only the Lease holder refreshes. Defaults follow
+client-go: lease 15 s, renew deadline 10 s, retry 2 s.
+
+* A candidate takes the Lease when it is absent, released (no holder) or expired
+  (``renewTime + leaseDurationSeconds < now``); taking it from another holder
+  increments ``leaseTransitions``.
+* The holder renews every retry period. Every write is a PUT guarded by the
+  ``resourceVersion`` just read, so of two racing candidates one gets 409 and stays
+  a follower.
+* Leadership is claimed only until ``last successful renew + renew_deadline``:
+  `is_leader()` is computed from the clock, and a watchdog flips it (and calls
+  ``on_change(False)``) at that moment even while a renew request hangs. Since the
+  renew deadline is shorter than the lease, the old leader has stopped before
+  anyone else may take over — never two writers, as long as node clocks agree
+  within ``lease_duration - renew_deadline``.
+* Observing another holder on the Lease while leading steps down at once.
+* `release()` on shutdown clears ``holderIdentity`` so a follower takes over at its
+  next retry instead of waiting for the lease to expire. A killed process cannot
+  release; its Lease simply expires.
+
+All timing goes through an injected `Clock`, so tests drive it with `ManualClock`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import httpx2
+import structlog
+from lightkube import ApiError, AsyncClient
+from lightkube.models.coordination_v1 import LeaseSpec
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.resources.coordination_v1 import Lease
+
+from refresher.clock import Clock
+from refresher.config import LeaderElectionConfig
+from refresher.errors import ConfigError
+from refresher.sinks.kubernetes import (
+    KubeClients,
+    KubernetesSinkError,
+    describe_api_error,
+    describe_transport_error,
+)
+
+log = structlog.get_logger("refresher.leader")
+
+
+def micro_time(moment: float) -> Any:
+    """A ``MicroTime`` the API server accepts: always six fractional digits.
+
+    (lightkube encodes a ``datetime`` without the fraction when it is zero, which the
+    API server's ``RFC3339Micro`` parser rejects; typed as Any to sit in a
+    ``datetime`` field.)
+    """
+    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _seconds(value: datetime | str | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.timestamp()
+
+
+def default_identity(environ: Mapping[str, str] | None = None) -> str:
+    """``$POD_NAME``, else the hostname plus a random suffix (two processes on one
+    host must never share an identity: both would believe they hold the Lease)."""
+    env = os.environ if environ is None else environ
+    pod = env.get("POD_NAME")
+    if pod:
+        return pod
+    return f"{socket.gethostname()}_{secrets.token_hex(4)}"
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    """What the Lease says, as last read or written."""
+
+    holder: str
+    renew_time: float | None
+    acquire_time: float | None
+    duration: float
+    transitions: int
+    resource_version: str | None
+
+    @classmethod
+    def of(cls, lease: Lease, default_duration: float) -> LeaseRecord:
+        spec = lease.spec or LeaseSpec()
+        meta = lease.metadata or ObjectMeta()
+        return cls(
+            holder=spec.holderIdentity or "",
+            renew_time=_seconds(spec.renewTime),
+            acquire_time=_seconds(spec.acquireTime),
+            duration=float(spec.leaseDurationSeconds or default_duration),
+            transitions=int(spec.leaseTransitions or 0),
+            resource_version=meta.resourceVersion,
+        )
+
+    def expired(self, now: float) -> bool:
+        return self.renew_time is None or self.renew_time + self.duration < now
+
+
+class LeaderElector:
+    """Campaigns for the Lease `config.lease_name` and keeps it while alive.
+
+    `on_change` is called (synchronously, from the elector's task) with True when
+    this replica becomes leader and False when it stops being leader; exceptions it
+    raises are logged and ignored. Gate every write on `is_leader()`.
+    """
+
+    def __init__(
+        self,
+        config: LeaderElectionConfig,
+        *,
+        clients: KubeClients,
+        clock: Clock,
+        on_change: Callable[[bool], None] | None = None,
+        identity: str | None = None,
+        namespace: str | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        env = os.environ if environ is None else environ
+        self.config = config
+        self.clients = clients
+        self.clock = clock
+        self.on_change = on_change
+        self.identity = identity or config.identity or default_identity(env)
+        self.lease_name = config.lease_name
+        self.namespace = (
+            namespace
+            or config.namespace
+            or env.get("POD_NAMESPACE")
+            or clients.namespace(config.kubeconfig, config.context)
+        )
+        self.lease_duration = config.lease_duration
+        self.renew_deadline = config.renew_deadline
+        self.retry_period = config.retry_period
+        #: The Lease as last observed (None before the first successful read).
+        self.observed: LeaseRecord | None = None
+        #: Clock time the main loop sleeps until (None while it works); for tests/status.
+        self.waiting_until: float | None = None
+        self._leading = False
+        self._renewed_at: float | None = None
+        self._became_leader = anyio.Event()
+        self._stopped = False
+        self._scope: anyio.CancelScope | None = None
+        self._last_error: str | None = None
+
+    # ------------------------------------------------------------ public API
+
+    def is_leader(self) -> bool:
+        """True only while the last successful renew is younger than the renew deadline."""
+        return (
+            self._leading
+            and self._renewed_at is not None
+            and self.clock.now() < self._renewed_at + self.renew_deadline
+        )
+
+    @property
+    def holder(self) -> str | None:
+        """The holder identity last seen on the Lease ('' when released)."""
+        return self.observed.holder if self.observed is not None else None
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Campaign and renew until cancelled or `release()`d.
+
+        Signals `task_status` after the first attempt, so ``await tg.start(e.run)``
+        returns knowing whether this replica leads. Cancellation stops claiming
+        leadership but does not release the Lease (a killed pod cannot either).
+        """
+        started = False
+        try:
+            with anyio.CancelScope() as scope:
+                self._scope = scope
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._watchdog)
+                    while not self._stopped:
+                        attempt_at = self.clock.now()
+                        await self._attempt(attempt_at)
+                        if not started:
+                            started = True
+                            task_status.started()
+                        await self._sleep_until(attempt_at + self.retry_period)
+                    tg.cancel_scope.cancel()
+            if not started:  # released before the first attempt
+                task_status.started()
+        finally:
+            self._scope = None
+            self.waiting_until = None
+            self._set_leader(False, reason="elector stopped")
+
+    async def release(self) -> None:
+        """Stop campaigning; if holding the Lease, stop claiming it and clear the holder."""
+        self._stopped = True
+        if self._scope is not None:
+            self._scope.cancel()
+        held = self._leading or (
+            self.observed is not None and self.observed.holder == self.identity
+        )
+        self._set_leader(False, reason="released")
+        if not held:
+            return
+        try:
+            with anyio.fail_after(min(5.0, self.renew_deadline)):
+                for attempt in (1, 2):  # a renew still in flight may win once (409)
+                    try:
+                        await self._release_once()
+                        return
+                    except ApiError as exc:
+                        if exc.status.code != 409 or attempt == 2:
+                            raise
+        except (ApiError, httpx2.HTTPError, OSError, TimeoutError, KubernetesSinkError) as exc:
+            log.warning(
+                "cannot release the leader lease; followers take over when it expires",
+                lease=self._lease_ref(),
+                error=self._describe(exc, "update"),
+            )
+
+    async def _release_once(self) -> None:
+        client = self._client()
+        lease = await client.get(Lease, self.lease_name, namespace=self.namespace)
+        record = LeaseRecord.of(lease, self.lease_duration)
+        if record.holder != self.identity:
+            return
+        now = self.clock.now()
+        released = self._lease(
+            lease,
+            LeaseSpec(
+                holderIdentity="",
+                leaseDurationSeconds=1,
+                acquireTime=micro_time(now),
+                renewTime=micro_time(now),
+                leaseTransitions=record.transitions,
+            ),
+        )
+        result = await client.replace(released)
+        self.observed = LeaseRecord.of(result, self.lease_duration)
+        log.info("leader lease released", lease=self._lease_ref(), identity=self.identity)
+
+    # ------------------------------------------------------------ the loop
+
+    async def _attempt(self, now: float) -> None:
+        lost_to: str | None = None
+        try:
+            with anyio.fail_after(self.renew_deadline):
+                acquired, lost_to = await self._try_acquire_or_renew(now)
+        except (ApiError, httpx2.HTTPError, OSError, TimeoutError, KubernetesSinkError) as exc:
+            acquired = False
+            message = self._describe(exc, "update" if self._leading else "get")
+            if message != self._last_error:
+                self._last_error = message
+                log.warning(
+                    "leader lease renew failed" if self._leading else "leader election failed",
+                    lease=self._lease_ref(),
+                    identity=self.identity,
+                    error=message,
+                )
+        else:
+            self._last_error = None
+        if acquired:
+            self._renewed_at = now
+            if self.clock.now() < now + self.renew_deadline:
+                self._set_leader(True, reason="acquired")
+        elif self._leading:
+            if lost_to:
+                self._set_leader(False, reason=f"lease taken by {lost_to}")
+            elif self._renewed_at is None or self.clock.now() >= (
+                self._renewed_at + self.renew_deadline
+            ):
+                self._set_leader(False, reason="renew deadline passed")
+
+    async def _try_acquire_or_renew(self, now: float) -> tuple[bool, str | None]:
+        """(acquired-or-renewed, identity of another holder that has the Lease)."""
+        client = self._client()
+        try:
+            lease = await client.get(Lease, self.lease_name, namespace=self.namespace)
+        except ApiError as exc:
+            if exc.status.code != 404:
+                raise
+            return await self._create(client, now), None
+        record = LeaseRecord.of(lease, self.lease_duration)
+        if self.observed is None or record.holder != self.observed.holder:
+            log.info(
+                "leader lease observed",
+                lease=self._lease_ref(),
+                holder=record.holder or None,
+                identity=self.identity,
+            )
+        self.observed = record
+        ours = record.holder == self.identity
+        if record.holder and not ours and not record.expired(now):
+            return False, record.holder
+        spec = LeaseSpec(
+            holderIdentity=self.identity,
+            leaseDurationSeconds=self._duration_seconds(),
+            acquireTime=(
+                micro_time(record.acquire_time)
+                if ours and record.acquire_time is not None
+                else micro_time(now)
+            ),
+            renewTime=micro_time(now),
+            leaseTransitions=record.transitions if ours else record.transitions + 1,
+        )
+        try:
+            result = await client.replace(self._lease(lease, spec))
+        except ApiError as exc:
+            if exc.status.code == 409:  # someone else wrote first: lost this round
+                return False, None
+            raise
+        self.observed = LeaseRecord.of(result, self.lease_duration)
+        if not ours:
+            log.info(
+                "leader lease acquired",
+                lease=self._lease_ref(),
+                identity=self.identity,
+                previous_holder=record.holder or None,
+                transitions=self.observed.transitions,
+            )
+        return True, None
+
+    async def _create(self, client: AsyncClient, now: float) -> bool:
+        lease = Lease(
+            metadata=ObjectMeta(name=self.lease_name, namespace=self.namespace),
+            spec=LeaseSpec(
+                holderIdentity=self.identity,
+                leaseDurationSeconds=self._duration_seconds(),
+                acquireTime=micro_time(now),
+                renewTime=micro_time(now),
+                leaseTransitions=0,
+            ),
+        )
+        try:
+            result = await client.create(lease)
+        except ApiError as exc:
+            if exc.status.code == 409:  # created by another candidate meanwhile
+                return False
+            raise
+        self.observed = LeaseRecord.of(result, self.lease_duration)
+        log.info("leader lease created", lease=self._lease_ref(), identity=self.identity)
+        return True
+
+    async def _watchdog(self) -> None:
+        """Step down exactly at the renew deadline, even while a renew call hangs."""
+        while True:
+            await self._became_leader.wait()
+            renewed_at = self._renewed_at
+            if renewed_at is None:  # pragma: no cover - set before becoming leader
+                await anyio.lowlevel.checkpoint()
+                continue
+            await self.clock.sleep_until(renewed_at + self.renew_deadline)
+            if (
+                self._leading
+                and self._renewed_at is not None
+                and self.clock.now() >= self._renewed_at + self.renew_deadline
+            ):
+                self._set_leader(False, reason="renew deadline passed")
+
+    async def _sleep_until(self, moment: float) -> None:
+        self.waiting_until = moment
+        try:
+            await self.clock.sleep_until(moment)
+        finally:
+            self.waiting_until = None
+
+    # ------------------------------------------------------------ helpers
+
+    def _set_leader(self, leading: bool, *, reason: str) -> None:
+        if leading == self._leading:
+            return
+        self._leading = leading
+        if leading:
+            self._became_leader.set()
+            log.info("became leader", lease=self._lease_ref(), identity=self.identity)
+        else:
+            self._became_leader = anyio.Event()
+            level = log.info if reason in ("released", "elector stopped") else log.warning
+            level("stopped leading", lease=self._lease_ref(), identity=self.identity, reason=reason)
+        if self.on_change is not None:
+            try:
+                self.on_change(leading)
+            except Exception as exc:
+                log.error("leader on_change callback failed", error=repr(exc))
+
+    def _client(self) -> AsyncClient:
+        try:
+            return self.clients.client(self.config.kubeconfig, self.config.context)
+        except ConfigError as exc:
+            raise KubernetesSinkError(str(exc), config_level=True) from None
+
+    def _duration_seconds(self) -> int:
+        return max(1, math.ceil(self.lease_duration))
+
+    def _lease(self, current: Lease, spec: LeaseSpec) -> Lease:
+        meta = current.metadata or ObjectMeta()
+        return Lease(
+            metadata=ObjectMeta(
+                name=self.lease_name,
+                namespace=self.namespace,
+                resourceVersion=meta.resourceVersion,
+                labels=meta.labels,
+                annotations=meta.annotations,
+            ),
+            spec=spec,
+        )
+
+    def _lease_ref(self) -> str:
+        return f"{self.namespace}/{self.lease_name}"
+
+    def _describe(self, exc: BaseException, verb: str) -> str:
+        if isinstance(exc, ApiError):
+            return str(
+                describe_api_error(
+                    exc,
+                    verb=verb,
+                    resource="leases",
+                    namespace=self.namespace,
+                    name=self.lease_name,
+                )
+            )
+        if isinstance(exc, TimeoutError):
+            return "the Kubernetes API did not answer within the renew deadline"
+        if isinstance(exc, (httpx2.HTTPError, OSError)):
+            try:
+                server = self.clients.server(self.config.kubeconfig, self.config.context)
+            except ConfigError:
+                server = "(unknown)"
+            return str(describe_transport_error(exc, server))
+        return str(exc)

@@ -1,0 +1,129 @@
+"""Whole daemons against the Kubernetes API emulator: a Secret kept fresh, and two
+replicas with leader election where exactly one writes and a follower takes over
+from a killed leader without re-minting valid tokens. Driven only through lightkube
+with generated kubeconfigs; time is the injected clock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from refresher.emulators.kubernetes import KubernetesEmulator
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, get_json, wait_for
+
+pytestmark = pytest.mark.anyio
+NS = "apps"
+
+
+@pytest.fixture
+def kube(make_emulator, clock) -> KubernetesEmulator:
+    return make_emulator(KubernetesEmulator, namespaces=[NS], clock=clock)
+
+
+def config(oauth2, kube: KubernetesEmulator, tmp_path: Path, identity: str, *, leader: bool) -> dict[str, Any]:
+    kube.add_token(f"sa-token-{identity}", identity)
+    kubeconfig = kube.write_kubeconfig(tmp_path / f"kubeconfig-{identity}", namespace=NS,
+                                       token=f"sa-token-{identity}", user=identity)
+    data: dict[str, Any] = {
+        "jobs": [{
+            "name": "api",
+            "provider": {"kind": "oauth2", "token_url": oauth2.token_url, "client_id": CLIENT_ID,
+                         "client_secret": CLIENT_SECRET},
+            "sinks": [{"kind": "kubernetes", "namespace": NS, "secret": "partner-tokens", "key": "api",
+                       "kubeconfig": str(kubeconfig), "extra_keys": ["expires_at"]}],
+        }],
+    }
+    if leader:
+        data["leader_election"] = {"enabled": True, "namespace": NS, "lease_name": "refresher",
+                                   "identity": identity, "kubeconfig": str(kubeconfig)}
+    return data
+
+
+async def advance_to(clock, moment: float, leader) -> None:
+    """Walk the clock in 1 s steps, as real time would pass, letting the leader's
+    lease renewal (every 2 s, over HTTP) complete before time moves on."""
+    while clock.now() < moment:
+        await clock.set(min(moment, clock.now() + 1))
+        await wait_for(lambda: clock.now() - leader.elector._renewed_at <= 2.0 + 1e-6)
+
+
+def secret_writes(kube: KubernetesEmulator, user: str) -> int:
+    return sum(1 for r in kube.calls(resource="secrets") if r.method in ("PATCH", "POST", "PUT") and r.client == user)
+
+
+async def test_secret_kept_fresh_and_restart_does_not_mint(start_daemon, oauth2_emulator, kube, clock, tmp_path) -> None:
+    cfg = config(oauth2_emulator, kube, tmp_path, "pod-a", leader=False)
+    async with start_daemon(cfg) as daemon:
+        rt = daemon.scheduler.jobs[("api", None)]
+        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        assert rt.unwritten == [], rt.last_error_message
+        data = kube.secret_data(NS, "partner-tokens")
+        assert data["api"] == rt.token.value and "api.expires_at" in data
+        secret = kube.secret(NS, "partner-tokens")
+        assert secret["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "refresher"
+        assert secret["metadata"]["annotations"]["refresher.io/api.fingerprint"] == rt.token.fingerprint()
+        await clock.set(rt.next_refresh_at)
+        await wait_for(lambda: oauth2_emulator.count() == 2 and rt.inflight is None)
+        assert kube.secret_data(NS, "partner-tokens")["api"] == rt.token.value
+    async with start_daemon(cfg) as daemon:
+        assert daemon.scheduler.jobs[("api", None)].token is not None
+        assert oauth2_emulator.count() == 2, "restart re-minted a token the Secret still holds"
+
+
+async def test_two_replicas_one_writer_and_takeover_without_re_mint(start_daemon, oauth2_emulator, kube, clock, tmp_path) -> None:
+    daemons: dict[str, Any] = {}
+    stops = {"pod-a": anyio.Event(), "pod-b": anyio.Event()}
+
+    async def replica(identity: str) -> None:
+        async with start_daemon(config(oauth2_emulator, kube, tmp_path, identity, leader=True)) as daemon:
+            daemons[identity] = daemon
+            await stops[identity].wait()
+
+    oauth2_emulator.token_lifetime = 60
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(replica, "pod-a")
+        await wait_for(lambda: "pod-a" in daemons and daemons["pod-a"].elector.is_leader())
+        a = daemons["pod-a"]
+        rt_a = a.scheduler.jobs[("api", None)]
+        await wait_for(lambda: rt_a.token is not None and rt_a.inflight is None)
+        tg.start_soon(replica, "pod-b")
+        await wait_for(lambda: "pod-b" in daemons)
+        b = daemons["pod-b"]
+        # The follower is live and ready, reports is_leader 0, and never writes.
+        status, body = await get_json(b, "/readyz")
+        assert status == 200 and body["role"] == "follower"
+        assert "refresher_is_leader 0.0" in (await get_json(b, "/metrics"))[1]
+        assert "refresher_is_leader 1.0" in (await get_json(a, "/metrics"))[1]
+        for cycle in range(1, 4):  # three refresh cycles: only the leader writes
+            await advance_to(clock, rt_a.next_refresh_at, a)
+            await wait_for(lambda c=cycle: oauth2_emulator.count() == 1 + c and rt_a.inflight is None)
+        assert secret_writes(kube, "pod-a") >= 3 and secret_writes(kube, "pod-b") == 0
+        mints = oauth2_emulator.count()
+        assert mints == 4
+        # Kill the leader: no lease release, it just stops.
+        async def no_release() -> None:
+            return None
+
+        a.elector.release = no_release
+        killed_at = clock.now()
+        stops["pod-a"].set()
+        await wait_for(lambda: a.scheduler.is_active() is False)
+        while not b.elector.is_leader():
+            # lease 15 s + one 2 s retry period, + one step of slack for the HTTP round trip
+            assert clock.now() - killed_at <= 19.5, "follower did not take over within lease + retry"
+            await clock.advance(0.5)
+            await anyio.sleep(0.05)
+        took_over = clock.now() - killed_at
+        assert took_over > 10, "took over before the old lease could have expired"
+        await wait_for(lambda: b._leading)
+        rt_b = b.scheduler.jobs[("api", None)]
+        assert rt_b.token is not None and rt_b.token.value == rt_a.token.value
+        assert oauth2_emulator.count() == mints, "new leader re-minted a valid token"
+        await advance_to(clock, rt_b.next_refresh_at, b)
+        await wait_for(lambda: oauth2_emulator.count() == mints + 1 and rt_b.inflight is None)
+        assert secret_writes(kube, "pod-b") >= 1
+        assert kube.secret_data(NS, "partner-tokens")["api"] == rt_b.token.value
+        stops["pod-b"].set()
