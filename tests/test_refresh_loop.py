@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from refresher.emulators.base import Fault
-from tests.conftest import CLIENT_ID, get_json, oauth2_job, wait_for
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, get_json, oauth2_job, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -258,3 +258,61 @@ async def test_restart_with_valid_token_on_disk_does_not_mint(
         assert runtime(daemon).token.fingerprint() == fp
         assert (await get_json(daemon, "/readyz"))[0] == 200
         assert oauth2_emulator.count() == 1, "restart re-minted a valid token"
+
+
+@pytest.mark.parametrize(("body", "client_auth"), [("json", "body"), ("form", "basic")])
+async def test_oauth2_json_body_and_basic_auth(start_daemon, oauth2_emulator, tmp_path, body, client_auth) -> None:
+    import base64
+    import json
+
+    job = oauth2_job(oauth2_emulator, tmp_path)
+    job["provider"].update(body=body, client_auth=client_auth, scopes=["read", "write"], audience="aud-1",
+                           headers={"X-Tenant": "acme"})
+    async with start_daemon({"jobs": [job]}) as daemon:
+        rt = runtime(daemon)
+        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+    request = oauth2_emulator.requests[0]
+    assert request.headers["x-tenant"] == "acme"
+    if body == "json":
+        assert request.headers["content-type"] == "application/json"
+        sent = json.loads(request.body)
+        assert sent == {"grant_type": "client_credentials", "scope": "read write", "audience": "aud-1",
+                        "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}
+    else:
+        expected = base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
+        assert request.headers["authorization"] == f"Basic {expected}"
+        assert b"client_secret" not in request.body and b"scope=read+write" in request.body
+
+
+async def test_sink_failure_retries_the_write_without_re_minting(start_daemon, oauth2_emulator, clock, tmp_path) -> None:
+    target_dir = tmp_path / "later"
+    job = oauth2_job(oauth2_emulator, tmp_path, sinks=[{"kind": "file", "path": str(target_dir / "api.token")}])
+    async with start_daemon({"jobs": [job]}) as daemon:
+        rt = runtime(daemon)
+        await wait_for(lambda: rt.failures == 1 and rt.inflight is None)
+        assert rt.last_error == "sink" and "directory does not exist" in rt.last_error_message
+        assert metric(daemon, "refresher_sink_failures_total", job="api", sink="file") == 1
+        assert (await get_json(daemon, "/readyz"))[0] == 503
+        target_dir.mkdir()
+        await clock.set(rt.next_refresh_at)
+        await wait_for(lambda: (target_dir / "api.token").exists() and rt.inflight is None)
+        assert oauth2_emulator.count() == 1, "the minted token was re-used, not re-minted"
+        assert (target_dir / "api.token").read_text().strip() == rt.token.value
+        assert (await get_json(daemon, "/readyz"))[0] == 200
+
+
+async def test_tenant_labels_only_when_enabled(start_daemon, make_emulator, clock, tmp_path, leak_guard) -> None:
+    from refresher.emulators.debitura import DebituraEmulator
+
+    emu = make_emulator(DebituraEmulator, api_keys={"label-test-key"}, clock=clock)
+    leak_guard.secrets.add("label-test-key")
+    job = {"name": "deb", "provider": {"kind": "debitura", "base_url": emu.url, "api_key": "label-test-key",
+                                       "tenants": ["a", "b"]},
+           "sinks": [{"kind": "file", "path": str(tmp_path / "{tenant}.jwt")}]}
+    for enabled in (False, True):
+        async with start_daemon({"jobs": [job], "metrics": {"tenant_labels": enabled}}) as daemon:
+            await wait_for(lambda: all(r.token and r.inflight is None for r in daemon.scheduler.jobs.values()))
+            text = (await get_json(daemon, "/metrics"))[1]
+            has_tenant = 'tenant="a"' in text
+            assert has_tenant is enabled
+            assert 'refresher_tenants_valid{job="deb",provider="debitura"} 2.0' in text
