@@ -8,7 +8,6 @@ import stat
 import threading
 from pathlib import Path
 
-import anyio
 import jwt
 import pytest
 
