@@ -36,28 +36,18 @@ import asyncio
 import base64
 import binascii
 import copy
-import ipaddress
 import json
 import re
 import secrets
-import shutil
-import socket
-import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -208,12 +198,10 @@ class KubernetesEmulator(Emulator):
         namespaces: Iterable[str] | None = None,
         token: str | None = None,
         user: str | None = None,
-        tls: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.namespaces: set[str] = set(namespaces if namespaces is not None else ["default"])
-        self.tls = tls
         self.objects: dict[tuple[str, str, str], _Stored] = {}
         self.kube_faults: list[KubeFault] = []
         self.forbidden: set[tuple[str, str, str | None, str | None]] = set()
@@ -222,18 +210,11 @@ class KubernetesEmulator(Emulator):
         #: Guards the API state (objects, namespaces, rules, tokens); re-entrant because
         #: apply-create authorizes "create" while holding it. Base `_lock` guards the log.
         self._state = threading.RLock()
-        self._tls_dir: Path | None = None
-        self.ca_pem: bytes | None = None
         first_ns = sorted(self.namespaces)[0] if self.namespaces else "default"
         self.token = token or f"kube-sa-{secrets.token_urlsafe(24)}"
         self.add_token(self.token, user or f"system:serviceaccount:{first_ns}:refresher")
 
     # ---------------------------------------------------------------- lifecycle
-
-    @property
-    def url(self) -> str:
-        scheme = "https" if self.tls else "http"
-        return f"{scheme}://{self.host}:{self.port}"
 
     def routes(self) -> list[Route]:
         core = "/api/v1/namespaces/{namespace}"
@@ -253,59 +234,12 @@ class KubernetesEmulator(Emulator):
         app.add_exception_handler(HTTPException, self._http_exception)
         return app
 
-    def start(self) -> KubernetesEmulator:
-        """Like `Emulator.start`, plus HTTPS with a fresh CA when ``tls=True``."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        self.port = sock.getsockname()[1]
-        ssl_args: dict[str, Any] = {}
-        if self.tls:
-            self._tls_dir = Path(tempfile.mkdtemp(prefix="kube-emulator-tls-"))
-            ca_pem, cert_pem, key_pem = _tls_material(self.host)
-            self.ca_pem = ca_pem
-            (self._tls_dir / "tls.crt").write_bytes(cert_pem)
-            (self._tls_dir / "tls.key").write_bytes(key_pem)
-            ssl_args = {
-                "ssl_certfile": str(self._tls_dir / "tls.crt"),
-                "ssl_keyfile": str(self._tls_dir / "tls.key"),
-            }
-        config = uvicorn.Config(
-            self.app(),
-            log_level="error",
-            access_log=False,
-            lifespan="off",
-            timeout_keep_alive=30,
-            **ssl_args,
-        )
-        server = uvicorn.Server(config)
-        self._server = server
-
-        def serve() -> None:
-            asyncio.run(server.serve(sockets=[sock]))
-            sock.close()
-
-        self._thread = threading.Thread(target=serve, name=f"{self.name}-emulator", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError(f"{self.name} emulator did not start")
-            time.sleep(0.005)
-        return self
-
     def stop(self) -> None:
         if self._server is not None:
             # Skip uvicorn's graceful wait for idle keep-alive connections: an
             # emulator going away may drop them (clients see a closed connection).
             self._server.force_exit = True
         super().stop()
-        if self._tls_dir is not None:
-            shutil.rmtree(self._tls_dir, ignore_errors=True)
-            self._tls_dir = None
-
-    def __enter__(self) -> KubernetesEmulator:
-        return self.start()
 
     # ---------------------------------------------------------------- test controls
 
@@ -1293,68 +1227,3 @@ def _fields_v1(fields: Iterable[Path_]) -> dict[str, Any]:
 
 def _rfc3339(moment: float) -> str:
     return datetime.fromtimestamp(int(moment), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _tls_material(host: str) -> tuple[bytes, bytes, bytes]:
-    """A throw-away CA and a server certificate for `host` (PEM: ca, cert, key)."""
-    now = datetime.now(UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "refresher-emulator-ca")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = [
-        x509.DNSName("localhost"),
-        x509.DNSName("kubernetes.default.svc"),
-    ]
-    try:
-        names.append(x509.IPAddress(ipaddress.ip_address(host)))
-    except ValueError:
-        names.append(x509.DNSName(host))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    key_pem = key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return ca_cert.public_bytes(pem), cert.public_bytes(pem), key_pem
