@@ -139,6 +139,16 @@ def secret_source(model: BaseModel, name: str) -> SecretSource | None:
 # ---------------------------------------------------------------------------- providers
 
 
+class ClientSecretFields(Model):
+    """``client_secret`` from inline, ``client_secret_file`` or ``client_secret_env``."""
+
+    client_secret: SecretStr | None = None
+    client_secret_file: Path | None = None
+    client_secret_env: str | None = None
+
+    _check_client_secret_file = field_validator("client_secret_file")(_existing_file)
+
+
 class HTTPProviderConfig(Model):
     """Settings every HTTP provider shares."""
 
@@ -151,22 +161,18 @@ class HTTPProviderConfig(Model):
     _check_ca = field_validator("ca_file")(_existing_file)
 
 
-class OAuth2ProviderConfig(HTTPProviderConfig):
+class OAuth2ProviderConfig(HTTPProviderConfig, ClientSecretFields):
     """Generic OAuth2 client-credentials grant (RFC 6749 §4.4)."""
 
     kind: Literal["oauth2"]
     token_url: str
     client_id: str
-    client_secret: SecretStr | None = None
-    client_secret_file: Path | None = None
-    client_secret_env: str | None = None
     scopes: list[str] = Field(default_factory=list)
     audience: str | None = None
     body: Literal["form", "json"] = "form"
     client_auth: Literal["body", "basic"] = "body"
     headers: dict[str, str] = Field(default_factory=dict)
 
-    _check_secret_file = field_validator("client_secret_file")(_existing_file)
 
     @field_validator("token_url")
     @classmethod
@@ -220,7 +226,18 @@ def _peek_secret(model: BaseModel, name: str) -> str | None:
         return None
 
 
-class DutyClaimsProviderConfig(HTTPProviderConfig):
+class PartnerProviderConfig(HTTPProviderConfig):
+    """A partner API at `base_url` (each partner sets its production URL as default)."""
+
+    base_url: str
+
+    @field_validator("base_url", check_fields=False)
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _http_url(value)
+
+
+class DutyClaimsProviderConfig(PartnerProviderConfig, ClientSecretFields):
     """DutyClaims: managed credentials in production, OAuth2 client credentials in sandbox."""
 
     kind: Literal["dutyclaims"]
@@ -228,9 +245,6 @@ class DutyClaimsProviderConfig(HTTPProviderConfig):
     base_url: str = "https://api.dutyclaims.com"
     # sandbox
     client_id: str | None = None
-    client_secret: SecretStr | None = None
-    client_secret_file: Path | None = None
-    client_secret_env: str | None = None
     scopes: list[str] = Field(default_factory=list)
     #: The contract shows the sandbox token endpoint on the production host; refuse it
     #: unless the operator says they really mean it (sandbox OAuth proves nothing there).
@@ -241,12 +255,7 @@ class DutyClaimsProviderConfig(HTTPProviderConfig):
     credential_env: str | None = None
     header: Literal["authorization", "x-api-key"] = "authorization"
 
-    _check_files = field_validator("client_secret_file", "credential_file")(_existing_file)
-
-    @field_validator("base_url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        return _http_url(value)
+    _check_files = field_validator("credential_file")(_existing_file)
 
     @field_validator("scopes")
     @classmethod
@@ -299,7 +308,7 @@ def httpx_host(url: str) -> str:
     return re.sub(r"^https?://", "", url).split("/", 1)[0].split(":", 1)[0].lower()
 
 
-class DebituraProviderConfig(HTTPProviderConfig):
+class DebituraProviderConfig(PartnerProviderConfig):
     """Debitura: an API key (``XApiKey``) mints one HS256 JWT per ``externalTenantId``."""
 
     kind: Literal["debitura"]
@@ -312,11 +321,6 @@ class DebituraProviderConfig(HTTPProviderConfig):
     max_concurrency: int | None = Field(default=16, gt=0)
 
     _check_files = field_validator("api_key_file", "tenants_file")(_existing_file)
-
-    @field_validator("base_url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        return _http_url(value)
 
     @field_validator("tenants")
     @classmethod
@@ -351,15 +355,12 @@ def read_tenants_file(path: Path) -> list[str]:
     return list(seen)
 
 
-class GooclaimProviderConfig(HTTPProviderConfig):
+class GooclaimProviderConfig(PartnerProviderConfig, ClientSecretFields):
     """Gooclaim: JSON client credentials → RS256 machine JWT (1 h), 60 requests/min."""
 
     kind: Literal["gooclaim"]
     base_url: str = "https://api.gooclaim.com"
     client_id: str
-    client_secret: SecretStr | None = None
-    client_secret_file: Path | None = None
-    client_secret_env: str | None = None
     issuer: str | None = None
     audience: str = "gooclaim-api"
     public_key_file: Path | None = None
@@ -369,12 +370,7 @@ class GooclaimProviderConfig(HTTPProviderConfig):
     requests_per_minute: int | None = Field(default=60, gt=0)
     introspect_requests_per_minute: int = Field(default=600, gt=0)
 
-    _check_files = field_validator("client_secret_file", "public_key_file")(_existing_file)
-
-    @field_validator("base_url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        return _http_url(value)
+    _check_files = field_validator("public_key_file")(_existing_file)
 
     @field_validator("public_key_file")
     @classmethod
