@@ -173,7 +173,6 @@ class OAuth2ProviderConfig(HTTPProviderConfig, ClientSecretFields):
     client_auth: Literal["body", "basic"] = "body"
     headers: dict[str, str] = Field(default_factory=dict)
 
-
     @field_validator("token_url")
     @classmethod
     def _http_url(cls, value: str) -> str:

@@ -87,6 +87,7 @@ class JobRuntime:
     last_forced_at: float | None = None
     removed: bool = False
     bound_log: Any = None
+    expiry_tracked: str | None = field(default=None, repr=False)
 
     @property
     def key(self) -> JobKey:
@@ -171,6 +172,8 @@ class Scheduler:
         self.jobs: dict[JobKey, JobRuntime] = {}
         self.written_hooks: list[WrittenHook] = []
         self._heap: list[tuple[float, int, JobKey, int]] = []
+        #: (expires_at, seq, job, token value): when a token runs out unreplaced.
+        self._expiries: list[tuple[float, int, JobKey, str]] = []
         self._seq = itertools.count()
         self._wake = anyio.Event()
         self._capacity = anyio.CapacityLimiter(policy.concurrency)
@@ -224,6 +227,7 @@ class Scheduler:
         runtime.state = "valid"
         runtime.next_refresh_at = due
         self.redactor.add_token(first.value)
+        self._track_expiry(runtime, first)
         return True
 
     # ------------------------------------------------------------------ loop
@@ -264,11 +268,46 @@ class Scheduler:
                         if runtime is None or runtime.generation != generation:
                             continue
                         tg.start_soon(self.refresh, runtime)
+                while self._expiries and self._expiries[0][0] <= now:
+                    _, _, key, value = heapq.heappop(self._expiries)
+                    runtime = self.jobs.get(key)
+                    if (
+                        runtime is not None
+                        and runtime.token is not None
+                        and runtime.token.value == value
+                    ):
+                        tg.start_soon(self._expired, runtime)
                 await self._sleep()
+
+    def _track_expiry(self, runtime: JobRuntime, token: Token) -> None:
+        if token.expires_at is not None and runtime.expiry_tracked != token.value:
+            runtime.expiry_tracked = token.value
+            heapq.heappush(
+                self._expiries, (token.expires_at, next(self._seq), runtime.key, token.value)
+            )
+
+    async def _expired(self, runtime: JobRuntime) -> None:
+        """A token ran out with no replacement: say so, and withdraw it if configured."""
+        runtime.bound_log.error(
+            "token expired without a replacement",
+            fingerprint=runtime.token.fingerprint() if runtime.token else None,
+            last_error=runtime.last_error,
+            on_expiry=runtime.on_expiry,
+        )
+        if runtime.on_expiry != "remove":
+            return
+        for sink in runtime.sinks:
+            try:
+                await sink.remove()
+            except SinkError as error:
+                runtime.bound_log.error("cannot remove expired token", error=str(error))
 
     async def _sleep(self) -> None:
         self._wake = anyio.Event()
-        deadline = self._heap[0][0] if self._heap else math.inf
+        deadline = min(
+            self._heap[0][0] if self._heap else math.inf,
+            self._expiries[0][0] if self._expiries else math.inf,
+        )
         async with anyio.create_task_group() as race:
 
             async def timer() -> None:
@@ -439,6 +478,7 @@ class Scheduler:
             return
         now = self.clock.now()
         self.metrics.refresh_total.labels(*labels, "success").inc()
+        self._track_expiry(runtime, token)
         runtime.state = "valid"
         runtime.failures = 0
         runtime.backoff = 0.0

@@ -316,3 +316,23 @@ async def test_tenant_labels_only_when_enabled(start_daemon, make_emulator, cloc
             has_tenant = 'tenant="a"' in text
             assert has_tenant is enabled
             assert 'refresher_tenants_valid{job="deb",provider="debitura"} 2.0' in text
+
+
+@pytest.mark.parametrize("on_expiry", ["keep", "remove"])
+async def test_on_expiry_keep_or_remove(start_daemon, oauth2_emulator, clock, tmp_path, leak_guard, on_expiry) -> None:
+    oauth2_emulator.token_lifetime = 600
+    target = tmp_path / "api.token"
+    config = {"refresh": {"backoff": {"initial": "1s", "max": "60s"}},
+              "jobs": [oauth2_job(oauth2_emulator, tmp_path, on_expiry=on_expiry)]}
+    async with start_daemon(config) as daemon:
+        rt = runtime(daemon)
+        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        expires_at = rt.token.expires_at
+        oauth2_emulator.inject(Fault.server_error(count=10_000))
+        await clock.set(expires_at - 1)
+        await wait_for(lambda: rt.inflight is None)
+        assert target.exists() and not leak_guard.events("token expired without a replacement")
+        await clock.set(expires_at)
+        await wait_for(lambda: len(leak_guard.events("token expired without a replacement")) == 1)
+        await wait_for(lambda: target.exists() is (on_expiry == "keep"))
+        assert metric(daemon, "refresher_token_valid", job="api") == 0
