@@ -523,9 +523,9 @@ class Scheduler:
             self.metrics.rate_limited.labels(*labels).inc()
             if error.retry_after is not None:
                 self.metrics.retry_after.labels(*labels).observe(error.retry_after)
-                delay = error.retry_after
-            else:
-                delay = self._backoff(runtime)
+            # "0" or an HTTP date already past (provider clock behind): waiting
+            # "exactly" that long would be a tight loop, so back off instead.
+            delay = error.retry_after or self._backoff(runtime)
             if delay > self.policy.max_retry_after:
                 delay, capped = self.policy.max_retry_after, True
             if limiter is not None:
@@ -538,7 +538,11 @@ class Scheduler:
             else:
                 delay = self._backoff(runtime)
             token = runtime.token
-            if token is not None and token.expires_at is not None:
+            if (
+                token is not None
+                and token.expires_at is not None
+                and not isinstance(error, InvalidLinkError)
+            ):
                 remaining = token.expires_at - now
                 # Plan the retry to land before expiry while there is time for one.
                 if remaining > 1 and now + delay >= token.expires_at - 0.5:

@@ -176,11 +176,10 @@ async def drive(clock: ManualClock, scheduler: Any, until: Callable[[], bool], *
         if until():
             return
         # The scheduler re-arms its timer a few loop iterations after a refresh.
-        for _ in range(500):
-            deadline = clock.next_deadline()
-            if deadline is not None:
-                break
-            await anyio.sleep(0.002)
+        deadline = None
+        with anyio.move_on_after(10):
+            while (deadline := clock.next_deadline()) is None:
+                await anyio.sleep(0.002)
         if deadline is None or deadline > horizon:
             raise AssertionError(
                 f"condition not reached {horizon - clock.now():.0f}s before the horizon "

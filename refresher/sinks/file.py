@@ -12,14 +12,18 @@ import grp
 import json
 import os
 import secrets as _secrets
+import stat
 from pathlib import Path
 from typing import Any
 
 import anyio
+import structlog
 
 from refresher.config import FileSinkConfig
 from refresher.errors import SinkError
 from refresher.token import Token, jwt_claims, parse_rfc3339, rfc3339
+
+log = structlog.get_logger("refresher.sinks.file")
 
 
 def render(token: Token, config: FileSinkConfig) -> bytes:
@@ -132,6 +136,8 @@ class FileSink:
         await anyio.to_thread.run_sync(self._write_sync, content)
 
     async def read_back(self) -> Token | None:
+        # Called at start: sweep what a crash mid-write left (possibly half a token).
+        await anyio.to_thread.run_sync(self._first_use)
         try:
             content = await anyio.to_thread.run_sync(self.path.read_bytes)
         except OSError:
@@ -150,9 +156,7 @@ class FileSink:
         directory = self.path.parent
         if not directory.is_dir():
             raise SinkError(f"cannot write {self.path}: directory does not exist", sink=self.kind)
-        if not self._swept:
-            self._clean_stale_temps()
-            self._swept = True
+        self._first_use()
         tmp = directory / f".{self.path.name}.tmp-{_secrets.token_hex(4)}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -181,6 +185,22 @@ class FileSink:
             raise SinkError(
                 f"cannot write {self.path}: {exc.strerror or exc} ({reason})", sink=self.kind
             ) from None
+
+    def _first_use(self) -> None:
+        """Once per sink: sweep crash leftovers and check the directory is private."""
+        if self._swept:
+            return
+        self._swept = True
+        self._clean_stale_temps()
+        try:
+            mode = self.path.parent.stat().st_mode
+        except OSError:
+            return
+        if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+            log.warning(
+                "sink directory is world-writable: anyone can replace the token file",
+                directory=str(self.path.parent),
+            )
 
     def _clean_stale_temps(self) -> None:
         # Leftovers of a crash mid-write; ours only (same target name prefix).
