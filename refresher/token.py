@@ -118,11 +118,16 @@ class Token:
                     " (set assume_lifetime to accept it)"
                 )
             candidates.append(obtained_at + assume_lifetime)
+        expires_at = min(candidates)
+        if expires_at <= obtained_at:
+            raise BadResponseError(
+                "token is already expired when received (JWT 'exp' in the past: check clock skew)"
+            )
         return cls(
             value=value,
             token_type=str(token_type or "Bearer"),
             obtained_at=obtained_at,
-            expires_at=min(candidates),
+            expires_at=expires_at,
             scope=str(scope) if scope is not None else None,
             extra=dict(extra or {}),
         )
