@@ -9,8 +9,6 @@ import json
 import os
 import socket
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import anyio
@@ -22,6 +20,7 @@ from refresher.clock import SystemClock
 from refresher.emulators.base import Fault
 from refresher.sdnotify import SystemdNotifier
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, get_json, oauth2_job, wait_for
+from tests.reliability.servers import WebhookReceiver
 
 pytestmark = pytest.mark.anyio
 
@@ -172,38 +171,6 @@ async def test_reload_keeps_unchanged_adds_removes_and_rejects_invalid(start_dae
 # ------------------------------------------------------------------ notifiers
 
 
-class WebhookReceiver:
-    def __init__(self) -> None:
-        self.calls: list[tuple[dict[str, str], bytes]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.calls.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                self.send_response(500 if len(receiver.calls) == 1 else 204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-    def __enter__(self) -> WebhookReceiver:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
-
-
 async def test_each_notifier_fires_once_per_refresh_without_the_token(start_daemon, oauth2_emulator, clock, tmp_path) -> None:
     env_dump = tmp_path / "env.json"
     script = tmp_path / "dump_env.py"
@@ -227,7 +194,7 @@ async def test_each_notifier_fires_once_per_refresh_without_the_token(start_daem
     proc = await anyio.open_process([sys.executable, str(consumer)])
     try:
         await wait_for(lambda: (tmp_path / "consumer.pid").exists())
-        with WebhookReceiver() as hook:
+        with WebhookReceiver(fail_first=1) as hook:
             job = oauth2_job(oauth2_emulator, tmp_path, notify=[
                 {"kind": "command", "argv": [sys.executable, str(script)], "timeout": "10s"},
                 {"kind": "signal", "pid_file": str(tmp_path / "consumer.pid"), "signal": "HUP"},

@@ -189,9 +189,10 @@ def closed_port() -> Iterator[int]:
 
 
 class WebhookReceiver:
-    """Accepts notifier webhooks (204) and keeps every header and body."""
+    """Accepts notifier webhooks (204; 500 for the first `fail_first` calls) and keeps
+    every header and body."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, fail_first: int = 0) -> None:
         self.calls: list[tuple[dict[str, str], bytes]] = []
         receiver = self
 
@@ -199,7 +200,7 @@ class WebhookReceiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 receiver.calls.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                self.send_response(204)
+                self.send_response(500 if len(receiver.calls) <= fail_first else 204)
                 self.end_headers()
 
             def log_message(self, *args: object) -> None:
