@@ -9,6 +9,7 @@ SIGTERM/SIGINT (stop scheduling, finish in-flight writes, exit 0).
 
 from __future__ import annotations
 
+import gc
 import random
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -306,6 +307,11 @@ class Daemon:
     async def running(self) -> AsyncIterator[Daemon]:
         """Start everything in the background; stop (gracefully) on exit."""
         await self.load_jobs()
+        # Everything built so far (config, 10,000s of job runtimes, sinks, loggers)
+        # lives as long as the daemon: move it out of the collector's sight, so a
+        # full collection scans only what changed since (a 200 ms pause at 10k jobs).
+        gc.collect()
+        gc.freeze()
         async with anyio.create_task_group() as tg:
             self._tg = tg
             await tg.start(self.scheduler.run)

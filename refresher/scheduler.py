@@ -142,10 +142,16 @@ def refresh_time(token: Token, policy: RefreshConfig, rng: random.Random) -> flo
         return math.inf
     lifetime = max(token.expires_at - token.obtained_at, 0.0)
     margin = min(policy.min_remaining, lifetime * (1 - policy.refresh_at))
+    latest = token.expires_at - margin
     planned = policy.refresh_at * lifetime
     if policy.jitter:
         planned *= 1 + rng.uniform(-policy.jitter, policy.jitter)
-    return min(token.obtained_at + planned, token.expires_at - margin)
+    moment = token.obtained_at + planned
+    if moment > latest:
+        # Mirror below the cap instead of clamping onto it: clamped jobs would all
+        # align on `expires_at - margin` (whole seconds for a JWT ``exp``).
+        moment = max(2 * latest - moment, token.obtained_at)
+    return min(moment, latest)
 
 
 class Scheduler:

@@ -11,8 +11,10 @@ import errno
 import grp
 import json
 import os
+import re
 import secrets as _secrets
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -203,16 +205,41 @@ class FileSink:
             )
 
     def _clean_stale_temps(self) -> None:
-        # Leftovers of a crash mid-write; ours only (same target name prefix).
-        prefix = f".{self.path.name}.tmp-"
+        # Leftovers of a crash mid-write; ours only (same target name). Listing the
+        # directory per sink would cost 10,000 x 10,000 entries for 10,000 tenants.
+        for path in _stale_temps(self.path.parent).pop(self.path.name, []):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.tmp-[0-9a-f]{8}$")
+#: A cache, not state: one directory listing per (directory, mtime), shared by the
+#: sinks of that directory, each taking its own entries out.
+_stale: dict[str, tuple[int, dict[str, list[str]]]] = {}
+_stale_lock = threading.Lock()
+
+
+def _stale_temps(directory: Path) -> dict[str, list[str]]:
+    """Crash leftovers in `directory` by target name (listed once while unchanged)."""
+    try:
+        mtime = os.stat(directory).st_mtime_ns
+    except OSError:
+        return {}
+    key = str(directory)
+    with _stale_lock:
+        cached = _stale.get(key)
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
+        found: dict[str, list[str]] = {}
         try:
-            entries = list(os.scandir(self.path.parent))
+            for entry in os.scandir(directory):
+                match = _TEMP_NAME.match(entry.name)
+                if match:
+                    found.setdefault(match["target"], []).append(entry.path)
         except OSError:
-            return
-        for entry in entries:
-            if entry.name.startswith(prefix):
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
+            pass
+        _stale[key] = (mtime, found)
+        return found
 
 
 def _gid(group: str | int) -> int:
