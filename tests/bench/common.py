@@ -181,3 +181,26 @@ def run_child(module: str, args: Sequence[str], *, timeout: float) -> dict[str, 
         if line.startswith("RESULT "):
             return dict(json.loads(line[len("RESULT ") :]))
     raise RuntimeError(f"{module} {' '.join(args)} exited {proc.returncode} without a RESULT")
+
+
+class DelegatingProvider:
+    """Wraps the real provider (everything delegated) so a subclass's `fetch` can
+    record what the benchmark measures before calling the real one."""
+
+    def __init__(self, inner: Any, job: str, clock: Any, recorder: Any) -> None:
+        self._inner = inner
+        self._job = job
+        self._clock = clock
+        self._rec = recorder
+        self.kind = inner.kind
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @property
+    def rate_limit(self) -> Any:
+        return self._inner.rate_limit
+
+    @property
+    def max_concurrency(self) -> Any:
+        return self._inner.max_concurrency

@@ -31,7 +31,7 @@ from typing import Any
 
 import anyio
 
-from tests.bench.common import emit, nodelay, quiet_logging, sink_root
+from tests.bench.common import DelegatingProvider, emit, nodelay, quiet_logging, sink_root
 
 CLIENT_ID = "bench-gooclaim"
 CLIENT_SECRET = "bench-gooclaim-secret-value"
@@ -48,26 +48,8 @@ class OrderRecorder:
         self.track = False
 
 
-class OrderedProvider:
+class OrderedProvider(DelegatingProvider):
     """Delegates to the real provider; records order of service at fetch start."""
-
-    def __init__(self, inner: Any, job: str, clock: Any, recorder: OrderRecorder) -> None:
-        self._inner = inner
-        self._job = job
-        self._clock = clock
-        self._rec = recorder
-        self.kind = inner.kind
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    @property
-    def rate_limit(self) -> Any:
-        return self._inner.rate_limit
-
-    @property
-    def max_concurrency(self) -> Any:
-        return self._inner.max_concurrency
 
     async def fetch(self, tenant: str | None) -> Any:
         rec = self._rec

@@ -45,6 +45,7 @@ import anyio
 
 from tests.bench.common import (
     API_KEY,
+    DelegatingProvider,
     ServerProcess,
     emit,
     percentile,
@@ -66,26 +67,8 @@ class Recorder:
         self.measure_from = math.inf
 
 
-class TimedProvider:
+class TimedProvider(DelegatingProvider):
     """Delegates to the real provider; notes lag and misses at fetch start."""
-
-    def __init__(self, inner: Any, job: str, clock: Any, recorder: Recorder) -> None:
-        self._inner = inner
-        self._job = job
-        self._clock = clock
-        self._rec = recorder
-        self.kind = inner.kind
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    @property
-    def rate_limit(self) -> Any:
-        return self._inner.rate_limit
-
-    @property
-    def max_concurrency(self) -> Any:
-        return self._inner.max_concurrency
 
     async def fetch(self, tenant: str | None) -> Any:
         now = self._clock.now()
