@@ -27,16 +27,6 @@ PREFIX = "refresher"
 #: Provider round trips: loopback emulators answer in ~1 ms, partners in 50 ms-5 s.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 RETRY_AFTER_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 900, 3600)
-FAILURE_REASONS = (
-    "transport",
-    "timeout",
-    "server_error",
-    "rate_limited",
-    "unauthorized",
-    "forbidden",
-    "bad_response",
-    "sink",
-)
 
 
 @dataclass(frozen=True)

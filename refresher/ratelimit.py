@@ -30,7 +30,6 @@ class SlidingWindowLimiter:
         self._grants: deque[float] = deque()
         self._blocked_until = 0.0
         self._lock = anyio.Lock()
-        self.waiting = 0
 
     def _expire(self, now: float) -> None:
         horizon = now - self.period - self.margin
@@ -54,17 +53,13 @@ class SlidingWindowLimiter:
 
     async def acquire(self) -> None:
         """Take one grant, waiting (in arrival order) until the window allows it."""
-        self.waiting += 1
-        try:
-            async with self._lock:
-                while True:
-                    moment = self.available_at()
-                    if moment <= self.clock.now():
-                        self._grants.append(self.clock.now())
-                        return
-                    await self.clock.sleep_until(moment)
-        finally:
-            self.waiting -= 1
+        async with self._lock:
+            while True:
+                moment = self.available_at()
+                if moment <= self.clock.now():
+                    self._grants.append(self.clock.now())
+                    return
+                await self.clock.sleep_until(moment)
 
     def block_until(self, moment: float) -> None:
         """The provider said 429: grant nothing before `moment`."""

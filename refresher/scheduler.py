@@ -85,7 +85,6 @@ class JobRuntime:
     generation: int = 0
     inflight: anyio.Event | None = None
     last_forced_at: float | None = None
-    removed: bool = False
     bound_log: Any = None
     expiry_tracked: str | None = field(default=None, repr=False)
 
@@ -140,7 +139,7 @@ def refresh_time(token: Token, policy: RefreshConfig, rng: random.Random) -> flo
     """When to refresh `token` (see module docstring); +inf if it never expires."""
     if token.expires_at is None:
         return math.inf
-    lifetime = max(token.expires_at - token.obtained_at, 0.0)
+    lifetime = max(token.lifetime or 0.0, 0.0)
     margin = min(policy.min_remaining, lifetime * (1 - policy.refresh_at))
     latest = token.expires_at - margin
     planned = policy.refresh_at * lifetime
@@ -211,7 +210,6 @@ class Scheduler:
         """Stop refreshing a job (its sinks are left as they are)."""
         runtime = self.jobs.pop(key, None)
         if runtime is not None:
-            runtime.removed = True
             runtime.generation += 1
         return runtime
 

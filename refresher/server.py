@@ -23,14 +23,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from refresher.errors import ProviderError
 from refresher.metrics import Metrics
 from refresher.scheduler import Scheduler, TooSoonError
 
 
 def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return host == "localhost"
+    """True for a listen host only this machine can reach."""
+    if host == "localhost":
+        return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -103,8 +103,6 @@ def create_app(
                 status_code=429,
                 headers={"Retry-After": str(seconds)},
             )
-        except ProviderError as exc:  # pragma: no cover - refresh() handles these
-            return JSONResponse({"error": str(exc)}, status_code=502)
         body = runtime.status(scheduler.clock.now())
         return JSONResponse(body, status_code=200 if runtime.valid(scheduler.clock.now()) else 502)
 

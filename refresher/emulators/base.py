@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -430,9 +430,6 @@ async def read_body(request: Request) -> tuple[bytes, Any]:
 
         parsed = dict(parse_qsl(body.decode(errors="replace"), keep_blank_values=True))
     return body, parsed
-
-
-Handler = Callable[[Request], Any]
 
 
 def _tls_material(host: str) -> tuple[bytes, bytes, bytes]:
