@@ -312,19 +312,28 @@ class Daemon:
         # full collection scans only what changed since (a 200 ms pause at 10k jobs).
         gc.collect()
         gc.freeze()
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            await tg.start(self.scheduler.run)
-            if self.elector is not None:
-                await tg.start(self.elector.run)
-            self._restart_watcher()
-            if self.serve_http:
-                await self._start_server(tg)
-            tg.start_soon(self._systemd)
-            try:
-                yield self
-            finally:
-                await self.shutdown(tg)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await tg.start(self.scheduler.run)
+                if self.elector is not None:
+                    await tg.start(self.elector.run)
+                self._restart_watcher()
+                if self.serve_http:
+                    await self._start_server(tg)
+                tg.start_soon(self._systemd)
+                try:
+                    yield self
+                finally:
+                    await self.shutdown(tg)
+        finally:
+            # Only once every task has ended: a task resumed by its I/O right after
+            # the cancel would otherwise send on a closed client.
+            with anyio.CancelScope(shield=True):
+                await self.kube.aclose()
+                await self.clients.aclose()
+                if self._notify_client is not None:
+                    await self._notify_client.aclose()
 
     def _restart_watcher(self) -> None:
         if self._tg is None:
@@ -400,11 +409,6 @@ class Daemon:
                 with anyio.move_on_after(5):
                     await self.elector.release()
         tg.cancel_scope.cancel()
-        with anyio.CancelScope(shield=True):
-            await self.kube.aclose()
-            await self.clients.aclose()
-            if self._notify_client is not None:
-                await self._notify_client.aclose()
 
     async def serve_forever(self) -> None:
         """Run until SIGTERM/SIGINT; return normally (exit 0) after a graceful stop."""

@@ -6,19 +6,44 @@ one window. `SlidingWindowLimiter` grants a request only if fewer than `limit`
 grants happened in the last `period` (+ a small safety margin for request transit),
 which is exactly the partner's rule. A 429 pauses the whole key until its
 ``Retry-After`` has passed, so every job sharing the client id backs off together.
+
+When more jobs wait than the budget lets through, the one whose token runs out
+first goes first: waiters are served by `priority` (the current token's expiry;
+``-inf`` for a job with no token), then in arrival order.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import math
 from collections import deque
+from dataclasses import dataclass, field
 
 import anyio
 
 from refresher.clock import Clock
 
 
+@dataclass(eq=False)
+class Grant:
+    """One request counted in the window, stamped with when it was (re)issued."""
+
+    at: float
+
+
+@dataclass(order=True)
+class _Waiter:
+    """Ordered by (priority, arrival)."""
+
+    priority: float
+    seq: int
+    wake: anyio.Event = field(default_factory=anyio.Event, compare=False)
+
+
 class SlidingWindowLimiter:
-    """At most `limit` grants in any window of `period` seconds; FIFO among waiters."""
+    """At most `limit` grants in any window of `period` seconds; earliest priority
+    first among waiters, FIFO among equals."""
 
     def __init__(self, limit: int, period: float, clock: Clock, *, margin: float = 0.25) -> None:
         if limit < 1:
@@ -27,13 +52,14 @@ class SlidingWindowLimiter:
         self.period = period
         self.margin = margin
         self.clock = clock
-        self._grants: deque[float] = deque()
+        self._grants: deque[Grant] = deque()
         self._blocked_until = 0.0
-        self._lock = anyio.Lock()
+        self._waiters: list[_Waiter] = []
+        self._seq = itertools.count()
 
     def _expire(self, now: float) -> None:
         horizon = now - self.period - self.margin
-        while self._grants and self._grants[0] <= horizon:
+        while self._grants and self._grants[0].at <= horizon:
             self._grants.popleft()
 
     def available_at(self) -> float:
@@ -42,24 +68,50 @@ class SlidingWindowLimiter:
         self._expire(now)
         moment = max(now, self._blocked_until)
         if len(self._grants) >= self.limit:
-            moment = max(moment, self._grants[-self.limit] + self.period + self.margin)
+            moment = max(moment, self._grants[-self.limit].at + self.period + self.margin)
         return moment
 
-    async def wait(self) -> None:
-        """Wait until a grant is likely available, without taking it."""
-        moment = self.available_at()
-        if moment > self.clock.now():
-            await self.clock.sleep_until(moment)
-
-    async def acquire(self) -> None:
-        """Take one grant, waiting (in arrival order) until the window allows it."""
-        async with self._lock:
+    async def acquire(self, priority: float = -math.inf) -> Grant:
+        """Take one grant, waiting until the window allows it and no waiter with a
+        lower `priority` value (an earlier expiry) is ahead."""
+        waiter = _Waiter(priority, next(self._seq))
+        heapq.heappush(self._waiters, waiter)
+        granted = False
+        try:
             while True:
+                if self._waiters[0] is not waiter:
+                    waiter.wake = anyio.Event()
+                    await waiter.wake.wait()
+                    continue
                 moment = self.available_at()
                 if moment <= self.clock.now():
-                    self._grants.append(self.clock.now())
-                    return
+                    heapq.heappop(self._waiters)
+                    granted = True
+                    grant = Grant(self.clock.now())
+                    self._grants.append(grant)
+                    return grant
+                # A more urgent waiter arriving meanwhile becomes the head and
+                # sleeps to the same moment; whoever is head then takes the grant.
                 await self.clock.sleep_until(moment)
+        finally:
+            if not granted:  # cancelled while waiting
+                self._waiters = [w for w in self._waiters if w is not waiter]
+                heapq.heapify(self._waiters)
+            if self._waiters:
+                self._waiters[0].wake.set()
+
+    def restamp(self, grant: Grant) -> bool:
+        """Count `grant` from now (the request is about to be sent after waiting for
+        a concurrency slot). False if it already left the window: take a new one."""
+        now = self.clock.now()
+        self._expire(now)
+        for index, held in enumerate(self._grants):
+            if held is grant:
+                del self._grants[index]
+                grant.at = now
+                self._grants.append(grant)
+                return True
+        return False
 
     def block_until(self, moment: float) -> None:
         """The provider said 429: grant nothing before `moment`."""

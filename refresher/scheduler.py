@@ -153,6 +153,22 @@ def refresh_time(token: Token, policy: RefreshConfig, rng: random.Random) -> flo
     return min(moment, latest)
 
 
+def _urgency(token: Token | None) -> float:
+    """Rate-limit priority: the current token's expiry; no token at all comes first."""
+    if token is None or token.expires_at is None:
+        return -math.inf if token is None else math.inf
+    return token.expires_at
+
+
+async def _acquire(slots: anyio.CapacityLimiter) -> None:
+    """Take a slot, yielding to the event loop only when none is free (anyio's
+    `acquire` always yields: one more loop pass per refresh)."""
+    try:
+        slots.acquire_nowait()
+    except anyio.WouldBlock:
+        await slots.acquire()
+
+
 class Scheduler:
     """Runs every job's refresh on time, within the concurrency and rate budgets."""
 
@@ -406,21 +422,26 @@ class Scheduler:
             await self._write(runtime, current, runtime.unwritten)
             return
         limiter = self._limiter(runtime.provider)
+        grant = None
         if limiter is not None:
             # Wait for budget without holding a concurrency slot, so a throttled
-            # provider never starves the others.
-            await limiter.wait()
+            # provider never starves the others; the token that runs out first
+            # gets the next request.
+            grant = await limiter.acquire(_urgency(current))
         slots = self._provider_slots(runtime.provider)
-        async with self._capacity:
+        await _acquire(self._capacity)
+        try:
             if slots is not None:
-                await slots.acquire()
+                await _acquire(slots)
             try:
-                if limiter is not None:
-                    await limiter.acquire()
+                if limiter is not None and grant is not None and not limiter.restamp(grant):
+                    await limiter.acquire(_urgency(current))
                 await self._mint(runtime, limiter)
             finally:
                 if slots is not None:
                     slots.release()
+        finally:
+            self._capacity.release()
 
     async def _mint(self, runtime: JobRuntime, limiter: SlidingWindowLimiter | None) -> None:
         labels = self.metrics.label_values(runtime.job, runtime.provider_kind, runtime.tenant)

@@ -149,7 +149,7 @@ class Response:
 async def request(
     client: httpx2.AsyncClient,
     method: str,
-    url: str,
+    url: str | httpx2.URL,
     *,
     clock: Clock,
     headers: Mapping[str, str] | None = None,
@@ -189,8 +189,10 @@ async def request(
         raise TransportError(f"{method} {_path(url)}: {_describe_transport(exc)}") from None
 
 
-def _path(url: str) -> str:
+def _path(url: str | httpx2.URL) -> str:
     # Never echo a query string: a misconfigured partner might put secrets there.
+    if isinstance(url, httpx2.URL):
+        return url.path
     return url.split("?", 1)[0]
 
 
@@ -302,6 +304,7 @@ class HTTPProvider:
         self.clock = clock
         self.client = clients.get(base_url, ca_file=config.ca_file, timeout=config.timeout)
         self._secrets = {name: src for name, src in secrets.items() if src is not None}
+        self._urls: dict[str, httpx2.URL] = {}
         per_minute = config.requests_per_minute or default_requests_per_minute
         self._rate_limit = (
             RateLimit(key=f"{self.kind}:{base_url}:{rate_limit_key or ''}", requests=per_minute)
@@ -333,6 +336,15 @@ class HTTPProvider:
     def secret_files(self) -> list[Path]:
         return [s.file for s in self._secrets.values() if s.file is not None]
 
+    def url(self, path: str) -> httpx2.URL:
+        """`path` merged with the base URL, once: httpx2 re-parses and re-merges a
+        relative URL on every request (~80 µs, a tenth of a whole mint). The merge
+        is httpx2's own (a base path prefix is kept), via `build_request`."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = self.client.build_request("POST", path).url
+        return url
+
     async def post(
         self,
         path: str,
@@ -347,7 +359,7 @@ class HTTPProvider:
         response = await request(
             self.client,
             "POST",
-            path,
+            self.url(path),
             clock=self.clock,
             headers=headers,
             data=data,

@@ -8,19 +8,22 @@
     claims) → FileSink (atomic write + fsync) → metrics → structured log line
     (JSON, redacted, to /dev/null) → next refresh scheduled.
 
-N mints are split over `concurrency` worker tasks; each implementation first warms
-up (connections, imports). Rounds alternate the order of the three; the best round
-per (implementation, concurrency) is kept, because these machines are noisy.
+Each round runs a block of N mints per implementation, split over `concurrency`
+worker tasks, in rotating order, after one warm-up block each (connections,
+imports). A ratio is the median over rounds of the ratio within a round: these
+machines are noisy, but neighbouring blocks see the same noise.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import shutil
+import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -59,10 +62,7 @@ async def drive(mint: Mint, n: int, concurrency: int) -> None:
             tg.start_soon(worker, i, count)
 
 
-async def measure(
-    mint: Mint, n: int, concurrency: int, server: ServerProcess, warmup: int
-) -> dict[str, float]:
-    await drive(mint, warmup, concurrency)
+async def measure(mint: Mint, n: int, concurrency: int, server: ServerProcess) -> dict[str, float]:
     connections = server.stats().get("connections", 0)
     server_cpu = server.cpu()
     cpu = process_cpu()
@@ -80,10 +80,13 @@ async def measure(
     }
 
 
+Minter = Callable[[str, int], contextlib.AbstractAsyncContextManager[Mint]]
+
 # ------------------------------------------------------------------------ (a) raw httpx2
 
 
-async def run_raw(url: str, n: int, concurrency: int, server: ServerProcess, warmup: int):
+@contextlib.asynccontextmanager
+async def open_raw(url: str, concurrency: int) -> AsyncIterator[Mint]:
     async with httpx2.AsyncClient(base_url=url) as client:
 
         async def mint(_: int) -> None:
@@ -92,7 +95,7 @@ async def run_raw(url: str, n: int, concurrency: int, server: ServerProcess, war
             if not response.json()["access_token"]:
                 raise AssertionError("no token")
 
-        return await measure(mint, n, concurrency, server, warmup)
+        yield mint
 
 
 async def raw_debitura_cpu(url: str, n: int, concurrency: int = 16) -> dict[str, float]:
@@ -123,7 +126,8 @@ async def raw_debitura_cpu(url: str, n: int, concurrency: int = 16) -> dict[str,
 # ------------------------------------------------------------------------ (b) authlib
 
 
-async def run_authlib(url: str, n: int, concurrency: int, server: ServerProcess, warmup: int):
+@contextlib.asynccontextmanager
+async def open_authlib(url: str, concurrency: int) -> AsyncIterator[Mint]:
     from authlib.integrations.httpx_client import AsyncOAuth2Client
 
     token_url = url + TOKEN_PATH
@@ -136,7 +140,7 @@ async def run_authlib(url: str, n: int, concurrency: int, server: ServerProcess,
             if not token["access_token"]:
                 raise AssertionError("no token")
 
-        return await measure(mint, n, concurrency, server, warmup)
+        yield mint
 
 
 # ------------------------------------------------------------------------ (c) refresher
@@ -166,7 +170,8 @@ def refresher_settings(url: str, jobs: int, sink_dir: str) -> Any:
     )
 
 
-async def run_refresher(url: str, n: int, concurrency: int, server: ServerProcess, warmup: int):
+@contextlib.asynccontextmanager
+async def open_refresher(url: str, concurrency: int) -> AsyncIterator[Mint]:
     from refresher.daemon import Daemon
 
     sink_dir = tempfile.mkdtemp(prefix="refresher-bench-", dir=sink_root())
@@ -177,54 +182,72 @@ async def run_refresher(url: str, n: int, concurrency: int, server: ServerProces
         await daemon.load_jobs()
         scheduler = daemon.scheduler
         runtimes = list(scheduler.jobs.values())
-        failures = 0
 
         async def mint(i: int) -> None:
-            nonlocal failures
             runtime = runtimes[i]
             await scheduler.refresh(runtime)
             if runtime.last_error is not None or runtime.token is None:
-                failures += 1
+                raise RuntimeError(f"refresher: refresh failed: {runtime.last_error_message}")
 
-        result = await measure(mint, n, concurrency, server, warmup)
-        if failures:
-            raise RuntimeError(f"refresher: {failures} refreshes failed")
-        return result
+        yield mint
     finally:
         await daemon.clients.aclose()
         shutil.rmtree(sink_dir, ignore_errors=True)
 
 
-IMPLEMENTATIONS = {"raw": run_raw, "authlib": run_authlib, "refresher": run_refresher}
+IMPLEMENTATIONS: dict[str, Minter] = {
+    "raw": open_raw,
+    "authlib": open_authlib,
+    "refresher": open_refresher,
+}
 
 
 async def run(
     n: int, concurrencies: list[int], rounds: int, server_kind: str
 ) -> dict[str, Any]:
-    results: dict[str, dict[str, list[dict[str, float]]]] = {
+    """Per concurrency: set the three up side by side, warm each up, then `rounds`
+    rounds of one `n`-mint block each, in rotating order. Ratios are the median of
+    the per-round ratios: neighbouring blocks share the machine's current speed, so
+    the slow drift of a noisy VM cancels out of each pair."""
+    blocks: dict[str, dict[str, list[dict[str, float]]]] = {
         impl: {str(c): [] for c in concurrencies} for impl in IMPLEMENTATIONS
     }
-    warmup = max(20, min(200, n // 10))
+    warmup = max(20, min(200, n // 2))
     order = list(IMPLEMENTATIONS)
     with quiet_logging(), ServerProcess(server_kind) as server:
-        for round_no in range(rounds):
-            for c in concurrencies:
-                shift = (round_no + concurrencies.index(c)) % len(order)
-                for impl in order[shift:] + order[:shift]:
-                    outcome = await IMPLEMENTATIONS[impl](server.url, n, c, server, warmup)
-                    results[impl][str(c)].append(outcome)
+        for c in concurrencies:
+            async with contextlib.AsyncExitStack() as stack:
+                mints = {
+                    impl: await stack.enter_async_context(opener(server.url, c))
+                    for impl, opener in IMPLEMENTATIONS.items()
+                }
+                for mint in mints.values():
+                    await drive(mint, warmup, c)
+                for round_no in range(rounds):
+                    shift = round_no % len(order)
+                    for impl in order[shift:] + order[:shift]:
+                        blocks[impl][str(c)].append(await measure(mints[impl], n, c, server))
         # (the OAuth2Emulator does not speak Debitura's wire format)
         raw_reference = await raw_debitura_cpu(server.url, n) if server_kind == "fast" else None
         stats = server.stats() if server_kind == "fast" else {}
-    best: dict[str, dict[str, dict[str, float]]] = {
+    best = {
         impl: {c: max(runs, key=lambda r: r["mints_per_s"]) for c, runs in per.items()}
-        for impl, per in results.items()
+        for impl, per in blocks.items()
     }
+
+    def paired(impl: str, baseline: str, c: str) -> float:
+        return statistics.median(
+            mine["mints_per_s"] / theirs["mints_per_s"]
+            for mine, theirs in zip(blocks[impl][c], blocks[baseline][c], strict=True)
+        )
+
     ratios = {
         c: {
-            "refresher_over_raw": best["refresher"][c]["mints_per_s"] / best["raw"][c]["mints_per_s"],
-            "refresher_over_authlib": best["refresher"][c]["mints_per_s"]
-            / best["authlib"][c]["mints_per_s"],
+            "refresher_over_raw": paired("refresher", "raw", c),
+            "refresher_over_authlib": paired("refresher", "authlib", c),
+            "authlib_over_raw": paired("authlib", "raw", c),
+            "best_refresher_over_best_raw": best["refresher"][c]["mints_per_s"]
+            / best["raw"][c]["mints_per_s"],
         }
         for c in map(str, concurrencies)
     }
@@ -241,9 +264,9 @@ async def run(
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--concurrency", default="1,8,32")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--server", default="fast", choices=["fast", "emulator"])
     args = parser.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
