@@ -43,15 +43,19 @@ class Redactor:
     """
 
     def __init__(self, max_tokens: int = 100_000) -> None:
-        self._secrets: set[str] = set()
+        self._secrets: tuple[str, ...] = ()
         self._tokens: OrderedDict[str, None] = OrderedDict()
         self._max_tokens = max_tokens
         self._lock = threading.Lock()
+        #: Key → sensitive? Log keys come from code, so this stays small (bounded).
+        self._sensitive_keys: dict[str, bool] = {}
 
     def add_secret(self, value: str) -> None:
         if len(value) >= 4:
             with self._lock:
-                self._secrets.add(value)
+                if value not in self._secrets:
+                    # Replaced, never mutated: `scrub` reads it without the lock.
+                    self._secrets = (*self._secrets, value)
 
     def add_token(self, value: str) -> None:
         with self._lock:
@@ -61,18 +65,31 @@ class Redactor:
                 self._tokens.popitem(last=False)
 
     def scrub(self, text: str) -> str:
-        with self._lock:
-            if text in self._tokens or text in self._secrets:
-                return mask(text)
-            secrets = list(self._secrets)
-        for secret in secrets:
+        # Runs for every string of every log line: cheap checks before regexes.
+        # (Membership tests on a dict are atomic; the lock guards only mutation.)
+        if text in self._tokens or text in self._secrets:
+            return mask(text)
+        for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, mask(secret))
-        text = _JWT.sub(lambda m: mask(m.group(0)), text)
-        return _BEARER.sub(lambda m: f"{m.group(1)} {mask(m.group(0))}", text)
+        if "eyJ" in text:
+            text = _JWT.sub(lambda m: mask(m.group(0)), text)
+        if len(text) >= 14:  # "basic" + space + 8 characters, at the least
+            text = _BEARER.sub(lambda m: f"{m.group(1)} {mask(m.group(0))}", text)
+        return text
+
+    def _sensitive(self, key: str) -> bool:
+        found = self._sensitive_keys.get(key)
+        if found is None:
+            found = bool(_SENSITIVE_KEY.search(key))
+            if len(self._sensitive_keys) < 4096:
+                self._sensitive_keys[key] = found
+        return found
 
     def _value(self, key: str, value: Any) -> Any:
-        if _SENSITIVE_KEY.search(key) and value is not None and not isinstance(value, bool):
+        if value is None or isinstance(value, bool):
+            return value
+        if self._sensitive(key):
             return mask(str(value))
         if isinstance(value, str):
             return self.scrub(value)
@@ -123,6 +140,6 @@ def configure_logging(
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=structlog.WriteLoggerFactory(out),  # PrintLogger's print() is slower
         cache_logger_on_first_use=False,
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -40,6 +41,17 @@ class JobSnapshot:
     expires_at: float | None
     last_success_at: float | None
     backoff_seconds: float
+
+
+@dataclass
+class JobSeries:
+    """One job's label values and the metric children every successful refresh
+    touches, resolved once: a ``labels()`` lookup costs more than the observation."""
+
+    labels: tuple[str, ...]
+    refresh_duration: Any
+    refreshed: Any
+    sink_write_duration: dict[str, Any]
 
 
 class Metrics:
@@ -111,6 +123,24 @@ class Metrics:
         if self.tenant_labels:
             return (job, provider, tenant or "")
         return (job, provider)
+
+    def series(self, job: str, provider: str, tenant: str | None) -> JobSeries:
+        """The hot-path children of one (job, tenant) (see `JobSeries`)."""
+        labels = self.label_values(job, provider, tenant)
+        return JobSeries(
+            labels=labels,
+            refresh_duration=self.refresh_duration.labels(*labels),
+            refreshed=self.refresh_total.labels(*labels, "success"),
+            sink_write_duration={},
+        )
+
+    def sink_write_duration_of(self, series: JobSeries, sink: str) -> Any:
+        child = series.sink_write_duration.get(sink)
+        if child is None:
+            child = series.sink_write_duration[sink] = self.sink_write_duration.labels(
+                *series.labels, sink
+            )
+        return child
 
     def watch(
         self,

@@ -39,6 +39,7 @@ class _Waiter:
     priority: float
     seq: int
     wake: anyio.Event = field(default_factory=anyio.Event, compare=False)
+    grant: Grant | None = field(default=None, compare=False)
 
 
 class SlidingWindowLimiter:
@@ -76,29 +77,38 @@ class SlidingWindowLimiter:
         lower `priority` value (an earlier expiry) is ahead."""
         waiter = _Waiter(priority, next(self._seq))
         heapq.heappush(self._waiters, waiter)
-        granted = False
         try:
-            while True:
+            while waiter.grant is None:
                 if self._waiters[0] is not waiter:
                     waiter.wake = anyio.Event()
                     await waiter.wake.wait()
                     continue
                 moment = self.available_at()
-                if moment <= self.clock.now():
-                    heapq.heappop(self._waiters)
-                    granted = True
-                    grant = Grant(self.clock.now())
-                    self._grants.append(grant)
-                    return grant
-                # A more urgent waiter arriving meanwhile becomes the head and
-                # sleeps to the same moment; whoever is head then takes the grant.
-                await self.clock.sleep_until(moment)
+                if moment > self.clock.now():
+                    # Only the head sleeps on the clock; a more urgent waiter that
+                    # arrives meanwhile becomes the head and sleeps to the same moment.
+                    await self.clock.sleep_until(moment)
+                    continue
+                self._hand_out()
+            return waiter.grant
         finally:
-            if not granted:  # cancelled while waiting
+            if waiter.grant is None:  # cancelled while waiting
                 self._waiters = [w for w in self._waiters if w is not waiter]
                 heapq.heapify(self._waiters)
-            if self._waiters:
-                self._waiters[0].wake.set()
+                if self._waiters:
+                    self._waiters[0].wake.set()
+
+    def _hand_out(self) -> None:
+        """Grant waiters in priority order while the window has room, in one step
+        (not one event-loop pass per waiter), and wake the next head, if any."""
+        now = self.clock.now()
+        while self._waiters and self.available_at() <= now:
+            waiter = heapq.heappop(self._waiters)
+            waiter.grant = Grant(now)
+            self._grants.append(waiter.grant)
+            waiter.wake.set()
+        if self._waiters:
+            self._waiters[0].wake.set()
 
     def restamp(self, grant: Grant) -> bool:
         """Count `grant` from now (the request is about to be sent after waiting for

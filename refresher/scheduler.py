@@ -41,7 +41,7 @@ from refresher.errors import (
     UnauthorizedError,
 )
 from refresher.logging import Redactor
-from refresher.metrics import JobSnapshot, Metrics
+from refresher.metrics import JobSeries, JobSnapshot, Metrics
 from refresher.providers.base import TokenProvider
 from refresher.ratelimit import SlidingWindowLimiter
 from refresher.sinks.base import TokenSink
@@ -86,6 +86,7 @@ class JobRuntime:
     inflight: anyio.Event | None = None
     last_forced_at: float | None = None
     bound_log: Any = None
+    series: JobSeries | None = field(default=None, repr=False)
     expiry_tracked: str | None = field(default=None, repr=False)
 
     @property
@@ -202,6 +203,8 @@ class Scheduler:
         self._provider_capacity: dict[int, anyio.CapacityLimiter] = {}
         self._tg: TaskGroup | None = None
         self.first_round = anyio.Event()
+        self._round_keys: list[JobKey] = []
+        self._round_cursor = 0
         self.inflight = 0
         self.peak_inflight = 0
 
@@ -215,6 +218,8 @@ class Scheduler:
             else log.bind(job=runtime.job)
         )
         self.jobs[runtime.key] = runtime
+        if not self.first_round.is_set():
+            self._round_keys.append(runtime.key)
         for secret in runtime.provider.secrets():
             self.redactor.add_secret(secret)
         if runtime.next_refresh_at is None:
@@ -384,11 +389,20 @@ class Scheduler:
             self._check_first_round()
 
     def _check_first_round(self) -> None:
-        """Every job has settled once: it holds a token (minted or adopted) or failed."""
-        if not self.first_round.is_set() and all(
-            r.token is not None or r.failures for r in self.jobs.values()
-        ):
-            self.first_round.set()
+        """Every job has settled once: it holds a token (minted or adopted) or failed.
+
+        Settling is one-way, so a cursor walks the jobs once in all: checking every
+        job after every refresh cost 10,000 x 10,000 looks at a 10k-tenant start.
+        """
+        if self.first_round.is_set():
+            return
+        keys = self._round_keys
+        while self._round_cursor < len(keys):
+            runtime = self.jobs.get(keys[self._round_cursor])
+            if runtime is not None and runtime.token is None and not runtime.failures:
+                return
+            self._round_cursor += 1
+        self.first_round.set()
 
     def _limiter(self, provider: TokenProvider) -> SlidingWindowLimiter | None:
         budget = provider.rate_limit
@@ -422,29 +436,35 @@ class Scheduler:
             await self._write(runtime, current, runtime.unwritten)
             return
         limiter = self._limiter(runtime.provider)
-        grant = None
-        if limiter is not None:
-            # Wait for budget without holding a concurrency slot, so a throttled
-            # provider never starves the others; the token that runs out first
-            # gets the next request.
-            grant = await limiter.acquire(_urgency(current))
         slots = self._provider_slots(runtime.provider)
-        await _acquire(self._capacity)
+        if slots is not None:
+            await _acquire(slots)
         try:
-            if slots is not None:
-                await _acquire(slots)
+            # Wait for rate budget before taking a global concurrency slot, so a
+            # throttled provider never starves the others; the token that runs
+            # out first gets the next request.
+            grant = await limiter.acquire(_urgency(current)) if limiter is not None else None
+            await _acquire(self._capacity)
             try:
                 if limiter is not None and grant is not None and not limiter.restamp(grant):
                     await limiter.acquire(_urgency(current))
                 await self._mint(runtime, limiter)
             finally:
-                if slots is not None:
-                    slots.release()
+                self._capacity.release()
         finally:
-            self._capacity.release()
+            if slots is not None:
+                slots.release()
+
+    def _series(self, runtime: JobRuntime) -> JobSeries:
+        series = runtime.series
+        if series is None:
+            series = runtime.series = self.metrics.series(
+                runtime.job, runtime.provider_kind, runtime.tenant
+            )
+        return series
 
     async def _mint(self, runtime: JobRuntime, limiter: SlidingWindowLimiter | None) -> None:
-        labels = self.metrics.label_values(runtime.job, runtime.provider_kind, runtime.tenant)
+        series = self._series(runtime)
         started = self.clock.now()
         self.inflight += 1
         self.peak_inflight = max(self.peak_inflight, self.inflight)
@@ -453,19 +473,17 @@ class Scheduler:
             if not token.is_valid(self.clock.now()):
                 raise BadResponseError("provider returned a token that has already expired")
         except ProviderError as error:
-            self.metrics.refresh_duration.labels(*labels).observe(
-                max(self.clock.now() - started, 0)
-            )
-            self._failed(runtime, error, labels, limiter)
+            series.refresh_duration.observe(max(self.clock.now() - started, 0))
+            self._failed(runtime, error, series.labels, limiter)
             return
         except Exception as exc:  # a bug or an unreadable secret must not stop the daemon
             runtime.bound_log.exception("unexpected error during refresh")
             unexpected = BadResponseError(f"unexpected error: {type(exc).__name__}: {exc}")
-            self._failed(runtime, unexpected, labels, limiter)
+            self._failed(runtime, unexpected, series.labels, limiter)
             return
         finally:
             self.inflight -= 1
-        self.metrics.refresh_duration.labels(*labels).observe(max(self.clock.now() - started, 0))
+        series.refresh_duration.observe(max(self.clock.now() - started, 0))
         self.redactor.add_token(token.value)
         runtime.token = token
         if runtime.state == "invalid_link":
@@ -473,7 +491,8 @@ class Scheduler:
         await self._write(runtime, token, list(runtime.sinks))
 
     async def _write(self, runtime: JobRuntime, token: Token, sinks: list[TokenSink]) -> None:
-        labels = self.metrics.label_values(runtime.job, runtime.provider_kind, runtime.tenant)
+        series = self._series(runtime)
+        labels = series.labels
         failed: list[TokenSink] = []
         errors: list[SinkError] = []
         for sink in sinks:
@@ -490,7 +509,7 @@ class Scheduler:
                 errors.append(error)
                 self.metrics.sink_failures.labels(*labels, sink.kind).inc()
             finally:
-                self.metrics.sink_write_duration.labels(*labels, sink.kind).observe(
+                self.metrics.sink_write_duration_of(series, sink.kind).observe(
                     max(self.clock.now() - started, 0)
                 )
         runtime.unwritten = failed
@@ -511,7 +530,7 @@ class Scheduler:
             self._schedule(runtime, self.clock.now() + delay)
             return
         now = self.clock.now()
-        self.metrics.refresh_total.labels(*labels, "success").inc()
+        series.refreshed.inc()
         self._track_expiry(runtime, token)
         runtime.state = "valid"
         runtime.failures = 0

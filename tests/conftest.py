@@ -158,11 +158,26 @@ async def get_json(
 
 
 async def settle(scheduler: Any) -> None:
-    """Wait (real time, briefly) until no provider request is in flight."""
+    """Wait (real time, briefly) until no provider request is in flight and the
+    refreshes stopped moving: jobs handed a slot or a rate grant between two looks
+    would otherwise be taken for jobs waiting on the clock."""
+
+    def signature() -> tuple[int, int, int]:
+        runtimes = list(scheduler.jobs.values())
+        return (
+            scheduler.inflight,
+            sum(r.inflight is not None for r in runtimes),
+            sum(r.token is not None for r in runtimes),
+        )
+
     await anyio.sleep(0)
-    await wait_for(lambda: scheduler.inflight == 0, timeout=30)
-    await anyio.sleep(0.002)
-    await wait_for(lambda: scheduler.inflight == 0, timeout=30)
+    with anyio.fail_after(30):
+        last, same = signature(), 0
+        while same < 3 or last[0] != 0:
+            await anyio.sleep(0.002)
+            current = signature()
+            same = same + 1 if current == last else 0
+            last = current
 
 
 async def drive(clock: ManualClock, scheduler: Any, until: Callable[[], bool], *, horizon: float) -> None:

@@ -11,6 +11,7 @@ import errno
 import grp
 import json
 import os
+import random
 import re
 import stat
 import threading
@@ -177,7 +178,8 @@ class FileSink:
 
     def _write_sync(self, content: bytes) -> None:
         self._first_use()
-        tmp = self._temp_prefix + os.urandom(4).hex()
+        # Unpredictability is not needed (O_EXCL, private directory), so no syscall.
+        tmp = f"{self._temp_prefix}{random.getrandbits(32):08x}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             try:
@@ -185,7 +187,8 @@ class FileSink:
                 while view:
                     written = os.write(fd, view)
                     view = view[written:]
-                os.fsync(fd)
+                if not self._memory:  # tmpfs/ramfs: fsync is a no-op syscall
+                    os.fsync(fd)
                 os.fchmod(fd, self.config.mode)
                 if self.config.group is not None:
                     os.fchown(fd, -1, _gid(self.config.group))
