@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import random
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -105,7 +105,7 @@ class Daemon:
         self.reloads = 0
         self.notifiers: dict[str, list[Notifier]] = {}
         self._notify_client: httpx2.AsyncClient | None = None
-        self.scheduler.written_hooks.append(self._notify)
+        self.scheduler.written_hooks.append(self._notifications)
 
     # ------------------------------------------------------------ leadership
 
@@ -156,11 +156,13 @@ class Daemon:
             self.notifiers.pop(job.name, None)
         return runtimes
 
-    async def _notify(self, runtime: JobRuntime, token: Token) -> None:
-        """Run the job's notifiers concurrently; failures are logged and counted."""
+    def _notifications(self, runtime: JobRuntime, token: Token) -> Coroutine[Any, Any, None] | None:
+        """The job's notifications for a written token, if it has notifiers."""
         notifiers = self.notifiers.get(runtime.job)
-        if not notifiers:
-            return
+        return self._notify(runtime, token, notifiers) if notifiers else None
+
+    async def _notify(self, runtime: JobRuntime, token: Token, notifiers: list[Notifier]) -> None:
+        """Run the job's notifiers concurrently; failures are logged and counted."""
         event = TokenWritten(
             job=runtime.job,
             tenant=runtime.tenant,

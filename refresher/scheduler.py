@@ -53,7 +53,9 @@ log = structlog.get_logger("refresher.scheduler")
 DEFAULT_MIN_FORCE_INTERVAL = 10.0
 
 JobKey = tuple[str, str | None]
-WrittenHook = Callable[["JobRuntime", Token], Coroutine[Any, Any, None]]
+#: Called after every successful write; returns the work to run in the background,
+#: or None when there is nothing to do (no task is spawned then: most refreshes).
+WrittenHook = Callable[["JobRuntime", Token], Coroutine[Any, Any, None] | None]
 
 
 class TooSoonError(Exception):
@@ -152,6 +154,10 @@ def refresh_time(token: Token, policy: RefreshConfig, rng: random.Random) -> flo
         # align on `expires_at - margin` (whole seconds for a JWT ``exp``).
         moment = max(2 * latest - moment, token.obtained_at)
     return min(moment, latest)
+
+
+async def _run(work: Coroutine[Any, Any, None]) -> None:
+    await work
 
 
 def _urgency(token: Token | None) -> float:
@@ -547,10 +553,13 @@ class Scheduler:
             next_refresh_at=rfc3339(due) if math.isfinite(due) else None,
         )
         for hook in self.written_hooks:
+            work = hook(runtime, token)
+            if work is None:
+                continue
             if self._tg is not None:
-                self._tg.start_soon(hook, runtime, token)
+                self._tg.start_soon(_run, work)
             else:
-                await hook(runtime, token)
+                await work
 
     def _backoff(self, runtime: JobRuntime) -> float:
         """Full-jitter exponential backoff for the current failure count."""

@@ -1,7 +1,9 @@
 """The benchmark (``python -m tests.bench``) still runs: a tiny ``--smoke`` pass
 (a few seconds per part) must print a parseable ``BENCH {json}`` line with every
-part's numbers. Performance targets are not asserted here (too noisy at this
-size); correctness properties that hold at any size are."""
+part's numbers. The full targets are not asserted here (too noisy at this size);
+the regression gate is: refresher at least half as fast as raw httpx2 (median of
+five paired rounds, so a noisy neighbour slows both sides of a pair), no refresh
+missed, nothing over the rate limit, no mint after a restart."""
 
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ def test_benchmark_smoke_prints_bench_line() -> None:
 
     assert {"mode", "throughput", "scale", "growth", "ratelimit", "restart", "targets"} <= set(bench)
     assert bench["mode"] == "smoke"
-    for ratios in bench["throughput"]["ratios"].values():
-        assert ratios["refresher_over_raw"] > 0
+    for concurrency, ratios in bench["throughput"]["ratios"].items():
+        assert ratios["refresher_over_raw"] >= 0.5, (concurrency, ratios)
         assert ratios["refresher_over_authlib"] > 0
     scale = bench["scale"]
     for key in ("rss_steady_mb", "cpu_per_refresh_ms", "lag_ms", "peak_inflight", "raw_paced"):

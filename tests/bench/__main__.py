@@ -32,8 +32,8 @@ from tests.bench.common import REPO, ServerProcess, run_child, sink_root
 
 PROFILES: dict[str, dict[str, Any]] = {
     "full": {
-        "n": 2000,
-        "rounds": 2,
+        "n": 500,
+        "rounds": 8,
         "concurrency": "1,8,32",
         "scale_jobs": 10_000,
         "lifetime": 60,
@@ -46,8 +46,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "rl_jobs": 2000,
     },
     "quick": {
-        "n": 500,
-        "rounds": 1,
+        "n": 250,
+        "rounds": 4,
         "concurrency": "1,8,32",
         "scale_jobs": 2000,
         "lifetime": 30,
@@ -60,8 +60,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "rl_jobs": 300,
     },
     "smoke": {
-        "n": 40,
-        "rounds": 1,
+        "n": 100,
+        "rounds": 5,
         "concurrency": "1,8",
         "scale_jobs": 150,
         "lifetime": 8,
@@ -187,7 +187,7 @@ def evaluate(result: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
 def table(result: dict[str, Any], rows: list[tuple[str, str, str, bool]]) -> str:
     out: list[str] = []
     tp = result["throughput"]
-    out.append(f"== 1. Mint throughput (N={tp['n']}, best of {tp['rounds']} rounds, server: {tp['server']})")
+    out.append(f"== 1. Mint throughput ({tp['rounds']} rounds of N={tp['n']} per implementation; mints/s: best round; ratios: median of per-round ratios; server: {tp['server']})")
     out.append(f"{'conc':>4}  {'raw mints/s':>11}  {'authlib':>8}  {'refresher':>9}  {'ref/raw':>7}  {'ref/authlib':>11}  {'CPU/mint us raw/auth/ref':>26}  {'server CPU':>10}")
     for c in tp["ratios"]:
         b = {impl: tp["best"][impl][c] for impl in ("raw", "authlib", "refresher")}
