@@ -114,6 +114,8 @@ class SlidingWindowLimiter:
         """Count `grant` from now (the request is about to be sent after waiting for
         a concurrency slot). False if it already left the window: take a new one."""
         now = self.clock.now()
+        if grant.at == now:  # no wait in between: the usual case
+            return True
         self._expire(now)
         for index, held in enumerate(self._grants):
             if held is grant:
