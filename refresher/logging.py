@@ -44,7 +44,9 @@ class Redactor:
 
     def __init__(self, max_tokens: int = 100_000) -> None:
         self._secrets: tuple[str, ...] = ()
-        self._tokens: OrderedDict[str, None] = OrderedDict()
+        #: hash(token) → None, oldest first. Hashes, not the tokens: 100,000 tokens of
+        #: a few hundred characters would hold ~40 MB; a collision only masks a value.
+        self._tokens: OrderedDict[int, None] = OrderedDict()
         self._max_tokens = max_tokens
         self._lock = threading.Lock()
         #: Key → sensitive? Log keys come from code, so this stays small (bounded).
@@ -59,15 +61,16 @@ class Redactor:
 
     def add_token(self, value: str) -> None:
         with self._lock:
-            self._tokens[value] = None
-            self._tokens.move_to_end(value)
+            key = hash(value)
+            self._tokens[key] = None
+            self._tokens.move_to_end(key)
             while len(self._tokens) > self._max_tokens:
                 self._tokens.popitem(last=False)
 
     def scrub(self, text: str) -> str:
         # Runs for every string of every log line: cheap checks before regexes.
         # (Membership tests on a dict are atomic; the lock guards only mutation.)
-        if text in self._tokens or text in self._secrets:
+        if hash(text) in self._tokens or text in self._secrets:
             return mask(text)
         for secret in self._secrets:
             if secret in text:
