@@ -1,7 +1,9 @@
 """File sink: temp file in the same directory → write → fsync → chmod/chown →
 rename over the target → fsync the directory. A reader sees the old file or the
 new one, never a torn or empty one, and a crash leaves at most a stray temp file
-(named ``.<name>.tmp-*``, cleaned up at the next write).
+(named ``.<name>.tmp-*``, swept at the next start). On tmpfs/ramfs, where nothing
+survives a reboot anyway, both fsyncs are skipped and the write runs on the event
+loop (it cannot block there).
 """
 
 from __future__ import annotations
