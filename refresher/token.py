@@ -144,6 +144,40 @@ class Token:
             extra=dict(extra or {}),
         )
 
+    @classmethod
+    def recovered(
+        cls,
+        value: str,
+        *,
+        token_type: str = "Bearer",
+        expires_at: float | None,
+        obtained_at: float | None,
+        scope: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Token | None:
+        """A token read back from a sink, with the times its metadata stored.
+
+        A JWT's ``exp`` wins when sooner and its ``iat`` fills a missing issue time.
+        Unknown expiry gives None: the caller treats the job as due rather than
+        trusting the token forever.
+        """
+        claims = jwt_claims(value)
+        if claims is not None and isinstance(claims.get("exp"), (int, float)):
+            exp = float(claims["exp"])
+            expires_at = exp if expires_at is None else min(expires_at, exp)
+            if obtained_at is None and isinstance(claims.get("iat"), (int, float)):
+                obtained_at = float(claims["iat"])
+        if expires_at is None:
+            return None
+        return cls(
+            value=value,
+            token_type=token_type,
+            obtained_at=obtained_at if obtained_at is not None else expires_at - 1,
+            expires_at=expires_at,
+            scope=scope,
+            extra=dict(extra or {}),
+        )
+
 
 def _number(raw: object, name: str) -> float:
     if isinstance(raw, bool) or not isinstance(raw, (int, float)):

@@ -25,7 +25,7 @@ import structlog
 
 from refresher.config import FileSinkConfig
 from refresher.errors import SinkError
-from refresher.token import Token, jwt_claims, parse_rfc3339, rfc3339
+from refresher.token import Token, parse_rfc3339, rfc3339
 
 log = structlog.get_logger("refresher.sinks.file")
 
@@ -106,19 +106,11 @@ def parse(content: bytes, config: FileSinkConfig) -> Token | None:
                 expires_at = parse_rfc3339(env[f"{config.env_name}_EXPIRES_AT"])
     if not isinstance(value, str) or not value:
         return None
-    claims = jwt_claims(value)
-    if claims is not None and isinstance(claims.get("exp"), (int, float)):
-        exp = float(claims["exp"])
-        expires_at = exp if expires_at is None else min(expires_at, exp)
-        if obtained_at is None and isinstance(claims.get("iat"), (int, float)):
-            obtained_at = float(claims["iat"])
-    if expires_at is None:
-        return None  # unknown expiry: treat as due rather than trust it forever
-    return Token(
-        value=value,
+    return Token.recovered(
+        value,
         token_type=token_type,
-        obtained_at=obtained_at if obtained_at is not None else expires_at - 1,
         expires_at=expires_at,
+        obtained_at=obtained_at,
         scope=scope,
         extra=extra,
     )

@@ -48,7 +48,7 @@ from lightkube.types import PatchType
 
 from refresher.config import KubernetesSinkConfig
 from refresher.errors import ConfigError, SinkError
-from refresher.token import Token, fingerprint, jwt_claims, parse_rfc3339, rfc3339
+from refresher.token import Token, fingerprint, parse_rfc3339, rfc3339
 
 log = structlog.get_logger("refresher.sinks.kubernetes")
 
@@ -397,24 +397,13 @@ def token_from_secret(
         notes = {}
     expires_at = _timestamp(notes.get(annotation_key(key, "expires-at")))
     obtained_at = _timestamp(notes.get(annotation_key(key, "obtained-at")))
-    claims = jwt_claims(value)
-    if claims is not None and isinstance(claims.get("exp"), (int, float)):
-        exp = float(claims["exp"])
-        expires_at = exp if expires_at is None else min(expires_at, exp)
-        if obtained_at is None and isinstance(claims.get("iat"), (int, float)):
-            obtained_at = float(claims["iat"])
-    if expires_at is None:
-        return None
     token_type = "Bearer"
     raw_type = (data or {}).get(f"{key}.token_type")
     if raw_type:
         with contextlib.suppress(binascii.Error, ValueError):
             token_type = base64.b64decode(raw_type, validate=True).decode() or "Bearer"
-    return Token(
-        value=value,
-        token_type=token_type,
-        obtained_at=obtained_at if obtained_at is not None else expires_at - 1,
-        expires_at=expires_at,
+    return Token.recovered(
+        value, token_type=token_type, expires_at=expires_at, obtained_at=obtained_at
     )
 
 
