@@ -44,6 +44,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"  {line}", file=sys.stderr)
         return EXIT_CONFIG
     print(describe_plan(settings))
+    for warning in config_warnings(settings):
+        print(f"warning: {warning}")
     if args.online:
         return _run_once(settings, write=False)
     return EXIT_OK
@@ -51,7 +53,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def describe_plan(settings: Settings) -> str:
     """Human-readable plan of what the daemon will do with this config."""
-    from refresher.jobs import expand, tenants_of
+    from refresher.jobs import tenants_of
 
     policy = settings.refresh
     lines = [
@@ -70,9 +72,43 @@ def describe_plan(settings: Settings) -> str:
             lines.append(f"    tenants: {len(tenants)}")
         for sink in job.sinks:
             target = getattr(sink, "path", None) or getattr(sink, "secret", "")
-            shown = expand(str(target), job=job.name, tenant="{tenant}" if tenants else None)
+            shown = str(target).replace("{job}", job.name)
             lines.append(f"    sink {sink.kind}: {shown}")
     return "\n".join(lines)
+
+
+def config_warnings(settings: Settings) -> list[str]:
+    """What is valid but probably not meant: loose token file modes, sink directories
+    that do not exist yet, ``tenants_file`` lines the daemon will skip."""
+    from refresher.config import DebituraProviderConfig, FileSinkConfig
+    from refresher.targets import template_directory
+
+    warnings = []
+    for index, job in enumerate(settings.jobs):
+        for number, sink in enumerate(job.sinks):
+            if not isinstance(sink, FileSinkConfig):
+                continue
+            where = f"jobs[{index}].sinks[{number}] ({job.name})"
+            if sink.mode & 0o022:
+                warnings.append(
+                    f"{where}: mode {sink.mode:04o} lets other users replace the token "
+                    "file's content (use 0600 or 0640)"
+                )
+            elif sink.mode & 0o004:
+                warnings.append(f"{where}: mode {sink.mode:04o} lets every user read the token")
+            directory = template_directory(sink.path.replace("{job}", job.name)) or "."
+            if not os.path.isdir(directory):
+                warnings.append(
+                    f"{where}: directory {directory} does not exist yet (writes fail and are "
+                    "retried until it does)"
+                )
+        if isinstance(job.provider, DebituraProviderConfig) and job.provider.tenants_file:
+            try:
+                rejected = job.provider.tenant_lines().rejected
+            except OSError as exc:
+                rejected = [f"{job.provider.tenants_file}: {exc.strerror or exc}"]
+            warnings.extend(f"jobs[{index}] ({job.name}): skipped: {r}" for r in rejected)
+    return warnings
 
 
 def _run_once(settings: Settings, *, write: bool = True) -> int:
@@ -81,8 +117,17 @@ def _run_once(settings: Settings, *, write: bool = True) -> int:
     redactor = Redactor()
     _setup_logging(settings, redactor)
     daemon = Daemon(settings, redactor=redactor, serve_http=False)
-    ok = anyio.run(functools.partial(daemon.refresh_all_once, write=write))
+    try:
+        ok = anyio.run(functools.partial(daemon.refresh_all_once, write=write))
+    except ConfigError as exc:
+        return _config_failed(exc)
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def _config_failed(exc: ConfigError) -> int:
+    for line in exc.errors:
+        print(f"config error: {line}", file=sys.stderr)
+    return EXIT_CONFIG
 
 
 def cmd_once(args: argparse.Namespace) -> int:
@@ -107,7 +152,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     redactor = Redactor()
     _setup_logging(settings, redactor)
     daemon = Daemon(settings, redactor=redactor, config_path=Path(_config_path(args) or ""))
-    anyio.run(daemon.serve_forever)
+    try:
+        anyio.run(daemon.serve_forever)
+    except ConfigError as exc:
+        return _config_failed(exc)
     return EXIT_OK
 
 

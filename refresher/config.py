@@ -8,14 +8,19 @@ or a number of seconds. Unknown keys are errors.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import unicodedata
+from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -25,9 +30,23 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from refresher.errors import ConfigError
+from refresher.targets import (
+    TargetClaims,
+    TargetError,
+    check_tenant,
+    expand_key,
+    expand_path,
+    secret_data_keys,
+    tenant_problem,
+)
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -96,17 +115,36 @@ class SecretSource:
         self.env = env
 
     def read(self) -> str:
-        """Current value; a file's content loses one trailing newline."""
+        """Current value; a file's content loses its trailing line breaks (CRLF too).
+
+        Raises `ConfigError` naming the source when the secret is missing, empty,
+        not UTF-8 or holds a control character (it would break a header or a line).
+        """
         if self.file is not None:
-            text = self.file.read_text()
-            return text[:-1] if text.endswith("\n") else text
-        if self.env is not None:
-            value = os.environ.get(self.env)
-            if value is None:
+            where = f"{self.name}_file {self.file}"
+            try:
+                data = self.file.read_bytes()
+            except OSError as exc:
+                raise ConfigError([f"{where}: cannot read ({exc.strerror or exc})"]) from None
+            try:
+                text = data.decode()
+            except UnicodeDecodeError as exc:
+                raise ConfigError([f"{where}: not valid UTF-8 (byte {exc.start})"]) from None
+            value = text.rstrip("\r\n")
+        elif self.env is not None:
+            where = f"{self.name}_env ${self.env}"
+            found = os.environ.get(self.env)
+            if found is None:
                 raise ConfigError([f"{self.name}_env: environment variable {self.env} is not set"])
-            return value
-        assert self.inline is not None
-        return self.inline.get_secret_value()
+            value = found
+        else:
+            assert self.inline is not None
+            where = self.name
+            value = self.inline.get_secret_value()
+        problem = secret_problem(value)
+        if problem is not None:
+            raise ConfigError([f"{where}: {problem}"])
+        return value
 
     def __repr__(self) -> str:
         where = self.file or (f"${self.env}" if self.env else "inline")
@@ -124,6 +162,26 @@ def _secret_fields(model: BaseModel, name: str, *, required: bool) -> None:
     env = getattr(model, f"{name}_env", None)
     if env is not None and env not in os.environ:
         raise ValueError(f"{name}_env: environment variable {env} is not set")
+    source = secret_source(model, name)
+    # A file that is missing or unreadable is reported by its own field's check.
+    if source is not None and (source.file is None or os.access(source.file, os.R_OK)):
+        try:
+            source.read()
+        except ConfigError as exc:
+            raise ValueError(exc.errors[0]) from None
+
+
+def secret_problem(value: str) -> str | None:
+    """Why `value` cannot be a secret, or None: empty, surrogates, control characters."""
+    if not value:
+        return "is empty"
+    for index, char in enumerate(value):
+        if "\ud800" <= char <= "\udfff" or unicodedata.category(char) == "Cc":
+            return (
+                f"contains a control or invalid character at position {index + 1} "
+                "(a line break inside the secret?)"
+            )
+    return None
 
 
 def secret_source(model: BaseModel, name: str) -> SecretSource | None:
@@ -315,7 +373,7 @@ class DebituraProviderConfig(PartnerProviderConfig):
     api_key: SecretStr | None = None
     api_key_file: Path | None = None
     api_key_env: str | None = None
-    tenants: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(default_factory=list)
+    tenants: list[Annotated[str, AfterValidator(check_tenant)]] = Field(default_factory=list)
     tenants_file: Path | None = None
     max_concurrency: int | None = Field(default=16, gt=0)
 
@@ -324,9 +382,10 @@ class DebituraProviderConfig(PartnerProviderConfig):
     @field_validator("tenants")
     @classmethod
     def _unique(cls, tenants: list[str]) -> list[str]:
-        dupes = sorted({t for t in tenants if tenants.count(t) > 1}) if len(tenants) < 5000 else []
-        if dupes or len(set(tenants)) != len(tenants):
-            raise ValueError(f"duplicate tenant(s) {', '.join(dupes) or '(several)'}")
+        dupes = sorted(t for t, n in Counter(tenants).items() if n > 1)
+        if dupes:
+            shown = ", ".join(map(repr, dupes[:10])) + (" ..." if len(dupes) > 10 else "")
+            raise ValueError(f"duplicate tenant(s) {shown}")
         return tenants
 
     @model_validator(mode="after")
@@ -338,20 +397,51 @@ class DebituraProviderConfig(PartnerProviderConfig):
             raise ValueError("set only one of tenants, tenants_file")
         return self
 
-    def tenant_list(self) -> list[str]:
-        """Configured tenants; a ``tenants_file`` is read now (one per line, # comments)."""
+    def tenant_lines(self) -> TenantLines:
+        """Configured tenants; a ``tenants_file`` is read now (see `read_tenants_file`)."""
         if self.tenants_file is None:
-            return list(self.tenants)
+            return TenantLines(tenants=list(self.tenants), rejected=[])
         return read_tenants_file(self.tenants_file)
 
 
-def read_tenants_file(path: Path) -> list[str]:
+#: A tenants file is a list of ids, not a database: refuse to read more than this.
+MAX_TENANTS_FILE_BYTES = 32 << 20
+
+
+@dataclass(frozen=True)
+class TenantLines:
+    """The usable tenants of a tenant list, and one message per refused line."""
+
+    tenants: list[str]
+    rejected: list[str]
+
+
+def read_tenants_file(path: Path) -> TenantLines:
+    """One tenant per line, ``#`` starts a comment, surrounding blanks ignored,
+    duplicates kept once. A bad line (not UTF-8, a control character, too long) is
+    skipped and reported; the others stay usable. Raises `OSError` when the file
+    cannot be read at all (the caller keeps what it had)."""
+    with path.open("rb") as file:
+        data = file.read(MAX_TENANTS_FILE_BYTES + 1)
+    if len(data) > MAX_TENANTS_FILE_BYTES:
+        raise OSError(errno.EFBIG, f"larger than {MAX_TENANTS_FILE_BYTES >> 20} MiB")
     seen: dict[str, None] = {}
-    for line in path.read_text().splitlines():
-        tenant = line.split("#", 1)[0].strip()
-        if tenant:
-            seen[tenant] = None
-    return list(seen)
+    rejected: list[str] = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.removesuffix(b"\r").decode()
+        except UnicodeDecodeError as exc:
+            rejected.append(f"{path} line {number}: not valid UTF-8 (byte {exc.start + 1})")
+            continue
+        tenant = line.split("#", 1)[0].strip(" \t")
+        if not tenant:
+            continue
+        problem = tenant_problem(tenant)
+        if problem is not None:
+            rejected.append(f"{path} line {number}: tenant {problem}")
+            continue
+        seen[tenant] = None
+    return TenantLines(tenants=list(seen), rejected=rejected)
 
 
 class GooclaimProviderConfig(PartnerProviderConfig, ClientSecretFields):
@@ -424,8 +514,8 @@ class FileSinkConfig(Model):
     group: str | int | None = None
     #: ``format: header`` header; default: the provider's choice (DutyClaims managed
     #: ``header: x-api-key``), else ``Authorization``.
-    header_name: str | None = None
-    env_name: str = "TOKEN"
+    header_name: str | None = Field(default=None, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
+    env_name: str = Field(default="TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
     @field_validator("path")
     @classmethod
@@ -434,22 +524,53 @@ class FileSinkConfig(Model):
             raise ValueError("must not be empty")
         if value.endswith("/"):
             raise ValueError("must name a file, not a directory")
+        if any(unicodedata.category(c) == "Cc" for c in value):
+            raise ValueError("must not contain control characters")
+        unknown = set(re.findall(r"\{[^}]*\}", value)) - {"{job}", "{tenant}"}
+        if unknown:
+            raise ValueError(f"unknown placeholder(s) {', '.join(sorted(unknown))}")
         return value
+
+    def targets(self, *, job: str, tenant: str | None) -> list[str]:
+        """The absolute file this sink writes for (job, tenant); `TargetError` if unsafe."""
+        return [os.path.abspath(expand_path(self.path, job=job, tenant=tenant))]
 
 
 class KubernetesSinkConfig(Model):
     """Keep one key of a Kubernetes Secret fresh (server-side apply of our keys only)."""
 
     kind: Literal["kubernetes"]
-    namespace: str | None = None  # default: the pod's namespace (in-cluster)
+    # default: the pod's namespace (in-cluster)
+    namespace: str | None = Field(
+        default=None, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63
+    )
     secret: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253)
-    key: str = "{job}"  # per-tenant jobs: default "{tenant}" (see jobs.py)
+    key: str = "{job}"  # per-tenant jobs: default "{tenant}" (see `key_template`)
     type: str = "Opaque"
     extra_keys: list[Literal["expires_at", "token_type"]] = Field(default_factory=list)
     kubeconfig: Path | None = None  # default: in-cluster service account
     context: str | None = None
 
     _check_kubeconfig = field_validator("kubeconfig")(_existing_file)
+
+    @field_validator("key")
+    @classmethod
+    def _key_template(cls, value: str) -> str:
+        unknown = set(re.findall(r"\{[^}]*\}", value)) - {"{job}", "{tenant}"}
+        if unknown:
+            raise ValueError(f"unknown placeholder(s) {', '.join(sorted(unknown))}")
+        return value
+
+    def key_template(self, tenant: str | None) -> str:
+        """Per-tenant jobs default to one key per tenant."""
+        return "{tenant}" if tenant is not None and self.key == "{job}" else self.key
+
+    def targets(self, *, job: str, tenant: str | None) -> list[str]:
+        """Every data key this sink writes for (job, tenant), as ``secret/<ns>/<name>#<key>``
+        (companion keys included); `TargetError` if the key is invalid."""
+        key = expand_key(self.key_template(tenant), job=job, tenant=tenant)
+        where = f"secret/{self.namespace or '(default namespace)'}/{self.secret}#"
+        return [where + data_key for data_key in secret_data_keys(key)]
 
 
 SinkConfig = Annotated[FileSinkConfig | KubernetesSinkConfig, Field(discriminator="kind")]
@@ -533,6 +654,17 @@ class BackoffConfig(Model):
         return self
 
 
+class ForcedRefreshConfig(Model):
+    """Budgets for consumer-forced refreshes (``POST /v1/tokens/{job}/refresh``)."""
+
+    #: One (job, tenant) at most this often.
+    min_interval: Duration = 10.0
+    #: Every job and tenant sharing one credential (client id, API key) together.
+    per_credential_per_minute: int = Field(default=30, gt=0)
+    #: The whole daemon.
+    per_minute: int = Field(default=120, gt=0)
+
+
 class RefreshConfig(Model):
     """When to refresh: at `refresh_at` of the lifetime, but at least `min_remaining` early."""
 
@@ -542,6 +674,7 @@ class RefreshConfig(Model):
     backoff: BackoffConfig = BackoffConfig()
     concurrency: int = Field(default=32, gt=0)
     max_retry_after: PositiveDuration = 3600.0
+    forced: ForcedRefreshConfig = ForcedRefreshConfig()
 
 
 class ServerConfig(Model):
@@ -613,13 +746,39 @@ class JobConfig(Model):
 
     @model_validator(mode="after")
     def _tenant_paths(self) -> JobConfig:
-        if isinstance(self.provider, DebituraProviderConfig):
-            for index, sink in enumerate(self.sinks):
-                if isinstance(sink, FileSinkConfig) and "{tenant}" not in sink.path:
-                    raise ValueError(
-                        f"sinks[{index}].path must contain {{tenant}}: one token per tenant"
-                    )
+        per_tenant = isinstance(self.provider, DebituraProviderConfig)
+        for index, sink in enumerate(self.sinks):
+            if isinstance(sink, FileSinkConfig):
+                field, template = "path", sink.path
+            else:
+                field, template = "key", sink.key_template("" if per_tenant else None)
+            if per_tenant and "{tenant}" not in template:
+                raise ValueError(
+                    f"sinks[{index}].{field} must contain {{tenant}}: one token per tenant"
+                )
+            if not per_tenant and "{tenant}" in template:
+                raise ValueError(
+                    f"sinks[{index}] uses {{tenant}}, but provider {self.provider.kind} "
+                    "has no tenants"
+                )
         return self
+
+    def static_tenants(self) -> list[str | None]:
+        """The tenants known from the config alone (a ``tenants_file`` is read at run time)."""
+        if isinstance(self.provider, DebituraProviderConfig):
+            return list(self.provider.tenants)
+        return [None]
+
+    def targets(self, tenant: str | None) -> list[str]:
+        """Every file and Secret key this job writes for `tenant`; `TargetError` if one
+        is unsafe (the message names the sink)."""
+        found: list[str] = []
+        for index, sink in enumerate(self.sinks):
+            try:
+                found.extend(sink.targets(job=self.name, tenant=tenant))
+            except TargetError as exc:
+                raise TargetError(f"sinks[{index}]: {exc}") from None
+        return found
 
 
 class Settings(BaseSettings):
@@ -646,6 +805,23 @@ class Settings(BaseSettings):
             if job.name in seen:
                 raise ValueError(f"duplicate job name {job.name!r}")
             seen.add(job.name)
+        return self
+
+    @model_validator(mode="after")
+    def _one_writer_per_target(self) -> Settings:
+        """Every static (job, tenant) gets safe targets, and no two share one."""
+        claims = TargetClaims()
+        errors: list[str] = []
+        for index, job in enumerate(self.jobs):
+            for tenant in job.static_tenants():
+                try:
+                    claims.claim((job.name, tenant), job.targets(tenant))
+                except TargetError as exc:
+                    errors.append(f"jobs[{index}].{exc}")
+                    if len(errors) >= 20:
+                        break
+        if errors:
+            raise ValueError(_TARGET_ERRORS + "; ".join(errors))
         return self
 
     @classmethod
@@ -690,6 +866,10 @@ def format_location(loc: tuple[str | int, ...]) -> str:
     return out or "(top level)"
 
 
+#: Marks a whole-config error whose messages carry their own locations.
+_TARGET_ERRORS = "targets: "
+
+
 def _messages(error: ValidationError) -> list[str]:
     lines = []
     for item in error.errors(include_url=False):
@@ -698,6 +878,9 @@ def _messages(error: ValidationError) -> list[str]:
             message = message[len("Value error, ") :]
         if item["type"] == "extra_forbidden":
             message = "unknown key"
+        if message.startswith(_TARGET_ERRORS):
+            lines.extend(message[len(_TARGET_ERRORS) :].split("; "))
+            continue
         lines.append(f"{format_location(tuple(item['loc']))}: {message}")
     return lines
 
@@ -715,15 +898,19 @@ def load_settings(
     if path is not None:
         file = Path(path)
         try:
-            raw = yaml.safe_load(file.read_text()) or {}
+            raw = yaml.safe_load(file.read_bytes().decode()) or {}
         except FileNotFoundError:
             raise ConfigError([f"{file}: config file not found"]) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"{file}: not valid UTF-8 (byte {exc.start + 1})"]) from None
         except yaml.YAMLError as exc:
             raise ConfigError([f"{file}: invalid YAML: {exc}"]) from None
         except OSError as exc:
             raise ConfigError([f"{file}: {exc.strerror}"]) from None
         if not isinstance(raw, dict):
             raise ConfigError([f"{file}: top level must be a mapping"])
+        if not all(isinstance(key, str) for key in raw):
+            raise ConfigError([f"{file}: top-level keys must be strings"])
     base = Path(path).resolve().parent if path is not None else None
     if base is not None:
         raw = _resolve_relative_paths(raw, base)
@@ -731,6 +918,11 @@ def load_settings(
         return Settings(**raw)
     except ValidationError as exc:
         raise ConfigError(_messages(exc)) from None
+    except SettingsError as exc:
+        # pydantic-settings names the field, not the variable: name the variable.
+        match = re.search(r'field "([^"]+)"', str(exc))
+        variable = f"REFRESHER_{match.group(1).upper()}" if match else "a REFRESHER_ variable"
+        raise ConfigError([f"{variable}: not valid JSON ({exc.__cause__ or exc})"]) from None
 
 
 def _resolve_relative_paths(raw: Any, base: Path) -> Any:

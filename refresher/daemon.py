@@ -9,6 +9,7 @@ SIGTERM/SIGINT (stop scheduling, finish in-flight writes, exit 0).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import random
 import signal
@@ -35,6 +36,7 @@ from refresher.scheduler import JobRuntime, Scheduler
 from refresher.sdnotify import SystemdNotifier
 from refresher.server import admin_token_reader, bind, create_app, is_loopback, make_server
 from refresher.sinks.kubernetes import KubeClients
+from refresher.targets import TargetClaims, TargetError, describe_owner
 from refresher.token import Token, rfc3339
 from refresher.watch import FileWatcher
 
@@ -97,7 +99,11 @@ class Daemon:
         self.port: int | None = None
         self.job_configs: dict[str, JobConfig] = {}
         self.providers: dict[str, TokenProvider] = {}
-        self.watcher = FileWatcher()
+        #: Every file and Secret key a running (job, tenant) writes: one writer each.
+        self.claims = TargetClaims()
+        #: Refused tenants per job, at its last (re)load.
+        self.rejected: dict[str, int] = {}
+        self.watcher = self._new_watcher()
         self._server: Any = None
         self._server_done = anyio.Event()
         self._tg: TaskGroup | None = None
@@ -138,13 +144,25 @@ class Daemon:
 
     # ------------------------------------------------------------ job set
 
-    async def add_job(self, job: JobConfig) -> list[JobRuntime]:
-        """Build a job's provider and runtimes, adopt valid tokens from its sinks, start it."""
+    async def add_job(self, job: JobConfig, *, adopt: bool = True) -> list[JobRuntime]:
+        """Build a job's provider and runtimes, adopt valid tokens from its sinks
+        (unless `adopt` is off), start it.
+
+        A tenant whose targets are unsafe or taken is skipped and reported; the
+        job's other tenants start. `ConfigError` when the job cannot run at all.
+        """
         provider = build_provider(job, clients=self.clients, clock=self.clock)
-        runtimes = build_runtimes(job, provider, kube=self.kube)
-        for runtime in runtimes:
-            await self.scheduler.recover(runtime)
-            self.scheduler.add(runtime)
+        if isinstance(job.provider, DebituraProviderConfig):
+            lines = job.provider.tenant_lines()
+            tenants: list[str | None] = list(lines.tenants)
+            rejected = list(lines.rejected)
+        else:
+            tenants, rejected = [None], []
+        runtimes = self._build_tenants(job, provider, tenants, rejected)
+        if tenants == [None] and not runtimes:
+            raise ConfigError([rejected[0]])
+        await self._start(runtimes, adopt=adopt)
+        self._report_rejected(job, rejected)
         self.job_configs[job.name] = job
         self.providers[job.name] = provider
         if job.notify:
@@ -156,6 +174,43 @@ class Daemon:
             self.notifiers.pop(job.name, None)
         return runtimes
 
+    def _build_tenants(
+        self,
+        job: JobConfig,
+        provider: TokenProvider,
+        tenants: list[str | None],
+        rejected: list[str],
+    ) -> list[JobRuntime]:
+        """Claim each tenant's targets and build its runtime; a tenant that cannot be
+        built goes to `rejected` instead."""
+        built = []
+        for tenant in tenants:
+            owner = (job.name, tenant)
+            try:
+                self.claims.claim(owner, job.targets(tenant))
+                built.extend(build_runtimes(job, provider, tenants=[tenant], kube=self.kube))
+            except (TargetError, ConfigError) as exc:
+                self.claims.release(owner)
+                rejected.append(f"{describe_owner(owner)}: {exc}")
+        return built
+
+    async def _start(self, runtimes: list[JobRuntime], *, adopt: bool = True) -> None:
+        for runtime in runtimes:
+            if adopt:
+                await self.scheduler.recover(runtime)
+            self.scheduler.add(runtime)
+
+    def _report_rejected(self, job: JobConfig, rejected: list[str]) -> None:
+        """Say (log and metric) which tenants of a job were refused, and why."""
+        self.rejected[job.name] = len(rejected)
+        self.metrics.tenants_rejected.labels(job.name, job.provider.kind).set(len(rejected))
+        for reason in rejected[:100]:
+            log.warning(
+                "tenant refused: its other tenants keep working", job=job.name, reason=reason
+            )
+        if len(rejected) > 100:
+            log.warning("more tenants refused", job=job.name, count=len(rejected) - 100)
+
     def _notifications(self, runtime: JobRuntime, token: Token) -> Coroutine[Any, Any, None] | None:
         """The job's notifications for a written token, if it has notifiers."""
         notifiers = self.notifiers.get(runtime.job)
@@ -163,12 +218,13 @@ class Daemon:
 
     async def _notify(self, runtime: JobRuntime, token: Token, notifiers: list[Notifier]) -> None:
         """Run the job's notifiers concurrently; failures are logged and counted."""
+        scrub = self.redactor.scrub
         event = TokenWritten(
             job=runtime.job,
-            tenant=runtime.tenant,
+            tenant=scrub(runtime.tenant) if runtime.tenant is not None else None,
             expires_at=rfc3339(token.expires_at),
             fingerprint=token.fingerprint(),
-            sink_paths=tuple(s.target for s in runtime.sinks),
+            sink_paths=tuple(scrub(s.target) for s in runtime.sinks),
         )
         labels = self.metrics.label_values(runtime.job, runtime.provider_kind, runtime.tenant)
 
@@ -200,6 +256,10 @@ class Daemon:
             runtime = self.scheduler.remove(key)
             if runtime is not None and delete:
                 await _withdraw(runtime)
+        self.claims.release_job(name)
+        self.rejected.pop(name, None)
+        with contextlib.suppress(KeyError):  # only jobs with tenants have the series
+            self.metrics.tenants_rejected.remove(name, job.provider.kind)
 
     def _watch_job(self, job: JobConfig) -> None:
         provider = self.providers[job.name]
@@ -229,23 +289,39 @@ class Daemon:
             self.watcher.watch(job.provider.tenants_file, tenants_changed)
 
     async def _sync_tenants(self, job: JobConfig) -> None:
+        """The ``tenants_file`` changed: start added tenants, withdraw removed ones.
+        Refused lines are skipped and reported; an unreadable file changes nothing."""
         assert isinstance(job.provider, DebituraProviderConfig)
         try:
-            wanted = set(job.provider.tenant_list())
+            lines = job.provider.tenant_lines()
         except OSError as exc:
-            log.error("cannot read tenants_file", job=job.name, error=str(exc))
+            log.error(
+                "cannot read tenants_file: keeping the current tenants",
+                job=job.name,
+                error=exc.strerror or str(exc),
+            )
             return
+        wanted = set(lines.tenants)
         current = {k[1] for k in self.scheduler.jobs if k[0] == job.name}
-        added, removed = wanted - current, current - wanted
-        provider = self.providers[job.name]
-        for runtime in build_runtimes(job, provider, tenants=sorted(added), kube=self.kube):
-            await self.scheduler.recover(runtime)
-            self.scheduler.add(runtime)
+        removed = current - wanted
         for tenant in removed:
             gone = self.scheduler.remove((job.name, tenant))
+            self.claims.release((job.name, tenant))
             if gone is not None:
                 await _withdraw(gone)
-        log.info("tenants changed", job=job.name, added=len(added), removed=len(removed))
+        rejected = list(lines.rejected)
+        added = [t for t in lines.tenants if t not in current]
+        provider = self.providers[job.name]
+        started = self._build_tenants(job, provider, list(added), rejected)
+        await self._start(started)
+        self._report_rejected(job, rejected)
+        log.info(
+            "tenants changed",
+            job=job.name,
+            added=len(started),
+            removed=len(removed),
+            refused=len(rejected),
+        )
 
     async def load_jobs(self) -> None:
         """Build every job, adopt valid tokens already in the sinks, register."""
@@ -260,6 +336,8 @@ class Daemon:
         Unchanged jobs keep their tokens and schedules; changed jobs are rebuilt
         (their sinks' valid tokens are adopted, so nothing is re-minted needlessly);
         new jobs start; removed jobs stop. An invalid config changes nothing.
+        A job that cannot start under the new config is reported and left out;
+        the others still change.
         """
         self.notifier.reloading()
         try:
@@ -281,7 +359,7 @@ class Daemon:
                 await self.remove_job(name, delete=False)
         for name, job in new_jobs.items():
             if name not in kept:
-                await self.add_job(job)
+                await self._add_reloaded(job)
         if new.server != self.settings.server:
             log.warning("server settings changed: they apply at the next restart")
         self.scheduler.policy = new.refresh
@@ -297,6 +375,15 @@ class Daemon:
         )
         self.notifier.ready(self.status_line())
         return True
+
+    async def _add_reloaded(self, job: JobConfig) -> None:
+        try:
+            await self.add_job(job)
+        except ConfigError as exc:
+            self.metrics.config_reload_failures.inc()
+            log.error("reload: job cannot start, left out", job=job.name, errors=exc.errors)
+        except Exception as exc:
+            self.scheduler.internal_error("reload", exc)
 
     # ------------------------------------------------------------ running
 
@@ -343,7 +430,7 @@ class Daemon:
         if self._watch_scope is not None:
             self.watcher.stop()
             self._watch_scope.cancel()
-        self.watcher = FileWatcher()
+        self.watcher = self._new_watcher()
         for job in self.job_configs.values():
             self._watch_job(job)
         watcher = self.watcher
@@ -354,6 +441,11 @@ class Daemon:
                 await watcher.run()
 
         self._tg.start_soon(run)
+
+    def _new_watcher(self) -> FileWatcher:
+        return FileWatcher(
+            on_error=lambda exc: self.scheduler.internal_error("watch", exc),
+        )
 
     async def _systemd(self) -> None:
         """READY=1 once the first round settled, STATUS= and WATCHDOG=1 from the loop."""
@@ -418,7 +510,11 @@ class Daemon:
             async with self.running():
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        await self.reload()
+                        try:
+                            await self.reload()
+                        except Exception as exc:
+                            self.metrics.config_reload_failures.inc()
+                            self.scheduler.internal_error("reload", exc)
                         continue
                     log.info("stopping", signal=signal.Signals(signum).name)
                     break
@@ -428,19 +524,18 @@ class Daemon:
         --online`: fetch only); True if every job succeeded."""
         runtimes: list[JobRuntime] = []
         for job in self.settings.jobs:
-            provider = build_provider(job, clients=self.clients, clock=self.clock)
-            runtimes.extend(build_runtimes(job, provider, kube=self.kube))
+            runtimes.extend(await self.add_job(job, adopt=False))
         for runtime in runtimes:
             if not write:
                 runtime.sinks = []
-            self.scheduler.add(runtime)
         async with anyio.create_task_group() as tg:
             for runtime in runtimes:
                 tg.start_soon(self.scheduler.refresh, runtime)
         await self.clients.aclose()
         await self.kube.aclose()
         now = self.clock.now()
-        return all(r.valid(now) and r.failures == 0 for r in runtimes)
+        refused = sum(self.rejected.values())
+        return not refused and all(r.valid(now) and r.failures == 0 for r in runtimes)
 
 
 async def _withdraw(runtime: JobRuntime) -> None:

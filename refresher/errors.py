@@ -10,9 +10,16 @@
     │   ├── UnauthorizedError       401: credential rejected                reason=unauthorized
     │   │   └── InvalidLinkError    Debitura: second 401 for a tenant       reason=unauthorized
     │   ├── ForbiddenError          403: capability missing                 reason=forbidden
-    │   └── BadResponseError        malformed body, no expiry, failed JWT   reason=bad_response
-    │                               verification, token already expired
-    └── SinkError                   a sink could not store the token       reason=sink
+    │   ├── BadResponseError        malformed body, no expiry, failed JWT   reason=bad_response
+    │   │                           verification, token already expired,
+    │   │                           a value unsafe to write
+    │   └── SecretUnusableError     the job's own secret cannot be read     reason=config
+    │                               (missing, empty, not UTF-8)
+    ├── SinkError                   a sink could not store the token       reason=sink
+    └── TooSoonError                a forced refresh over its budget (429)
+
+An exception outside this tree in a job's path is a bug: it is caught at the job's
+boundary, logged with its traceback, counted (reason=internal) and retried.
 
 Messages never contain a token or a secret: they carry the HTTP status and the
 `title`/`detail` of an RFC 9457 problem response, which partners fill with prose.
@@ -63,6 +70,8 @@ class ProviderError(RefresherError):
     ) -> None:
         self.status = status
         self.problem = problem
+        #: Our own words, without the provider's free text: safe to show in the API.
+        self.summary = message
         if problem is not None and problem.describe():
             message = f"{message} ({problem.describe()})"
         super().__init__(message)
@@ -125,6 +134,12 @@ class BadResponseError(ProviderError):
     reason = "bad_response"
 
 
+class SecretUnusableError(ProviderError):
+    """The job's own credential could not be read or is not a usable secret."""
+
+    reason = "config"
+
+
 class SinkError(RefresherError):
     """A sink could not store (or remove) a token; the previous value is untouched."""
 
@@ -133,3 +148,13 @@ class SinkError(RefresherError):
     def __init__(self, message: str, *, sink: str) -> None:
         self.sink = sink
         super().__init__(message)
+
+
+class TooSoonError(RefresherError):
+    """A forced refresh asked for more than its budget allows; `scope` says which
+    budget (``job``, ``credential`` or ``daemon``)."""
+
+    def __init__(self, retry_after: float, *, scope: str = "job") -> None:
+        self.retry_after = retry_after
+        self.scope = scope
+        super().__init__(f"refresh allowed again in {retry_after:.1f}s ({scope} budget)")

@@ -24,6 +24,7 @@ from refresher.scheduler import JobRuntime
 from refresher.sinks.base import TokenSink
 from refresher.sinks.file import FileSink
 from refresher.sinks.kubernetes import KubeClients, KubernetesSink
+from refresher.targets import expand_key, expand_path
 
 
 def build_provider(job: JobConfig, *, clients: HTTPClients, clock: Clock) -> TokenProvider:
@@ -41,34 +42,32 @@ def build_provider(job: JobConfig, *, clients: HTTPClients, clock: Clock) -> Tok
 
 
 def tenants_of(job: JobConfig) -> list[str | None]:
-    """The tenants a job mints for; ``[None]`` for single-token providers."""
+    """The tenants a job mints for now; ``[None]`` for single-token providers.
+
+    Refused ``tenants_file`` lines are left out (the daemon reports them).
+    """
     if isinstance(job.provider, DebituraProviderConfig):
-        return list(job.provider.tenant_list())
+        return list(job.provider.tenant_lines().tenants)
     return [None]
-
-
-def expand(template: str, *, job: str, tenant: str | None) -> str:
-    """Fill ``{job}`` and ``{tenant}`` in a sink path or key."""
-    return template.replace("{job}", job).replace("{tenant}", tenant or "")
 
 
 def build_sink(
     config: SinkConfig, *, job: str, tenant: str | None, kube: KubeClients | None = None
 ) -> TokenSink:
+    """The sink for (job, tenant); `TargetError` if the tenant cannot name a target."""
     if isinstance(config, FileSinkConfig):
-        return FileSink(config, Path(expand(config.path, job=job, tenant=tenant)))
+        return FileSink(config, Path(expand_path(config.path, job=job, tenant=tenant)))
     if kube is None:
         raise ConfigError([f"job {job}: kubernetes sink needs a Kubernetes client"])
-    # Per-tenant jobs default to one Secret key per tenant.
-    key = "{tenant}" if tenant is not None and config.key == "{job}" else config.key
-    return KubernetesSink(config, expand(key, job=job, tenant=tenant), clients=kube)
+    key = expand_key(config.key_template(tenant), job=job, tenant=tenant)
+    return KubernetesSink(config, key, clients=kube)
 
 
 def build_runtimes(
     job: JobConfig,
     provider: TokenProvider,
     *,
-    tenants: list[str] | None = None,
+    tenants: list[str | None] | None = None,
     kube: KubeClients | None = None,
 ) -> list[JobRuntime]:
     """One runtime per tenant (or one for the job), each with its own sinks."""

@@ -10,6 +10,7 @@ attacker.
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import sys
@@ -17,6 +18,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import MutableMapping
 from typing import Any, TextIO
+from urllib.parse import quote, quote_plus
 
 import structlog
 
@@ -32,6 +34,30 @@ _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")
 
 def mask(value: str) -> str:
     return f"[redacted:{fingerprint(value)}]"
+
+
+#: Encoded forms shorter than this are not searched for: they would mask chance matches.
+MIN_FORM_LENGTH = 8
+
+
+def secret_forms(value: str) -> set[str]:
+    """`value` as it may appear in text echoed back by a server or a library: as is,
+    percent-encoded (a form body), and base64 (HTTP Basic, or a base64 blob holding
+    it at any offset; standard and URL-safe alphabets)."""
+    forms = {value, quote(value, safe=""), quote_plus(value)}
+    raw = value.encode("utf-8", "surrogatepass")
+    for lead in range(3):
+        encoded = base64.b64encode(b"\0" * lead + raw).decode()
+        # The characters that depend on `value`'s bytes only, wherever it sits.
+        first = -(-8 * lead // 6)
+        last = 8 * (lead + len(raw)) // 6
+        cores = [encoded[first:last]]
+        if lead == 0:
+            cores += [encoded, encoded.rstrip("=")]
+        for core in cores:
+            forms.add(core)
+            forms.add(core.replace("+", "-").replace("/", "_"))
+    return {form for form in forms if form == value or len(form) >= MIN_FORM_LENGTH}
 
 
 class Redactor:
@@ -53,11 +79,16 @@ class Redactor:
         self._sensitive_keys: dict[str, bool] = {}
 
     def add_secret(self, value: str) -> None:
-        if len(value) >= 4:
-            with self._lock:
-                if value not in self._secrets:
-                    # Replaced, never mutated: `scrub` reads it without the lock.
-                    self._secrets = (*self._secrets, value)
+        """Remember a secret, and the forms it travels in (see `secret_forms`)."""
+        if len(value) < 4:
+            return
+        with self._lock:
+            known = set(self._secrets)
+            new = [form for form in secret_forms(value) if form not in known]
+            if new:
+                # Replaced, never mutated: `scrub` reads it without the lock. Longest
+                # first, so a form is masked whole before a shorter one inside it.
+                self._secrets = tuple(sorted((*self._secrets, *new), key=len, reverse=True))
 
     def add_token(self, value: str) -> None:
         with self._lock:
@@ -68,8 +99,15 @@ class Redactor:
                 self._tokens.popitem(last=False)
 
     def scrub(self, text: str) -> str:
+        """`text` with every known secret and token masked, and anything that is not
+        valid Unicode (a lone surrogate from a provider's JSON) escaped."""
         # Runs for every string of every log line: cheap checks before regexes.
         # (Membership tests on a dict are atomic; the lock guards only mutation.)
+        if not text.isascii():
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                text = text.encode("utf-8", "backslashreplace").decode()
         if hash(text) in self._tokens or text in self._secrets:
             return mask(text)
         for secret in self._secrets:

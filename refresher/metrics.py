@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -28,6 +28,17 @@ PREFIX = "refresher"
 #: Provider round trips: loopback emulators answer in ~1 ms, partners in 50 ms-5 s.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 RETRY_AFTER_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 900, 3600)
+#: Where an unexpected error can be caught (`refresher_internal_errors_total`).
+INTERNAL_ERROR_COMPONENTS = (
+    "refresh",
+    "read_back",
+    "expiry",
+    "notify",
+    "watch",
+    "tenants",
+    "reload",
+    "server",
+)
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,22 @@ class Metrics:
             f"{PREFIX}_notify_failures",
             "Notifier runs that failed (non-zero exit, no process, HTTP error).",
             [*labels, "notifier"],
+            registry=r,
+        )
+        self.internal_errors = Counter(
+            f"{PREFIX}_internal_errors",
+            "Unexpected errors caught at a job's boundary, by component (a bug: the job "
+            "retries and the daemon lives on).",
+            ["component"],
+            registry=r,
+        )
+        for component in INTERNAL_ERROR_COMPONENTS:
+            self.internal_errors.labels(component)
+        self.tenants_rejected = Gauge(
+            f"{PREFIX}_tenants_rejected",
+            "Lines of the job's tenants_file refused at its last read (bad tenant id, "
+            "a target that collides or escapes its directory).",
+            ["job", "provider"],
             registry=r,
         )
 

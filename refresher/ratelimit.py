@@ -128,3 +128,36 @@ class SlidingWindowLimiter:
     def block_until(self, moment: float) -> None:
         """The provider said 429: grant nothing before `moment`."""
         self._blocked_until = max(self._blocked_until, moment)
+
+
+class WindowBudget:
+    """At most `limit` events per `period` seconds per key, answered at once.
+
+    Unlike `SlidingWindowLimiter` nobody waits here: `take` either counts the event
+    or says how long until one would be allowed (consumer-forced refreshes are
+    refused with ``Retry-After`` rather than queued). Keys with no event in the last
+    `period` are forgotten, so memory follows the active keys only.
+    """
+
+    def __init__(self, limit: int, period: float = 60.0) -> None:
+        self.limit = limit
+        self.period = period
+        self._events: dict[str, deque[float]] = {}
+
+    def wait(self, key: str, now: float) -> float:
+        """Seconds until an event for `key` would be allowed (0 when it is now)."""
+        events = self._events.get(key)
+        if events is None:
+            return 0.0
+        while events and events[0] <= now - self.period:
+            events.popleft()
+        if not events:
+            del self._events[key]
+            return 0.0
+        if len(events) < self.limit:
+            return 0.0
+        return events[0] + self.period - now
+
+    def take(self, key: str, now: float) -> None:
+        """Count one event for `key` (call after `wait` returned 0)."""
+        self._events.setdefault(key, deque()).append(now)

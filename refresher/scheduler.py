@@ -21,6 +21,7 @@ import heapq
 import itertools
 import math
 import random
+import sys
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,33 +38,27 @@ from refresher.errors import (
     InvalidLinkError,
     ProviderError,
     RateLimitedError,
+    SecretUnusableError,
     SinkError,
+    TooSoonError,
     UnauthorizedError,
 )
 from refresher.logging import Redactor
 from refresher.metrics import JobSeries, JobSnapshot, Metrics
+from refresher.policy import backoff_delay, refresh_time
 from refresher.providers.base import TokenProvider
-from refresher.ratelimit import SlidingWindowLimiter
+from refresher.ratelimit import SlidingWindowLimiter, WindowBudget
 from refresher.sinks.base import TokenSink
 from refresher.token import Token, rfc3339
 
 log = structlog.get_logger("refresher.scheduler")
 
-#: A consumer may force a refresh of the same job at most this often.
-DEFAULT_MIN_FORCE_INTERVAL = 10.0
-
 JobKey = tuple[str, str | None]
 #: Called after every successful write; returns the work to run in the background,
 #: or None when there is nothing to do (no task is spawned then: most refreshes).
 WrittenHook = Callable[["JobRuntime", Token], Coroutine[Any, Any, None] | None]
-
-
-class TooSoonError(Exception):
-    """A forced refresh came before the job's minimum interval passed."""
-
-    def __init__(self, retry_after: float) -> None:
-        self.retry_after = retry_after
-        super().__init__(f"refresh allowed again in {retry_after:.1f}s")
+#: The longest provider-given title `/v1/tokens` shows.
+MAX_TITLE_LENGTH = 120
 
 
 @dataclass(eq=False)
@@ -80,7 +75,11 @@ class JobRuntime:
     next_refresh_at: float | None = None
     failures: int = 0
     last_error: str | None = None
+    #: The full message, for logs and tests; never shown by the API.
     last_error_message: str | None = None
+    last_error_status: int | None = None
+    #: A short, redacted title the API may show (the provider's problem title, or ours).
+    last_error_title: str | None = None
     last_success_at: float | None = None
     backoff: float = 0.0
     unwritten: list[TokenSink] = field(default_factory=list)
@@ -121,7 +120,8 @@ class JobRuntime:
             else None,
             "last_success_at": rfc3339(self.last_success_at),
             "last_error": self.last_error,
-            "last_error_message": self.last_error_message,
+            "last_error_status": self.last_error_status,
+            "last_error_title": self.last_error_title,
             "consecutive_failures": self.failures,
             "sinks": [s.target for s in self.sinks],
         }
@@ -136,28 +136,6 @@ class JobRuntime:
         if self.token is not None:
             return "expired"
         return "failing" if self.failures else "pending"
-
-
-def refresh_time(token: Token, policy: RefreshConfig, rng: random.Random) -> float:
-    """When to refresh `token` (see module docstring); +inf if it never expires."""
-    if token.expires_at is None:
-        return math.inf
-    lifetime = max(token.lifetime or 0.0, 0.0)
-    margin = min(policy.min_remaining, lifetime * (1 - policy.refresh_at))
-    latest = token.expires_at - margin
-    planned = policy.refresh_at * lifetime
-    if policy.jitter:
-        planned *= 1 + rng.uniform(-policy.jitter, policy.jitter)
-    moment = token.obtained_at + planned
-    if moment > latest:
-        # Mirror below the cap instead of clamping onto it: clamped jobs would all
-        # align on `expires_at - margin` (whole seconds for a JWT ``exp``).
-        moment = max(2 * latest - moment, token.obtained_at)
-    return min(moment, latest)
-
-
-async def _run(work: Coroutine[Any, Any, None]) -> None:
-    await work
 
 
 def _urgency(token: Token | None) -> float:
@@ -187,7 +165,6 @@ class Scheduler:
         metrics: Metrics,
         redactor: Redactor,
         rng: random.Random | None = None,
-        min_force_interval: float = DEFAULT_MIN_FORCE_INTERVAL,
         is_active: Callable[[], bool] | None = None,
     ) -> None:
         self.policy = policy
@@ -195,8 +172,9 @@ class Scheduler:
         self.metrics = metrics
         self.redactor = redactor
         self.rng = rng or random.Random()
-        self.min_force_interval = min_force_interval
         self.is_active = is_active or (lambda: True)
+        self._forced_per_credential = WindowBudget(policy.forced.per_credential_per_minute)
+        self._forced_total = WindowBudget(policy.forced.per_minute)
         self.jobs: dict[JobKey, JobRuntime] = {}
         self.written_hooks: list[WrittenHook] = []
         self._heap: list[tuple[float, int, JobKey, int]] = []
@@ -242,7 +220,15 @@ class Scheduler:
 
     async def recover(self, runtime: JobRuntime) -> bool:
         """Adopt the token the job's sinks already hold, if every sink agrees and it
-        is not due yet. Returns True when adopted (no mint needed now)."""
+        is not due yet. Returns True when adopted (no mint needed now); a sink that
+        cannot be read back is a reason to mint, never to stop."""
+        try:
+            return await self._recover(runtime)
+        except Exception as exc:
+            self.internal_error("read_back", exc, runtime, retry=False)
+            return False
+
+    async def _recover(self, runtime: JobRuntime) -> bool:
         tokens = [await sink.read_back() for sink in runtime.sinks]
         if not tokens or any(t is None for t in tokens):
             return False
@@ -306,7 +292,7 @@ class Scheduler:
                         and runtime.token is not None
                         and runtime.token.value == value
                     ):
-                        tg.start_soon(self._expired, runtime)
+                        tg.start_soon(self._guarded, "expiry", self._expired, runtime)
                 await self._sleep()
 
     def _track_expiry(self, runtime: JobRuntime, token: Token) -> None:
@@ -314,6 +300,55 @@ class Scheduler:
             runtime.expiry_tracked = token.value
             heapq.heappush(
                 self._expiries, (token.expires_at, next(self._seq), runtime.key, token.value)
+            )
+
+    async def _guarded(
+        self,
+        component: str,
+        work: Callable[[JobRuntime], Coroutine[Any, Any, None]],
+        runtime: JobRuntime,
+    ) -> None:
+        try:
+            await work(runtime)
+        except Exception as exc:
+            self.internal_error(component, exc, runtime, retry=False)
+
+    def internal_error(
+        self,
+        component: str,
+        exc: BaseException,
+        runtime: JobRuntime | None = None,
+        *,
+        retry: bool = True,
+    ) -> None:
+        """A bug surfaced at a job's boundary: log it once with its traceback, count
+        it, and (with `retry`) plan the job's next attempt with backoff. Never raises:
+        this is the last line between one job's bug and the whole daemon."""
+        try:
+            self.metrics.internal_errors.labels(component).inc()
+            logger = runtime.bound_log if runtime is not None and runtime.bound_log else log
+            logger.error("internal error", component=component, exc_info=exc)
+        except Exception:
+            # The logging pipeline failed too: say only what cannot leak.
+            print(f"refresher: internal error in {component}", file=sys.stderr)
+        if runtime is None or not retry:
+            return
+        try:
+            series = self._series(runtime)
+            self.metrics.refresh_total.labels(*series.labels, "failure").inc()
+            self.metrics.refresh_failures.labels(*series.labels, "internal").inc()
+            runtime.failures += 1
+            runtime.last_error = "internal"
+            runtime.last_error_message = f"internal error: {type(exc).__name__}"
+            runtime.last_error_status = None
+            runtime.last_error_title = "internal error (see the daemon's log)"
+            runtime.backoff = backoff_delay(runtime.failures, self.policy.backoff, self.rng)
+            if self.jobs.get(runtime.key) is runtime:
+                self._schedule(runtime, self.clock.now() + runtime.backoff)
+        except Exception:
+            print(
+                f"refresher: cannot plan a retry after an internal error in {component}",
+                file=sys.stderr,
             )
 
     async def _expired(self, runtime: JobRuntime) -> None:
@@ -365,7 +400,8 @@ class Scheduler:
     # ------------------------------------------------------------------ one refresh
 
     async def force(self, job: str, tenant: str | None = None) -> JobRuntime:
-        """Consumer asked for a refresh: single-flight, at most once per interval."""
+        """Consumer asked for a refresh: single-flight, within three budgets — one
+        per (job, tenant), one per credential, one for the daemon (`TooSoonError`)."""
         runtime = self.jobs.get((job, tenant))
         if runtime is None:
             raise KeyError((job, tenant))
@@ -373,22 +409,38 @@ class Scheduler:
             await runtime.inflight.wait()
             return runtime
         now = self.clock.now()
+        forced = self.policy.forced
         if runtime.last_forced_at is not None:
-            wait = runtime.last_forced_at + self.min_force_interval - now
+            wait = runtime.last_forced_at + forced.min_interval - now
             if wait > 0:
-                raise TooSoonError(wait)
+                raise TooSoonError(wait, scope="job")
+        credential = runtime.provider.credential
+        wait = self._forced_per_credential.wait(credential, now)
+        if wait > 0:
+            raise TooSoonError(wait, scope="credential")
+        wait = self._forced_total.wait("", now)
+        if wait > 0:
+            raise TooSoonError(wait, scope="daemon")
+        self._forced_per_credential.take(credential, now)
+        self._forced_total.take("", now)
         runtime.last_forced_at = now
         await self.refresh(runtime, force=True)
         return runtime
 
     async def refresh(self, runtime: JobRuntime, *, force: bool = False) -> None:
-        """Refresh one job now (single-flight: joins a refresh already running)."""
+        """Refresh one job now (single-flight: joins a refresh already running).
+
+        This is the job's boundary: whatever goes wrong inside is this job's
+        failure, retried with backoff, never the daemon's end.
+        """
         if runtime.inflight is not None:
             await runtime.inflight.wait()
             return
         runtime.inflight = anyio.Event()
         try:
             await self._refresh(runtime, force=force)
+        except Exception as exc:
+            self.internal_error("refresh", exc, runtime)
         finally:
             runtime.inflight.set()
             runtime.inflight = None
@@ -482,11 +534,6 @@ class Scheduler:
             series.refresh_duration.observe(max(self.clock.now() - started, 0))
             self._failed(runtime, error, series.labels, limiter)
             return
-        except Exception as exc:  # a bug or an unreadable secret must not stop the daemon
-            runtime.bound_log.exception("unexpected error during refresh")
-            unexpected = BadResponseError(f"unexpected error: {type(exc).__name__}: {exc}")
-            self._failed(runtime, unexpected, series.labels, limiter)
-            return
         finally:
             self.inflight -= 1
         series.refresh_duration.observe(max(self.clock.now() - started, 0))
@@ -525,7 +572,9 @@ class Scheduler:
             runtime.failures += 1
             runtime.last_error = "sink"
             runtime.last_error_message = "; ".join(str(e) for e in errors)
-            delay = self._backoff(runtime)
+            runtime.last_error_status = None
+            runtime.last_error_title = self._title(runtime.last_error_message)
+            delay = backoff_delay(runtime.failures, self.policy.backoff, self.rng)
             runtime.backoff = delay
             runtime.bound_log.error(
                 "sink write failed",
@@ -543,6 +592,8 @@ class Scheduler:
         runtime.backoff = 0.0
         runtime.last_error = None
         runtime.last_error_message = None
+        runtime.last_error_status = None
+        runtime.last_error_title = None
         runtime.last_success_at = now
         due = refresh_time(token, self.policy, self.rng)
         self._schedule(runtime, due)
@@ -553,19 +604,32 @@ class Scheduler:
             next_refresh_at=rfc3339(due) if math.isfinite(due) else None,
         )
         for hook in self.written_hooks:
-            work = hook(runtime, token)
+            # The token is written: a failing hook is a notification problem, not
+            # a failed refresh.
+            try:
+                work = hook(runtime, token)
+            except Exception as exc:
+                self.internal_error("notify", exc, runtime, retry=False)
+                continue
             if work is None:
                 continue
             if self._tg is not None:
-                self._tg.start_soon(_run, work)
+                self._tg.start_soon(self._run_hook, work, runtime)
             else:
-                await work
+                await self._run_hook(work, runtime)
 
-    def _backoff(self, runtime: JobRuntime) -> float:
-        """Full-jitter exponential backoff for the current failure count."""
-        policy = self.policy.backoff
-        cap = min(policy.max, policy.initial * 2 ** max(runtime.failures - 1, 0))
-        return max(policy.initial / 10, self.rng.uniform(0, cap))
+    async def _run_hook(self, work: Coroutine[Any, Any, None], runtime: JobRuntime) -> None:
+        try:
+            await work
+        except Exception as exc:
+            self.internal_error("notify", exc, runtime, retry=False)
+
+    def _title(self, text: str | None) -> str | None:
+        """`text` redacted and cut to `MAX_TITLE_LENGTH`: what the API may show."""
+        if not text:
+            return None
+        title = self.redactor.scrub(" ".join(text.split()))
+        return title if len(title) <= MAX_TITLE_LENGTH else title[: MAX_TITLE_LENGTH - 3] + "..."
 
     def _failed(
         self,
@@ -578,6 +642,10 @@ class Scheduler:
         runtime.failures += 1
         runtime.last_error = error.reason
         runtime.last_error_message = str(error)
+        runtime.last_error_status = error.status
+        runtime.last_error_title = self._title(
+            error.problem.title if error.problem and error.problem.title else error.summary
+        )
         self.metrics.refresh_total.labels(*labels, "failure").inc()
         self.metrics.refresh_failures.labels(*labels, error.reason).inc()
         capped = False
@@ -587,18 +655,21 @@ class Scheduler:
                 self.metrics.retry_after.labels(*labels).observe(error.retry_after)
             # "0" or an HTTP date already past (provider clock behind): waiting
             # "exactly" that long would be a tight loop, so back off instead.
-            delay = error.retry_after or self._backoff(runtime)
+            delay = error.retry_after or backoff_delay(
+                runtime.failures, self.policy.backoff, self.rng
+            )
             if delay > self.policy.max_retry_after:
                 delay, capped = self.policy.max_retry_after, True
             if limiter is not None:
                 limiter.block_until(now + delay)
         else:
-            if isinstance(error, (UnauthorizedError, ForbiddenError)):
+            if isinstance(error, (UnauthorizedError, ForbiddenError, SecretUnusableError)):
+                # No retry fixes these soon; a rotated secret file re-mints at once.
                 delay = self.policy.backoff.max
                 if isinstance(error, InvalidLinkError):
                     runtime.state = "invalid_link"
             else:
-                delay = self._backoff(runtime)
+                delay = backoff_delay(runtime.failures, self.policy.backoff, self.rng)
             token = runtime.token
             if (
                 token is not None
@@ -612,7 +683,7 @@ class Scheduler:
         runtime.backoff = delay
         event = (
             runtime.bound_log.error
-            if error.reason in ("unauthorized", "forbidden")
+            if error.reason in ("unauthorized", "forbidden", "config")
             else runtime.bound_log.warning
         )
         event(

@@ -23,8 +23,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from refresher.errors import TooSoonError
 from refresher.metrics import Metrics
-from refresher.scheduler import Scheduler, TooSoonError
+from refresher.scheduler import Scheduler
 
 
 def is_loopback(host: str) -> bool:

@@ -1,6 +1,16 @@
 """The `Token` value object and the expiry rule.
 
 A token's value never appears in its `repr` or `str`: log `fingerprint()`.
+
+Every `Token` is safe to write in every sink format: its value is 1 to
+`MAX_TOKEN_LENGTH` characters of RFC 6750's ``b64token`` alphabet (letters, digits,
+``- . _ ~ + /``, ``=``) plus ``%`` and ``@``, not starting with ``~``; its type is a
+short word. No whitespace, quote, ``$``, ``\\`` or control character can reach a
+raw, header or env file, and a shell sourcing an env file reads the value back
+unchanged. Anything else is refused where it is built (`BadResponseError`).
+
+Expiry is clamped to `MAX_LIFETIME` after issue: a provider promising a token for
+a century gets it refreshed within a year.
 """
 
 from __future__ import annotations
@@ -10,6 +20,7 @@ import binascii
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,18 +28,47 @@ from typing import Any
 
 from refresher.errors import BadResponseError
 
+#: The longest token accepted: Entra ID tokens with many groups reach ~8 KB.
+MAX_TOKEN_LENGTH = 64 * 1024
+#: The longest lifetime believed; later expiries are clamped to this after issue.
+MAX_LIFETIME = 365 * 86400.0
+
+_VALUE = re.compile(r"[A-Za-z0-9\-._+/=%@][A-Za-z0-9\-._~+/=%@]*")
+_TOKEN_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
 
 def fingerprint(value: str | bytes) -> str:
     """First 12 hex digits of the SHA-256 of `value`: safe to log, stable to compare."""
-    data = value.encode() if isinstance(value, str) else value
+    # surrogatepass: any str has a fingerprint, even one that is not valid Unicode.
+    data = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
     return hashlib.sha256(data).hexdigest()[:12]
 
 
+def value_problem(value: str) -> str | None:
+    """Why `value` is not a token refresher will write (see module docstring), or None."""
+    if not value:
+        return "is empty"
+    if len(value) > MAX_TOKEN_LENGTH:
+        return f"is longer than {MAX_TOKEN_LENGTH} characters"
+    if _VALUE.fullmatch(value):
+        return None
+    for index, char in enumerate(value):
+        if not _VALUE.fullmatch(("a" if index else "") + char):
+            kind = "control character" if not char.isprintable() else f"character {char!r}"
+            if char.isspace():
+                kind = "whitespace"
+            return f"contains a {kind} at position {index + 1}, not allowed in a bearer token"
+    return "is not a valid bearer token"  # pragma: no cover - the loop finds the culprit
+
+
 def rfc3339(moment: float | None) -> str | None:
-    """Unix seconds → RFC 3339 UTC (``2026-11-26T01:02:03Z``)."""
+    """Unix seconds → RFC 3339 UTC (``2026-11-26T01:02:03Z``); None when not representable."""
     if moment is None:
         return None
-    return datetime.fromtimestamp(moment, UTC).isoformat().replace("+00:00", "Z")
+    try:
+        return datetime.fromtimestamp(moment, UTC).isoformat().replace("+00:00", "Z")
+    except (OverflowError, ValueError, OSError):
+        return None
 
 
 def parse_rfc3339(text: str) -> float:
@@ -73,6 +113,15 @@ class Token:
     scope: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        problem = value_problem(self.value) if isinstance(self.value, str) else "is not text"
+        if problem is not None:
+            raise BadResponseError(f"token value {problem}")
+        if not isinstance(self.token_type, str) or not _TOKEN_TYPE.fullmatch(self.token_type):
+            raise BadResponseError(
+                "token_type must be a short word of letters, digits, '_', '.' or '-'"
+            )
+
     def fingerprint(self) -> str:
         """Short SHA-256 prefix of the value (see `fingerprint`)."""
         return fingerprint(self.value)
@@ -114,12 +163,19 @@ class Token:
         value_field, expires_field = field_names
         if not isinstance(value, str) or not value:
             raise BadResponseError(f"response has no usable {value_field!r}")
+        problem = value_problem(value)
+        if problem is not None:
+            raise BadResponseError(f"{value_field!r} {problem}")
+        if token_type is not None and not isinstance(token_type, str):
+            raise BadResponseError("'token_type' must be a string")
+        if scope is not None and not isinstance(scope, str):
+            raise BadResponseError("'scope' must be a space-separated string")
         candidates: list[float] = []
         if expires_in is not None:
             lifetime = _number(expires_in, expires_field)
             if lifetime <= 0:
                 raise BadResponseError(f"{expires_field!r} must be positive, got {lifetime:g}")
-            candidates.append(obtained_at + lifetime)
+            candidates.append(obtained_at + min(lifetime, MAX_LIFETIME))
         claims = jwt_claims(value)
         if claims is not None and "exp" in claims:
             candidates.append(_number(claims["exp"], "exp claim"))
@@ -130,17 +186,17 @@ class Token:
                     " (set assume_lifetime to accept it)"
                 )
             candidates.append(obtained_at + assume_lifetime)
-        expires_at = min(candidates)
+        expires_at = min(*candidates, obtained_at + MAX_LIFETIME)
         if expires_at <= obtained_at:
             raise BadResponseError(
                 "token is already expired when received (JWT 'exp' in the past: check clock skew)"
             )
         return cls(
             value=value,
-            token_type=str(token_type or "Bearer"),
+            token_type=token_type or "Bearer",
             obtained_at=obtained_at,
             expires_at=expires_at,
-            scope=str(scope) if scope is not None else None,
+            scope=_printable(scope, "scope") if scope else None,
             extra=dict(extra or {}),
         )
 
@@ -158,31 +214,53 @@ class Token:
         """A token read back from a sink, with the times its metadata stored.
 
         A JWT's ``exp`` wins when sooner and its ``iat`` fills a missing issue time.
-        Unknown expiry gives None: the caller treats the job as due rather than
-        trusting the token forever.
+        Unknown expiry, or anything that would not be a valid `Token` (someone edited
+        the file), gives None: the caller treats the job as due rather than trusting
+        the token.
         """
         claims = jwt_claims(value)
-        if claims is not None and isinstance(claims.get("exp"), (int, float)):
+        if claims is not None and _finite(claims.get("exp")):
             exp = float(claims["exp"])
             expires_at = exp if expires_at is None else min(expires_at, exp)
-            if obtained_at is None and isinstance(claims.get("iat"), (int, float)):
+            if obtained_at is None and _finite(claims.get("iat")):
                 obtained_at = float(claims["iat"])
-        if expires_at is None:
+        if expires_at is None or not math.isfinite(expires_at):
             return None
-        return cls(
-            value=value,
-            token_type=token_type,
-            obtained_at=obtained_at if obtained_at is not None else expires_at - 1,
-            expires_at=expires_at,
-            scope=scope,
-            extra=dict(extra or {}),
-        )
+        issued = obtained_at if obtained_at is not None and obtained_at < expires_at else None
+        issued = expires_at - 1 if issued is None else issued
+        try:
+            return cls(
+                value=value,
+                token_type=token_type,
+                obtained_at=issued,
+                expires_at=min(expires_at, issued + MAX_LIFETIME),
+                scope=scope if isinstance(scope, str) and scope.isprintable() else None,
+                extra=dict(extra or {}),
+            )
+        except BadResponseError:
+            return None
 
 
 def _number(raw: object, name: str) -> float:
+    """A finite number; a numeric string (``"3600"``, as some servers send) counts."""
+    if isinstance(raw, str) and re.fullmatch(r"\s*[0-9]+(\.[0-9]+)?\s*", raw):
+        raw = float(raw)
     if isinstance(raw, bool) or not isinstance(raw, (int, float)):
         raise BadResponseError(f"{name!r} must be a number, got {type(raw).__name__}")
-    number = float(raw)
+    try:
+        number = float(raw)
+    except OverflowError:
+        raise BadResponseError(f"{name!r} must be finite") from None
     if not math.isfinite(number):
         raise BadResponseError(f"{name!r} must be finite")
     return number
+
+
+def _finite(raw: object) -> bool:
+    return isinstance(raw, (int, float)) and not isinstance(raw, bool) and math.isfinite(raw)
+
+
+def _printable(raw: str, name: str) -> str:
+    if not raw.isprintable() or len(raw) > 4096:
+        raise BadResponseError(f"{name!r} must be printable text of at most 4096 characters")
+    return raw

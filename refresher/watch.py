@@ -33,8 +33,15 @@ def _digest(path: Path) -> str | None:
 class FileWatcher:
     """Calls back when the content behind a watched path changes."""
 
-    def __init__(self, *, debounce_ms: int = 50) -> None:
+    def __init__(
+        self,
+        *,
+        debounce_ms: int = 50,
+        on_error: Callable[[Exception], None] | None = None,
+    ) -> None:
         self._callbacks: dict[Path, list[Callback]] = {}
+        #: A failing callback is reported here and the watch goes on.
+        self.on_error = on_error
         self._digests: dict[Path, str | None] = {}
         self.debounce_ms = debounce_ms
         self._stop = anyio.Event()
@@ -59,7 +66,12 @@ class FileWatcher:
             self._digests[path] = digest
             log.info("watched file changed", path=str(path))
             for callback in callbacks:
-                await callback(path)
+                try:
+                    await callback(path)
+                except Exception as exc:
+                    if self.on_error is None:
+                        raise
+                    self.on_error(exc)
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED

@@ -23,10 +23,11 @@ from refresher.clock import ManualClock
 from refresher.config import load_settings
 from refresher.daemon import Daemon
 from refresher.emulators.base import Emulator
-from refresher.logging import Redactor, configure_logging
+from refresher.logging import Redactor, configure_logging, secret_forms
 
 CLIENT_ID = "demo-client"
 CLIENT_SECRET = "s3cr3t-client-secret-value"
+DEB_KEY = "debitura-api-key-value-123"
 
 
 @pytest.fixture
@@ -51,7 +52,12 @@ class LeakGuard:
         return [line for line in self.lines() if line.get("event") == name]
 
     def values(self) -> set[str]:
-        values = set(self.secrets)
+        """Every secret in every form it travels in (as is, percent-encoded, base64,
+        HTTP Basic's ``id:secret``), and every token an emulator issued."""
+        values: set[str] = set()
+        for secret in self.secrets:
+            values.update(secret_forms(secret))
+            values.update(secret_forms(f"{CLIENT_ID}:{secret}"))
         for emulator in self.emulators:
             values.update(emulator.issued)
         return values
@@ -202,3 +208,35 @@ async def drive(clock: ManualClock, scheduler: Any, until: Callable[[], bool], *
                 f"in flight {sum(r.inflight is not None for r in scheduler.jobs.values())})"
             )
         await clock.set(deadline)
+
+
+def metric(daemon: Daemon, name: str, **labels: str) -> float | None:
+    """The value of one sample of the daemon's registry (None when absent)."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = generate_latest(daemon.metrics.registry).decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None
+
+
+@pytest.fixture
+def debitura(make_emulator: Callable[..., Any], clock: ManualClock, leak_guard: LeakGuard) -> Any:
+    from refresher.emulators.debitura import DebituraEmulator
+
+    leak_guard.secrets.add(DEB_KEY)
+    return make_emulator(DebituraEmulator, api_keys={DEB_KEY}, clock=clock)
+
+
+def deb_job(emu: Any, tmp_path: Path, tenants: list[str] | None = None, **provider: Any) -> dict[str, Any]:
+    p: dict[str, Any] = {"kind": "debitura", "base_url": emu.url, "api_key": DEB_KEY, **provider}
+    if "tenants_file" not in provider:
+        p["tenants"] = tenants or ["t-001", "t-002", "t-003"]
+    return {
+        "name": "debitura",
+        "provider": p,
+        "sinks": [{"kind": "file", "path": str(tmp_path / "{tenant}.json"), "format": "json"}],
+    }

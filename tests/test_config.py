@@ -183,14 +183,14 @@ def test_env_overrides_yaml(tmp_path, monkeypatch) -> None:
     assert settings.refresh.min_remaining == 90
 
 
-def test_secret_file_is_stripped_of_one_newline_and_reread(tmp_path) -> None:
+def test_secret_file_is_stripped_of_trailing_newlines_and_reread(tmp_path) -> None:
     from refresher.config import secret_source
 
     settings = load_settings(write(tmp_path, {"jobs": [good_job(tmp_path)]}))
     source = secret_source(settings.jobs[0].provider, "client_secret")
     assert source is not None and source.read() == "the-secret"
-    (tmp_path / "secret").write_text("rotated\n\n")
-    assert source.read() == "rotated\n"
+    (tmp_path / "secret").write_bytes(b"rotated\r\n\n")
+    assert source.read() == "rotated"
     assert "the-secret" not in repr(source)
 
 

@@ -78,12 +78,12 @@ KUBE_SINK_JOBS = [
         "sinks": [
             # One key per tenant in one Secret.
             {"kind": "kubernetes", "namespace": "apps", "secret": "debitura", "key": "{tenant}"},
-            # Shared Secret, other key: listed once.
+            # Shared Secret, other keys: listed once.
             {
                 "kind": "kubernetes",
                 "namespace": "apps",
                 "secret": "partner-tokens",
-                "key": "debitura",
+                "key": "debitura-{tenant}",
             },
         ],
     },

@@ -18,24 +18,14 @@ from refresher.emulators.base import Fault
 from refresher.emulators.debitura import DebituraEmulator
 from refresher.emulators.dutyclaims import DutyClaimsEmulator
 from refresher.emulators.gooclaim import GooclaimEmulator
-from tests.conftest import drive, get_json, settle, wait_for
+from tests.conftest import DEB_KEY, deb_job, drive, get_json, metric, settle, wait_for
 
 pytestmark = pytest.mark.anyio
 
 DC_SECRET = "dc-sandbox-secret-value"
-DEB_KEY = "debitura-api-key-value-123"
 GOO_SECRET = "gooclaim-client-secret-value"
 
 
-def metric(daemon, name: str, **labels: str) -> float | None:
-    from prometheus_client import generate_latest
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(generate_latest(daemon.metrics.registry).decode()):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return None
 
 
 # ------------------------------------------------------------------ DutyClaims
@@ -176,23 +166,6 @@ def test_dutyclaims_config_rules(tmp_path, capsys) -> None:
 
 
 # ------------------------------------------------------------------ Debitura
-
-
-@pytest.fixture
-def debitura(make_emulator, clock, leak_guard):
-    leak_guard.secrets.add(DEB_KEY)
-    return make_emulator(DebituraEmulator, api_keys={DEB_KEY}, clock=clock)
-
-
-def deb_job(emu, tmp_path: Path, tenants: list[str] | None = None, **provider: Any) -> dict[str, Any]:
-    p: dict[str, Any] = {"kind": "debitura", "base_url": emu.url, "api_key": DEB_KEY, **provider}
-    if "tenants_file" not in provider:
-        p["tenants"] = tenants or ["t-001", "t-002", "t-003"]
-    return {
-        "name": "debitura",
-        "provider": p,
-        "sinks": [{"kind": "file", "path": str(tmp_path / "{tenant}.json"), "format": "json"}],
-    }
 
 
 async def test_debitura_mints_per_tenant_with_xapikey(start_daemon, debitura, clock, tmp_path) -> None:

@@ -6,22 +6,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from refresher.emulators.base import Fault
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, get_json, oauth2_job, wait_for
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, get_json, metric, oauth2_job, wait_for
 
 pytestmark = pytest.mark.anyio
 
 
-def metric(daemon, name: str, **labels: str) -> float | None:
-    from prometheus_client import generate_latest
-
-    for family in text_string_to_metric_families(generate_latest(daemon.metrics.registry).decode()):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return None
 
 
 def runtime(daemon):

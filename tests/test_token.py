@@ -44,7 +44,7 @@ def test_opaque_token_uses_expires_in_only() -> None:
     assert token.expires_at == 130.0
 
 
-@pytest.mark.parametrize("expires_in", [0, -5, "3600", True, float("nan")])
+@pytest.mark.parametrize("expires_in", [0, -5, "an hour", "-5", "1e400", True, float("nan"), [1]])
 def test_bad_expires_in_is_rejected(expires_in: object) -> None:
     with pytest.raises(BadResponseError, match="expires_in"):
         Token.from_grant("opaque", obtained_at=0, expires_in=expires_in)

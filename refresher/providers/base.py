@@ -28,6 +28,7 @@ from refresher.errors import (
     Problem,
     ProviderError,
     RateLimitedError,
+    SecretUnusableError,
     ServerError,
     TimeoutError,
     TransportError,
@@ -57,6 +58,11 @@ class TokenProvider(Protocol):
     """
 
     kind: str
+
+    @property
+    def credential(self) -> str:
+        """Identifies the credential (client id, API key): jobs sharing it share its fate."""
+        ...
 
     @property
     def rate_limit(self) -> RateLimit | None:
@@ -305,12 +311,15 @@ class HTTPProvider:
         self.client = clients.get(base_url, ca_file=config.ca_file, timeout=config.timeout)
         self._secrets = {name: src for name, src in secrets.items() if src is not None}
         self._urls: dict[str, httpx2.URL] = {}
+        self._credential = f"{self.kind}:{base_url}:{rate_limit_key or ''}"
         per_minute = config.requests_per_minute or default_requests_per_minute
         self._rate_limit = (
-            RateLimit(key=f"{self.kind}:{base_url}:{rate_limit_key or ''}", requests=per_minute)
-            if per_minute
-            else None
+            RateLimit(key=self._credential, requests=per_minute) if per_minute else None
         )
+
+    @property
+    def credential(self) -> str:
+        return self._credential
 
     @property
     def rate_limit(self) -> RateLimit | None:
@@ -321,16 +330,26 @@ class HTTPProvider:
         return self.config.max_concurrency
 
     def secret(self, name: str) -> str:
-        """Read the named secret now (files are re-read, so rotation takes effect)."""
-        return self._secrets[name].read()
+        """Read the named secret now (files are re-read, so rotation takes effect);
+        `SecretUnusableError` when it cannot be read or is not a usable secret."""
+        try:
+            return self._secrets[name].read()
+        except ConfigError as exc:
+            raise SecretUnusableError(exc.errors[0]) from None
 
     def secrets(self) -> list[str]:
+        """Current secret values (for redaction), with the ``client_id:secret`` pair
+        HTTP Basic authentication would encode."""
         values = []
+        client_id = getattr(self.config, "client_id", None)
         for source in self._secrets.values():
             try:
-                values.append(source.read())
-            except (OSError, ConfigError):
+                value = source.read()
+            except ConfigError:
                 continue
+            values.append(value)
+            if isinstance(client_id, str):
+                values.append(f"{client_id}:{value}")
         return values
 
     def secret_files(self) -> list[Path]:

@@ -10,8 +10,8 @@ which the scheduler parks with a long backoff without touching other tenants.
 from __future__ import annotations
 
 from refresher.clock import Clock
-from refresher.config import DebituraProviderConfig, secret_source
-from refresher.errors import InvalidLinkError, UnauthorizedError
+from refresher.config import DebituraProviderConfig, SecretSource, secret_source
+from refresher.errors import ConfigError, InvalidLinkError, UnauthorizedError
 from refresher.providers.base import HTTPClients, HTTPProvider
 from refresher.token import Token, fingerprint
 
@@ -32,7 +32,7 @@ class DebituraProvider(HTTPProvider):
             clock=clock,
             secrets={"api_key": source},
             # The partner budgets per API key; jobs sharing a key share the budget.
-            rate_limit_key=fingerprint(source.read()),
+            rate_limit_key=_key_identity(source),
         )
 
     async def fetch(self, tenant: str | None) -> Token:
@@ -70,3 +70,11 @@ class DebituraProvider(HTTPProvider):
             scope="scope",
             extra=extra,
         )
+
+
+def _key_identity(source: SecretSource) -> str:
+    """The API key's fingerprint (an unreadable key still gets a stable identity)."""
+    try:
+        return fingerprint(source.read())
+    except ConfigError:
+        return f"unreadable:{source!r}"

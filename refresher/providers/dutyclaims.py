@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from refresher.clock import Clock
 from refresher.config import DutyClaimsProviderConfig, secret_source
+from refresher.errors import ConfigError
 from refresher.providers.base import HTTPClients, HTTPProvider
-from refresher.token import Token
+from refresher.token import Token, fingerprint
 
 HEADER_NAMES = {"authorization": "Authorization", "x-api-key": "X-API-Key"}
 
@@ -34,7 +35,8 @@ class DutyClaimsProvider(HTTPProvider):
             clients=clients,
             clock=clock,
             secrets={name: secret_source(config, name)},
-            rate_limit_key=config.client_id or "managed",
+            # Sandbox budgets per client id; a managed credential is its own identity.
+            rate_limit_key=config.client_id or _managed_identity(config),
         )
         self.dutyclaims = config
 
@@ -59,3 +61,11 @@ class DutyClaimsProvider(HTTPProvider):
             fields["scope"] = " ".join(cfg.scopes)
         body = await self.post(self.token_path, "DutyClaims sandbox token request", data=fields)
         return self.token_from(body, obtained_at=now, extra={"mode": "sandbox"})
+
+
+def _managed_identity(config: DutyClaimsProviderConfig) -> str:
+    source = secret_source(config, "credential")
+    try:
+        return fingerprint(source.read()) if source is not None else "managed"
+    except ConfigError:
+        return "managed"

@@ -48,6 +48,7 @@ from lightkube.types import PatchType
 
 from refresher.config import KubernetesSinkConfig
 from refresher.errors import ConfigError, SinkError
+from refresher.targets import secret_data_keys, secret_key_problem
 from refresher.token import Token, fingerprint, parse_rfc3339, rfc3339
 
 log = structlog.get_logger("refresher.sinks.kubernetes")
@@ -60,7 +61,6 @@ ANNOTATION_PREFIX = "refresher.io/"
 #: Attempts for one write when the API server answers 409 Conflict.
 CONFLICT_ATTEMPTS = 4
 
-_DATA_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 _ANNOTATION_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _FORBIDDEN = re.compile(
     r'User "(?P<user>[^"]*)" cannot (?P<verb>\S+) resource "(?P<res>[^"]+)"'
@@ -434,13 +434,9 @@ class KubernetesSink:
         field_manager: str = FIELD_MANAGER,
         conflict_attempts: int = CONFLICT_ATTEMPTS,
     ) -> None:
-        if not key or len(key) > 253 - len(".expires_at") or not _DATA_KEY.match(key):
-            raise ConfigError(
-                [
-                    f"kubernetes sink key {key!r}: must be 1-240 characters of letters, digits, "
-                    "'-', '_' or '.'"
-                ]
-            )
+        problem = secret_key_problem(key)
+        if problem is not None:
+            raise ConfigError([f"kubernetes sink key {key!r} {problem}"])
         self.config = config
         self.key = key
         self.clients = clients
@@ -586,7 +582,7 @@ class KubernetesSink:
         )
 
     def _data_keys(self) -> list[str]:
-        return [self.key, f"{self.key}.expires_at", f"{self.key}.token_type"]
+        return list(secret_data_keys(self.key))
 
     def _applied(self, token: Token) -> Secret:
         data = {self.key: _b64(token.value)}

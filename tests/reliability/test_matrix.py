@@ -101,7 +101,14 @@ async def one_bad_answer(ctx: Ctx, factory: Callable[[Any], Fault], message: str
     ctx.expect_max(3, "initial mint + the bad answer + one retry")
 
 
-def bad_grant(ctx: Ctx, expires_in: Any, *, exp_offset: float = 3600) -> Callable[[Any], Fault]:
+def bad_grant(
+    ctx: Ctx,
+    expires_in: Any,
+    *,
+    exp_offset: float = 3600,
+    value_suffix: str = "",
+    token_type: str = "Bearer",
+) -> Callable[[Any], Fault]:
     def factory(emu: Any) -> Fault:
         now = int(emu.now())
         token = emu.sign_rs256(
@@ -114,9 +121,10 @@ def bad_grant(ctx: Ctx, expires_in: Any, *, exp_offset: float = 3600) -> Callabl
                 "jti": emu.new_jti(),
             }
         )
+        token += value_suffix
         ctx.rejected.add(token)
         return Fault.body_json(
-            {"access_token": token, "token_type": "Bearer", "expires_in": expires_in}
+            {"access_token": token, "token_type": token_type, "expires_in": expires_in}
         )
 
     return factory
@@ -337,6 +345,13 @@ async def huge_streamed(ctx: Ctx) -> None:
 def expires_in(value: Any, message: str) -> Callable[[Ctx], Any]:
     async def run(ctx: Ctx) -> None:
         await one_bad_answer(ctx, bad_grant(ctx, value), message)
+
+    return run
+
+
+def unsafe_grant(message: str, **bad: str) -> Callable[[Ctx], Any]:
+    async def run(ctx: Ctx) -> None:
+        await one_bad_answer(ctx, bad_grant(ctx, 3600, **bad), message)  # type: ignore[arg-type]
 
     return run
 
@@ -806,7 +821,18 @@ SCENARIOS = [
     sc("huge_body_64MiB_streamed", "provider", huge_streamed, endpoint="proxy"),
     sc("expires_in_zero", "provider", expires_in(0, "'expires_in' must be positive")),
     sc("expires_in_negative", "provider", expires_in(-30, "'expires_in' must be positive")),
-    sc("expires_in_string", "provider", expires_in("3600", "'expires_in' must be a number")),
+    sc("expires_in_string", "provider", expires_in("an hour", "'expires_in' must be a number")),
+    sc(
+        "access_token_line_injection",
+        "provider",
+        unsafe_grant("whitespace", value_suffix="\nLD_PRELOAD=/tmp/evil.so"),
+    ),
+    sc(
+        "token_type_line_injection",
+        "provider",
+        unsafe_grant("token_type", token_type="Bearer\nPATH=/tmp/evil"),
+    ),
+    sc("access_token_lone_surrogate", "provider", unsafe_grant("control", value_suffix="\ud800")),
     sc(
         "jwt_exp_in_past",
         "provider",
