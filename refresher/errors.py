@@ -13,6 +13,7 @@
     │   └── BadResponseError        malformed body, no expiry, failed JWT   reason=bad_response
     │                               verification, token already expired
     └── SinkError                   a sink could not store the token       reason=sink
+        └── SinkOwnedError          another process holds the lock of a file-sink directory
 
 Messages never contain a token or a secret: they carry the HTTP status and the
 `title`/`detail` of an RFC 9457 problem response, which partners fill with prose.
@@ -20,6 +21,7 @@ Messages never contain a token or a secret: they carry the HTTP status and the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -133,3 +135,29 @@ class SinkError(RefresherError):
     def __init__(self, message: str, *, sink: str) -> None:
         self.sink = sink
         super().__init__(message)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A file-sink directory this process may not write: another process holds its lock."""
+
+    directory: str
+    #: The holder's pid, when the kernel tells (None: another pid namespace, no procfs).
+    pid: int | None = None
+
+    def describe(self) -> str:
+        holder = f"pid {self.pid}" if self.pid else "another refresher process"
+        return f"{self.directory} (lock held by {holder})"
+
+
+class SinkOwnedError(SinkError):
+    """Another refresher process writes to these file-sink directories: one writer each."""
+
+    def __init__(self, refusals: Sequence[Refusal]) -> None:
+        self.refusals = tuple(refusals)
+        where = ", ".join(r.describe() for r in self.refusals)
+        own = "its own sink directories" if len(self.refusals) > 1 else "its own sink directory"
+        super().__init__(
+            f"another refresher already writes to {where}: stop it or give this daemon {own}",
+            sink="file",
+        )
