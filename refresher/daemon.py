@@ -205,16 +205,17 @@ class Daemon:
             await self.clock.sleep_until(self.clock.now() + self.elector.retry_period)
             if term != self._term:
                 return
+            for key, (runtime, _) in list(self._parked.items()):
+                if self.scheduler.jobs.get(key) is not runtime:
+                    del self._parked[key]  # removed or replaced by a reload meanwhile
             waiting = set().union(*(dirs for _, dirs in self._parked.values()))
             self.sink_locks.acquire(waiting)
             freed = {d for d in waiting if self.sink_locks.holds(d)}
             if not freed:
                 continue
             resumed = 0
-            for key, (runtime, dirs) in list(self._parked.items()):
-                if self.scheduler.jobs.get(key) is not runtime:
-                    del self._parked[key]  # removed or replaced by a reload meanwhile
-                elif dirs <= freed or all(self.sink_locks.holds(d) for d in dirs):
+            for runtime, dirs in list(self._parked.values()):
+                if dirs <= freed:
                     await self._unpark(runtime)
                     resumed += 1
             log.info(
