@@ -14,9 +14,10 @@ import anyio
 
 from refresher import __version__
 from refresher.config import Settings, load_settings
-from refresher.errors import ConfigError
+from refresher.errors import ConfigError, SinkOwnedError
 from refresher.logging import Redactor, configure_logging
 
+#: EXIT_CONFIG also when another refresher owns a sink directory: retrying cannot help.
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
@@ -119,6 +120,9 @@ def _run_once(settings: Settings, *, write: bool = True) -> int:
     daemon = Daemon(settings, redactor=redactor, serve_http=False)
     try:
         ok = anyio.run(functools.partial(daemon.refresh_all_once, write=write))
+    except SinkOwnedError as exc:
+        print(f"refusing to run: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except ConfigError as exc:
         return _config_failed(exc)
     return EXIT_OK if ok else EXIT_FAILED
@@ -154,6 +158,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     daemon = Daemon(settings, redactor=redactor, config_path=Path(_config_path(args) or ""))
     try:
         anyio.run(daemon.serve_forever)
+    except SinkOwnedError as exc:
+        print(f"refusing to start: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except ConfigError as exc:
         return _config_failed(exc)
     return EXIT_OK

@@ -5,16 +5,23 @@ Events it reacts to besides its timer: a rotated credential file (re-mint the jo
 that use it), a changed ``tenants_file`` (mint added tenants, withdraw removed ones),
 SIGHUP (reload the config; unchanged jobs keep their tokens and schedules), and
 SIGTERM/SIGINT (stop scheduling, finish in-flight writes, exit 0).
+
+One writer per file-sink directory: the daemon locks every directory its file
+sinks write into (`DirectoryLocks`) before it reads or writes any of them: at start
+(refusing to start if another process holds one), or, with leader election, on
+becoming leader (waiting, with the jobs writing there, until a held lock frees).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import random
 import signal
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +32,36 @@ from anyio.abc import TaskGroup
 
 from refresher.clock import Clock, SystemClock
 from refresher.config import DebituraProviderConfig, JobConfig, Settings, load_settings
-from refresher.errors import ConfigError, SinkError
+from refresher.errors import ConfigError, Refusal, SinkError, SinkOwnedError
 from refresher.jobs import build_provider, build_runtimes
 from refresher.leader import LeaderElector
 from refresher.logging import Redactor
 from refresher.metrics import Metrics
 from refresher.notify import Notifier, TokenWritten, build_notifier
 from refresher.providers.base import HTTPClients, TokenProvider
-from refresher.scheduler import JobRuntime, Scheduler
+from refresher.scheduler import JobKey, JobRuntime, Scheduler
 from refresher.sdnotify import SystemdNotifier
 from refresher.server import admin_token_reader, bind, create_app, is_loopback, make_server
+from refresher.sinks.file import FileSink
 from refresher.sinks.kubernetes import KubeClients
+from refresher.sinks.lock import DirectoryLocks
 from refresher.targets import TargetClaims, TargetError, describe_owner
 from refresher.token import Token, rfc3339
 from refresher.watch import FileWatcher
 
 log = structlog.get_logger("refresher")
+
+
+@dataclass(frozen=True)
+class BuiltJob:
+    """A job's provider and runtimes, built but not started; `rejected` says which
+    tenants could not be built and why."""
+
+    job: JobConfig
+    provider: TokenProvider
+    runtimes: list[JobRuntime]
+    rejected: list[str]
+
 
 #: SIGTERM: how long in-flight refreshes may take to finish before we exit anyway.
 SHUTDOWN_GRACE = 10.0
@@ -52,7 +73,9 @@ class Daemon:
     """One refresher process: every configured job, its server and its events.
 
     Use `running()` in tests (an async context manager that returns once the server
-    listens) and `serve_forever()` from the CLI.
+    listens) and `serve_forever()` from the CLI. Both raise `SinkOwnedError` at start
+    when another process holds a file-sink directory's lock (unless leader election
+    is enabled: then the locks are taken on becoming leader).
     """
 
     def __init__(
@@ -74,6 +97,12 @@ class Daemon:
         self.metrics = Metrics(tenant_labels=settings.metrics.tenant_labels)
         self.clients = HTTPClients()
         self.kube = KubeClients()
+        self.sink_locks = DirectoryLocks()
+        #: Jobs a leader keeps off the timer until it holds their directories' locks.
+        self._parked: dict[JobKey, tuple[JobRuntime, frozenset[str]]] = {}
+        #: Bumped on every leadership change: a take-over or lock wait of an older
+        #: term stops.
+        self._term = 0
         self.elector: LeaderElector | None = None
         self._leading = False
         if is_leader is None and settings.leader_election.enabled:
@@ -125,32 +154,108 @@ class Daemon:
 
     def _leadership_changed(self, leading: bool) -> None:
         log.info("leadership changed", leader=leading)
+        self._term += 1
         if not leading:
             self._leading = False
+            # The next leader may be another process on this host, sharing the directories.
+            self.sink_locks.release_all()
             return
         if self._tg is not None:
-            self._tg.start_soon(self._take_over)
+            self._tg.start_soon(self._take_over, self._term)
 
-    async def _take_over(self) -> None:
-        """New leader: adopt what the previous leader wrote, then refresh only what is due."""
+    async def _take_over(self, term: int) -> None:
+        """New leader: lock the sink directories, adopt what the previous leader wrote,
+        then refresh only what is due. Jobs writing into a directory another process
+        holds wait, off the timer, until its lock frees."""
+        if term != self._term:
+            return  # no longer leading by the time this task runs
+        runtimes = list(self.scheduler.jobs.values())
+        refusals = self.sink_locks.acquire(_directories(runtimes))
+        blocked = {r.directory for r in refusals}
         adopted = 0
-        for runtime in list(self.scheduler.jobs.values()):
-            if runtime.inflight is None and await self.scheduler.recover(runtime):
+        for runtime in runtimes:
+            waits_for = _directories([runtime]) & blocked if blocked else set()
+            if waits_for:
+                self._park(runtime, waits_for, refusals)
+                continue
+            if await self._unpark(runtime):
                 adopted += 1
-                self.scheduler.reschedule(runtime, runtime.next_refresh_at)
+        if term != self._term:
+            return  # leadership changed meanwhile
         self._leading = True
         self.scheduler.wake()
         log.info("leading", adopted_from_sinks=adopted, jobs=len(self.scheduler.jobs))
+        if refusals and self._tg is not None:
+            assert self.elector is not None
+            log.warning(
+                "sink directories owned by another process: their jobs wait for the lock",
+                owners=[r.describe() for r in refusals],
+                jobs=len(self._parked),
+                retry_every=self.elector.retry_period,
+            )
+            self._tg.start_soon(self._wait_for_sink_locks, term)
+
+    def _park(self, runtime: JobRuntime, directories: set[str], refusals: list[Refusal]) -> None:
+        self._parked[runtime.key] = (runtime, frozenset(directories))
+        self.scheduler.reschedule(runtime, math.inf)
+        runtime.last_error = "sink"
+        owners = [r for r in refusals if r.directory in directories]
+        runtime.last_error_message = str(SinkOwnedError(owners))
+
+    async def _unpark(self, runtime: JobRuntime) -> bool:
+        """Put a job (back) on the timer as a leader: adopt its sinks' token if still
+        good (True), else refresh it now if it was parked."""
+        entry = self._parked.pop(runtime.key, None)
+        parked = entry is not None and entry[0] is runtime
+        if parked and runtime.last_error == "sink":
+            runtime.last_error = runtime.last_error_message = None
+        if runtime.inflight is None and await self.scheduler.recover(runtime):
+            self.scheduler.reschedule(runtime, runtime.next_refresh_at)
+            return True
+        if parked:
+            self.scheduler.reschedule(runtime, None)
+        return False
+
+    async def _wait_for_sink_locks(self, term: int) -> None:
+        """Retry the refused locks every retry period while leading; resume the jobs
+        of each directory as soon as its lock is ours."""
+        assert self.elector is not None
+        while self._parked:
+            await self.clock.sleep_until(self.clock.now() + self.elector.retry_period)
+            if term != self._term:
+                return
+            for key, (runtime, _) in list(self._parked.items()):
+                if self.scheduler.jobs.get(key) is not runtime:
+                    del self._parked[key]  # removed or replaced by a reload meanwhile
+            waiting = set().union(*(dirs for _, dirs in self._parked.values()))
+            self.sink_locks.acquire(waiting)
+            freed = {d for d in waiting if self.sink_locks.holds(d)}
+            if not freed:
+                continue
+            resumed = 0
+            for runtime, dirs in list(self._parked.values()):
+                if dirs <= freed:
+                    await self._unpark(runtime)
+                    resumed += 1
+            log.info(
+                "sink directory lock acquired: resuming its jobs",
+                directories=sorted(freed),
+                jobs=resumed,
+            )
 
     # ------------------------------------------------------------ job set
 
-    async def add_job(self, job: JobConfig, *, adopt: bool = True) -> list[JobRuntime]:
-        """Build a job's provider and runtimes, adopt valid tokens from its sinks
-        (unless `adopt` is off), start it.
+    async def add_job(self, job: JobConfig) -> list[JobRuntime]:
+        """Build a job's provider and runtimes, adopt valid tokens from its sinks, start it.
 
         A tenant whose targets are unsafe or taken is skipped and reported; the
         job's other tenants start. `ConfigError` when the job cannot run at all.
         """
+        built = self._build_job(job)
+        await self._start_job(built)
+        return built.runtimes
+
+    def _build_job(self, job: JobConfig) -> BuiltJob:
         provider = build_provider(job, clients=self.clients, clock=self.clock)
         if isinstance(job.provider, DebituraProviderConfig):
             lines = job.provider.tenant_lines()
@@ -161,8 +266,20 @@ class Daemon:
         runtimes = self._build_tenants(job, provider, tenants, rejected)
         if tenants == [None] and not runtimes:
             raise ConfigError([rejected[0]])
-        await self._start(runtimes, adopt=adopt)
-        self._report_rejected(job, rejected)
+        return BuiltJob(job, provider, runtimes, rejected)
+
+    def _guarded(self, runtimes: list[JobRuntime]) -> list[JobRuntime]:
+        """Make the runtimes' file sinks write only where this process holds the lock."""
+        for runtime in runtimes:
+            for sink in runtime.sinks:
+                if isinstance(sink, FileSink):
+                    sink.locks = self.sink_locks
+        return runtimes
+
+    async def _start_job(self, built: BuiltJob, *, adopt: bool = True) -> None:
+        job, provider = built.job, built.provider
+        await self._start(built.runtimes, adopt=adopt)
+        self._report_rejected(job, built.rejected)
         self.job_configs[job.name] = job
         self.providers[job.name] = provider
         if job.notify:
@@ -172,7 +289,6 @@ class Daemon:
             self.notifiers[job.name] = [build_notifier(n, client=client) for n in job.notify]
         else:
             self.notifiers.pop(job.name, None)
-        return runtimes
 
     def _build_tenants(
         self,
@@ -188,10 +304,12 @@ class Daemon:
             owner = (job.name, tenant)
             try:
                 self.claims.claim(owner, job.targets(tenant))
-                built.extend(build_runtimes(job, provider, tenants=[tenant], kube=self.kube))
+                runtimes = build_runtimes(job, provider, tenants=[tenant], kube=self.kube)
             except (TargetError, ConfigError) as exc:
                 self.claims.release(owner)
                 rejected.append(f"{describe_owner(owner)}: {exc}")
+                continue
+            built.extend(self._guarded(runtimes))
         return built
 
     async def _start(self, runtimes: list[JobRuntime], *, adopt: bool = True) -> None:
@@ -324,9 +442,13 @@ class Daemon:
         )
 
     async def load_jobs(self) -> None:
-        """Build every job, adopt valid tokens already in the sinks, register."""
-        for job in self.settings.jobs:
-            await self.add_job(job)
+        """Build every job, lock its sink directories (unless a leader election decides
+        when), adopt valid tokens already in the sinks, register."""
+        built = [self._build_job(job) for job in self.settings.jobs]
+        if self.elector is None:
+            self._own_or_refuse([r for b in built for r in b.runtimes])
+        for job in built:
+            await self._start_job(job)
         recovered = sum(1 for r in self.scheduler.jobs.values() if r.token is not None)
         log.info("jobs loaded", jobs=len(self.scheduler.jobs), recovered_from_sinks=recovered)
 
@@ -392,10 +514,22 @@ class Daemon:
         jobs = list(self.scheduler.jobs.values())
         return f"{sum(r.valid(now) for r in jobs)}/{len(jobs)} tokens valid"
 
+    def _own_or_refuse(self, runtimes: Iterable[JobRuntime]) -> None:
+        """Lock the runtimes' sink directories; raise `SinkOwnedError` (holding none)
+        if another process holds any."""
+        refusals = self.sink_locks.acquire(_directories(runtimes))
+        if refusals:
+            self.sink_locks.release_all()
+            raise SinkOwnedError(refusals)
+
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Daemon]:
         """Start everything in the background; stop (gracefully) on exit."""
-        await self.load_jobs()
+        try:
+            await self.load_jobs()
+        except BaseException:
+            self.sink_locks.release_all()
+            raise
         # Everything built so far (config, 10,000s of job runtimes, sinks, loggers)
         # lives as long as the daemon: move it out of the collector's sight, so a
         # full collection scans only what changed since (a 200 ms pause at 10k jobs).
@@ -423,6 +557,7 @@ class Daemon:
                 await self.clients.aclose()
                 if self._notify_client is not None:
                     await self._notify_client.aclose()
+            self.sink_locks.release_all()
 
     def _restart_watcher(self) -> None:
         if self._tg is None:
@@ -524,15 +659,22 @@ class Daemon:
         --online`: fetch only); True if every job succeeded."""
         runtimes: list[JobRuntime] = []
         for job in self.settings.jobs:
-            runtimes.extend(await self.add_job(job, adopt=False))
+            built = self._build_job(job)
+            self._report_rejected(job, built.rejected)
+            runtimes.extend(built.runtimes)
         for runtime in runtimes:
             if not write:
                 runtime.sinks = []
-        async with anyio.create_task_group() as tg:
-            for runtime in runtimes:
-                tg.start_soon(self.scheduler.refresh, runtime)
-        await self.clients.aclose()
-        await self.kube.aclose()
+            self.scheduler.add(runtime)
+        try:
+            self._own_or_refuse(runtimes)
+            async with anyio.create_task_group() as tg:
+                for runtime in runtimes:
+                    tg.start_soon(self.scheduler.refresh, runtime)
+        finally:
+            self.sink_locks.release_all()
+            await self.clients.aclose()
+            await self.kube.aclose()
         now = self.clock.now()
         refused = sum(self.rejected.values())
         return not refused and all(r.valid(now) and r.failures == 0 for r in runtimes)
@@ -547,3 +689,13 @@ async def _withdraw(runtime: JobRuntime) -> None:
             log.error(
                 "cannot withdraw token", job=runtime.job, tenant=runtime.tenant, error=str(exc)
             )
+
+
+def _directories(runtimes: Iterable[JobRuntime]) -> set[str]:
+    """The directories the runtimes' file sinks write into."""
+    return {
+        sink.directory
+        for runtime in runtimes
+        for sink in runtime.sinks
+        if isinstance(sink, FileSink)
+    }

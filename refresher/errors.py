@@ -16,6 +16,7 @@
     │   └── SecretUnusableError     the job's own secret cannot be read     reason=config
     │                               (missing, empty, not UTF-8)
     ├── SinkError                   a sink could not store the token       reason=sink
+    │   └── SinkOwnedError          another process holds the lock of a file-sink directory
     └── TooSoonError                a forced refresh over its budget (429)
 
 An exception outside this tree in a job's path is a bug: it is caught at the job's
@@ -27,6 +28,7 @@ Messages never contain a token or a secret: they carry the HTTP status and the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -158,3 +160,29 @@ class TooSoonError(RefresherError):
         self.retry_after = retry_after
         self.scope = scope
         super().__init__(f"refresh allowed again in {retry_after:.1f}s ({scope} budget)")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A file-sink directory this process may not write: another process holds its lock."""
+
+    directory: str
+    #: The holder's pid, when the kernel tells (None: another pid namespace, no procfs).
+    pid: int | None = None
+
+    def describe(self) -> str:
+        holder = f"pid {self.pid}" if self.pid else "another refresher process"
+        return f"{self.directory} (lock held by {holder})"
+
+
+class SinkOwnedError(SinkError):
+    """Another refresher process writes to these file-sink directories: one writer each."""
+
+    def __init__(self, refusals: Sequence[Refusal]) -> None:
+        self.refusals = tuple(refusals)
+        where = ", ".join(r.describe() for r in self.refusals)
+        own = "its own sink directories" if len(self.refusals) > 1 else "its own sink directory"
+        super().__init__(
+            f"another refresher already writes to {where}: stop it or give this daemon {own}",
+            sink="file",
+        )

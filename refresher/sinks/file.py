@@ -4,6 +4,10 @@ new one, never a torn or empty one, and a crash leaves at most a stray temp file
 (named ``.<name>.tmp-*``, swept at the next start). On tmpfs/ramfs, where nothing
 survives a reboot anyway, both fsyncs are skipped and the write runs on the event
 loop (it cannot block there).
+
+A sink given `DirectoryLocks` (the daemon's) writes, removes and sweeps only in a
+directory this process holds the lock of, and locks it at the first write if it
+did not exist when the daemon started (see `refresher.sinks.lock`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import structlog
 
 from refresher.config import FileSinkConfig
 from refresher.errors import SinkError
+from refresher.sinks.lock import DirectoryLocks
 from refresher.token import Token, parse_rfc3339, rfc3339
 
 log = structlog.get_logger("refresher.sinks.file")
@@ -126,8 +131,10 @@ class FileSink:
         self.path = path
         self.target = str(path)
         # Plain strings: pathlib costs more than the syscalls on this path.
-        self._directory = str(path.parent)
-        self._temp_prefix = os.path.join(self._directory, f".{path.name}.tmp-")
+        self.directory = str(path.parent)
+        self._temp_prefix = os.path.join(self.directory, f".{path.name}.tmp-")
+        #: Set by the daemon: the locks that make it the only writer of `directory`.
+        self.locks: DirectoryLocks | None = None
         self._swept = False
         self._memory: bool | None = None
 
@@ -159,18 +166,25 @@ class FileSink:
         is a no-op) and no group name needs an NSS lookup. A thread hop costs more
         than the write there."""
         if self._memory is None:
-            self._memory = memory_backed(self._directory)
+            self._memory = memory_backed(self.directory)
         return self._memory and not isinstance(self.config.group, str)
 
     async def remove(self) -> None:
         try:
-            await anyio.to_thread.run_sync(self.path.unlink)
+            await anyio.to_thread.run_sync(self._remove_sync)
         except FileNotFoundError:
             return
         except OSError as exc:
             raise SinkError(f"cannot remove {self.path}: {exc.strerror}", sink=self.kind) from None
 
+    def _remove_sync(self) -> None:
+        if self.locks is not None:
+            self.locks.claim(self.directory)
+        self.path.unlink()
+
     def _write_sync(self, content: bytes) -> None:
+        if self.locks is not None:
+            self.locks.claim(self.directory)
         self._first_use()
         # Unpredictability is not needed (O_EXCL, private directory), so no syscall.
         tmp = f"{self._temp_prefix}{random.getrandbits(32):08x}"
@@ -191,7 +205,7 @@ class FileSink:
             # rename() replaces a symlink at `path` itself; it never writes through it.
             os.rename(tmp, self.target)
             if not self._memory:  # on tmpfs/ramfs there is nothing to make durable
-                dir_fd = os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY)
+                dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
                 try:
                     os.fsync(dir_fd)
                 finally:
@@ -199,7 +213,7 @@ class FileSink:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            if exc.errno == errno.ENOENT and not os.path.isdir(self._directory):
+            if exc.errno == errno.ENOENT and not os.path.isdir(self.directory):
                 raise SinkError(
                     f"cannot write {self.path}: directory does not exist", sink=self.kind
                 ) from None
@@ -212,6 +226,8 @@ class FileSink:
         """Once per sink: sweep crash leftovers and check the directory is private."""
         if self._swept:
             return
+        if self.locks is not None and not self.locks.holds(self.directory):
+            return  # the temp files there may be another live writer's, not leftovers
         self._swept = True
         self._clean_stale_temps()
         try:

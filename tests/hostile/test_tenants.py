@@ -182,7 +182,7 @@ async def test_runtime_secret_key_problems_skip_only_that_tenant(
         first = jobs[("debitura", "a")].token
         # A tenant that is not a valid key, and one whose key is a's companion key.
         tenants.write_text("a\nx/y\na.expires_at\nb\n")
-        await wait_for(lambda: ("debitura", "b") in jobs and jobs[("debitura", "b")].token)
+        await wait_for(lambda: ("debitura", "b") in jobs and jobs[("debitura", "b")].last_success_at)
         await wait_for(lambda: metric(daemon, "refresher_tenants_rejected", job="debitura") == 2)
         assert sorted(t for _, t in jobs) == ["a", "b"]
         data = kube.secret(NS, "debitura")["data"]
