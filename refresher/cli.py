@@ -14,7 +14,7 @@ import anyio
 
 from refresher import __version__
 from refresher.config import Settings, load_settings
-from refresher.errors import ConfigError
+from refresher.errors import ConfigError, ListenError
 from refresher.logging import Redactor, configure_logging
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -107,7 +107,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     redactor = Redactor()
     _setup_logging(settings, redactor)
     daemon = Daemon(settings, redactor=redactor, config_path=Path(_config_path(args) or ""))
-    anyio.run(daemon.serve_forever)
+    try:
+        anyio.run(daemon.serve_forever)
+    except ListenError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
     return EXIT_OK
 
 
