@@ -14,7 +14,7 @@ import anyio
 
 from refresher import __version__
 from refresher.config import Settings, load_settings
-from refresher.errors import ConfigError, SinkOwnedError
+from refresher.errors import ConfigError, ListenError, SinkOwnedError
 from refresher.logging import Redactor, configure_logging
 
 #: EXIT_CONFIG also when another refresher owns a sink directory: retrying cannot help.
@@ -158,6 +158,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     daemon = Daemon(settings, redactor=redactor, config_path=Path(_config_path(args) or ""))
     try:
         anyio.run(daemon.serve_forever)
+    except ListenError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
     except SinkOwnedError as exc:
         print(f"refusing to start: {exc}", file=sys.stderr)
         return EXIT_CONFIG

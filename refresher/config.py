@@ -678,8 +678,14 @@ class RefreshConfig(Model):
 
 
 class ServerConfig(Model):
+    """The HTTP listener. It holds at most `max_connections` connections (fewer if the
+    file descriptor limit is low); each must send a complete request head within
+    `header_timeout` of opening or of its previous response."""
+
     listen: str = "127.0.0.1:9464"
     admin_token_file: Path | None = None
+    max_connections: int = Field(default=256, ge=1, le=65536)
+    header_timeout: PositiveDuration = 10.0
 
     _check_admin = field_validator("admin_token_file")(_existing_file)
 
@@ -689,6 +695,20 @@ class ServerConfig(Model):
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError("must be host:port, e.g. 127.0.0.1:9464")
+        return value
+
+    @field_validator("max_connections", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: object) -> object:
+        if isinstance(value, bool):
+            raise ValueError("must be a number of connections, not true/false")
+        return value
+
+    @field_validator("header_timeout")
+    @classmethod
+    def _bounded_timeout(cls, value: float) -> float:
+        if value > 600:
+            raise ValueError("must be at most 10m: idle connections would hold their slot")
         return value
 
     @property

@@ -28,7 +28,7 @@ from typing import Any
 import anyio
 import httpx2
 import structlog
-from anyio.abc import TaskGroup
+from anyio.abc import TaskGroup, TaskStatus
 
 from refresher.clock import Clock, SystemClock
 from refresher.config import DebituraProviderConfig, JobConfig, Settings, load_settings
@@ -41,7 +41,17 @@ from refresher.notify import Notifier, TokenWritten, build_notifier
 from refresher.providers.base import HTTPClients, TokenProvider
 from refresher.scheduler import JobKey, JobRuntime, Scheduler
 from refresher.sdnotify import SystemdNotifier
-from refresher.server import admin_token_reader, bind, create_app, is_loopback, make_server
+from refresher.server import (
+    Listener,
+    admin_token_reader,
+    bind,
+    connection_cap,
+    create_app,
+    fd_reserve,
+    is_loopback,
+    nofile_needed,
+    raise_nofile_limit,
+)
 from refresher.sinks.file import FileSink
 from refresher.sinks.kubernetes import KubeClients
 from refresher.sinks.lock import DirectoryLocks
@@ -133,7 +143,7 @@ class Daemon:
         #: Refused tenants per job, at its last (re)load.
         self.rejected: dict[str, int] = {}
         self.watcher = self._new_watcher()
-        self._server: Any = None
+        self._listener: Listener | None = None
         self._server_done = anyio.Event()
         self._tg: TaskGroup | None = None
         self._watch_scope: anyio.CancelScope | None = None
@@ -524,32 +534,35 @@ class Daemon:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Daemon]:
-        """Start everything in the background; stop (gracefully) on exit."""
+        """Start everything in the background; stop (gracefully) on exit.
+
+        Raises `ListenError` before anything else if the listen address is taken.
+        """
+        # First: a second daemon on a busy port must stop before it mints or writes.
+        listener = self._listen() if self.serve_http else None
         try:
             await self.load_jobs()
-        except BaseException:
-            self.sink_locks.release_all()
-            raise
-        # Everything built so far (config, 10,000s of job runtimes, sinks, loggers)
-        # lives as long as the daemon: move it out of the collector's sight, so a
-        # full collection scans only what changed since (a 200 ms pause at 10k jobs).
-        gc.collect()
-        gc.freeze()
-        try:
+            # Everything built so far (config, 10,000s of job runtimes, sinks, loggers)
+            # lives as long as the daemon: move it out of the collector's sight, so a
+            # full collection scans only what changed since (a 200 ms pause at 10k jobs).
+            gc.collect()
+            gc.freeze()
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 await tg.start(self.scheduler.run)
                 if self.elector is not None:
                     await tg.start(self.elector.run)
                 self._restart_watcher()
-                if self.serve_http:
-                    await self._start_server(tg)
+                if listener is not None:
+                    await self._start_server(tg, listener)
                 tg.start_soon(self._systemd)
                 try:
                     yield self
                 finally:
                     await self.shutdown(tg)
         finally:
+            if listener is not None:
+                listener.sock.close()
             # Only once every task has ended: a task resumed by its I/O right after
             # the cancel would otherwise send on a closed client.
             with anyio.CancelScope(shield=True):
@@ -595,30 +608,48 @@ class Daemon:
             self.notifier.watchdog()
             self.notifier.status(self.status_line())
 
-    async def _start_server(self, tg: TaskGroup) -> None:
+    def _listen(self) -> Listener:
+        """Bind the listen address and size the listener to the open-files limit,
+        keeping a reserve of descriptors for secrets, sinks and HTTP clients."""
         server_cfg = self.settings.server
+        wanted = server_cfg.max_connections
+        reserve = fd_reserve(self.settings.refresh.concurrency)
+        nofile = raise_nofile_limit(nofile_needed(wanted, reserve))
+        cap = connection_cap(wanted, nofile, reserve)
+        if cap < wanted:
+            log.warning(
+                "server.max_connections lowered to fit the open files limit",
+                wanted=wanted,
+                max_connections=cap,
+                open_files_limit=nofile,
+                reserved=reserve,
+            )
         sock = bind(server_cfg.host, server_cfg.port)
-        self.port = sock.getsockname()[1]
         admin = None
         if not is_loopback(server_cfg.host):
             # Off loopback, forced refreshes need the admin bearer secret (none set: always 401).
             admin = admin_token_reader(server_cfg.admin_token_file)
         app = create_app(self.scheduler, self.metrics, admin_token=admin, is_leader=self.is_leader)
-        self._server = make_server(app)
-        server = self._server
+        return Listener(sock, app, max_connections=cap, header_timeout=server_cfg.header_timeout)
+
+    async def _start_server(self, tg: TaskGroup, listener: Listener) -> None:
+        self._listener = listener
+        self.port = listener.port
         done = self._server_done = anyio.Event()
 
-        async def serve() -> None:
+        async def serve(*, task_status: TaskStatus[None]) -> None:
             try:
-                await server.serve(sockets=[sock])
+                await listener.serve(task_status=task_status)
             finally:
-                sock.close()
                 done.set()
 
-        tg.start_soon(serve)
-        while not server.started:
-            await anyio.sleep(0.005)
-        log.info("listening", address=f"{server_cfg.host}:{self.port}")
+        await tg.start(serve)
+        log.info(
+            "listening",
+            address=f"{self.settings.server.host}:{self.port}",
+            max_connections=listener.max_connections,
+            header_timeout=listener.header_timeout,
+        )
 
     async def shutdown(self, tg: TaskGroup) -> None:
         """Stop dispatching, let in-flight refreshes and writes finish, then stop."""
@@ -628,8 +659,8 @@ class Daemon:
         with anyio.move_on_after(SHUTDOWN_GRACE, shield=True):
             while any(r.inflight is not None for r in list(self.scheduler.jobs.values())):
                 await anyio.sleep(0.01)
-        if self._server is not None:
-            self._server.should_exit = True
+        if self._listener is not None:
+            self._listener.close()
             with anyio.move_on_after(5, shield=True):
                 await self._server_done.wait()
         with anyio.CancelScope(shield=True):

@@ -2,6 +2,7 @@
 
     RefresherError
     ├── ConfigError                 bad configuration (names the field)
+    ├── ListenError                 the HTTP listener cannot bind its address
     ├── ProviderError               a token request failed (carries `reason`)
     │   ├── TransportError          connection refused/reset, TLS, DNS     reason=transport
     │   │   └── TimeoutError        no answer in time                       reason=timeout
@@ -42,6 +43,15 @@ class ConfigError(RefresherError):
     def __init__(self, errors: list[str]) -> None:
         self.errors = errors
         super().__init__("; ".join(errors))
+
+
+class ListenError(RefresherError):
+    """The HTTP listener cannot bind its address: in use, not local, not permitted."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        self.address = address
+        self.reason = reason
+        super().__init__(f"cannot listen on {address}: {reason}")
 
 
 @dataclass(frozen=True)

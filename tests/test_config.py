@@ -107,6 +107,41 @@ BAD_CONFIGS = [
         lambda c, t: c.update(server={"listen": "9464"}),
         "server.listen: must be host:port",
     ),
+    (
+        "zero max_connections",
+        lambda c, t: c.update(server={"max_connections": 0}),
+        "server.max_connections: Input should be greater than or equal to 1",
+    ),
+    (
+        "boolean max_connections",
+        lambda c, t: c.update(server={"max_connections": True}),
+        "server.max_connections: must be a number of connections, not true/false",
+    ),
+    (
+        "fractional max_connections",
+        lambda c, t: c.update(server={"max_connections": 2.5}),
+        "server.max_connections: Input should be a valid integer",
+    ),
+    (
+        "max_connections beyond any fd limit",
+        lambda c, t: c.update(server={"max_connections": 1_000_000}),
+        "server.max_connections: Input should be less than or equal to 65536",
+    ),
+    (
+        "zero header_timeout",
+        lambda c, t: c.update(server={"header_timeout": "0s"}),
+        "server.header_timeout: Input should be greater than 0",
+    ),
+    (
+        "header_timeout that never frees a slot",
+        lambda c, t: c.update(server={"header_timeout": "1h"}),
+        "server.header_timeout: must be at most 10m",
+    ),
+    (
+        "header_timeout not a duration",
+        lambda c, t: c.update(server={"header_timeout": "soon"}),
+        "server.header_timeout: invalid duration 'soon'",
+    ),
     ("bad job name", lambda c, t: c["jobs"][0].update(name="has space"), "jobs[0].name"),
     (
         "backoff initial above max",
@@ -172,6 +207,20 @@ def test_check_as_a_real_process(tmp_path) -> None:
     )
     assert result.returncode == 2
     assert "jobs[0].provider.client_secret_file: file not found" in result.stderr
+
+
+def test_server_limits_default_and_accept_durations(tmp_path, monkeypatch) -> None:
+    settings = load_settings(write(tmp_path, {"jobs": [good_job(tmp_path)]}))
+    assert settings.server.max_connections == 256 and settings.server.header_timeout == 10
+    path = write(
+        tmp_path,
+        {"jobs": [good_job(tmp_path)], "server": {"max_connections": 64, "header_timeout": "2m"}},
+    )
+    assert load_settings(path).server.header_timeout == 120
+    monkeypatch.setenv("REFRESHER_SERVER__MAX_CONNECTIONS", "32")
+    monkeypatch.setenv("REFRESHER_SERVER__HEADER_TIMEOUT", "500ms")
+    server = load_settings(path).server
+    assert (server.max_connections, server.header_timeout) == (32, 0.5)
 
 
 def test_env_overrides_yaml(tmp_path, monkeypatch) -> None:
