@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,6 +24,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -57,8 +60,29 @@ def parse_duration(raw: object) -> float:
     return total
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
-PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+#: What `parse_duration` accepts, for the JSON schema (values.schema.json) only.
+DURATION_PATTERN = r"^\s*([0-9]+(\.[0-9]+)?|([0-9]+(\.[0-9]+)?\s*(ms|s|m|h|d)\s*)+)\s*$"
+
+
+def _duration_schema(*, positive: bool) -> WithJsonSchema:
+    bound = {"exclusiveMinimum": 0} if positive else {"minimum": 0}
+    return WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", **bound},
+                {"type": "string", "pattern": DURATION_PATTERN},
+            ],
+            "description": "a duration: 90s, 5m, 1h30m, 250ms or a number of seconds",
+        }
+    )
+
+
+Duration = Annotated[
+    float, BeforeValidator(parse_duration), Field(ge=0), _duration_schema(positive=False)
+]
+PositiveDuration = Annotated[
+    float, BeforeValidator(parse_duration), Field(gt=0), _duration_schema(positive=True)
+]
 
 
 class Model(BaseModel):
@@ -67,9 +91,23 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: False while validating without the files a config names (`refresher check --no-files`).
+_check_files: ContextVar[bool] = ContextVar("check_files", default=True)
+
+
+@contextmanager
+def files_unchecked() -> Iterator[None]:
+    """Validate without requiring the files a config names to exist (GitOps, CI)."""
+    token = _check_files.set(False)
+    try:
+        yield
+    finally:
+        _check_files.reset(token)
+
+
 def _existing_file(path: Path | None) -> Path | None:
-    if path is None:
-        return None
+    if path is None or not _check_files.get():
+        return path
     if not path.exists():
         raise ValueError("file not found")
     if not path.is_file():
@@ -374,7 +412,9 @@ class GooclaimProviderConfig(PartnerProviderConfig, ClientSecretFields):
     @field_validator("public_key_file")
     @classmethod
     def _pem(cls, value: Path | None) -> Path | None:
-        if value is not None and b"-----BEGIN" not in value.read_bytes()[:4096]:
+        if value is None or not _check_files.get():
+            return value
+        if b"-----BEGIN" not in value.read_bytes()[:4096]:
             raise ValueError("not a PEM public key")
         return value
 
@@ -420,7 +460,19 @@ class FileSinkConfig(Model):
     kind: Literal["file"]
     path: str
     format: Literal["raw", "json", "env", "header"] = "raw"
-    mode: Annotated[int, BeforeValidator(_file_mode)] = 0o600
+    mode: Annotated[
+        int,
+        BeforeValidator(_file_mode),
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string", "pattern": r"^0?[0-7]{3,4}$"},
+                    {"type": "integer", "minimum": 0, "maximum": 0o7777},
+                ],
+                "description": "octal file mode, e.g. '0640' (quote it in YAML)",
+            }
+        ),
+    ] = 0o600
     group: str | int | None = None
     #: ``format: header`` header; default: the provider's choice (DutyClaims managed
     #: ``header: x-api-key``), else ``Authorization``.
@@ -545,7 +597,10 @@ class RefreshConfig(Model):
 
 
 class ServerConfig(Model):
-    listen: str = "127.0.0.1:9464"
+    listen: str = Field(
+        default="127.0.0.1:9464",
+        json_schema_extra={"pattern": r"^(\[[0-9A-Fa-f:.]+\]|[^:\s]+):[0-9]{1,5}$"},
+    )
     admin_token_file: Path | None = None
 
     _check_admin = field_validator("admin_token_file")(_existing_file)
@@ -706,11 +761,16 @@ def load_settings(
     path: str | Path | None = None,
     *,
     data: Mapping[str, Any] | None = None,
+    check_files: bool = True,
 ) -> Settings:
     """Read YAML from `path` (or take `data`), apply env overrides, validate.
 
-    Raises `ConfigError` listing every problem with its location.
+    ``check_files=False`` accepts ``*_file`` paths that do not exist (yet): everything
+    else is still checked. Raises `ConfigError` listing every problem with its location.
     """
+    if not check_files:
+        with files_unchecked():
+            return load_settings(path, data=data)
     raw: Any = dict(data or {})
     if path is not None:
         file = Path(path)
