@@ -1080,7 +1080,7 @@ def test_rendered_config_loads_in_the_daemon(
 def test_dockerfile_matches_chart(chart: helm.Chart) -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim\b", dockerfile, re.M)
-    assert re.search(r"pip install --no-cache-dir \.$", dockerfile, re.M)
+    assert re.search(r"pip install --no-cache-dir -c constraints\.txt \.$", dockerfile, re.M)
     assert re.search(r"^USER 10001(:10001)?$", dockerfile, re.M)
     assert re.search(r"^EXPOSE 9464$", dockerfile, re.M)
     entrypoint = json.loads(re.search(r"^ENTRYPOINT (.+)$", dockerfile, re.M).group(1))
