@@ -7,10 +7,11 @@
 FROM python:3.11-slim AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY refresher ./refresher
+# constraints.txt pins every dependency at the versions the test suite passed with.
 RUN python -m venv /opt/refresher \
- && /opt/refresher/bin/pip install --no-cache-dir .
+ && /opt/refresher/bin/pip install --no-cache-dir -c constraints.txt .
 
 FROM python:3.11-slim
 LABEL org.opencontainers.image.title="refresher" \

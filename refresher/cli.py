@@ -19,6 +19,8 @@ from refresher.logging import Redactor, configure_logging
 
 #: EXIT_CONFIG also when another refresher owns a sink directory: retrying cannot help.
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+#: `refresher status`: the daemon could not be asked (2 is argparse's usage error).
+EXIT_UNREACHABLE = 3
 
 
 def _config_path(args: argparse.Namespace) -> str | None:
@@ -29,7 +31,7 @@ def _load(args: argparse.Namespace) -> Settings:
     path = _config_path(args)
     if path is None:
         raise ConfigError(["--config: no config file given (or set REFRESHER_CONFIG)"])
-    return load_settings(path)
+    return load_settings(path, check_files=not getattr(args, "no_files", False))
 
 
 def _setup_logging(settings: Settings, redactor: Redactor) -> None:
@@ -66,11 +68,16 @@ def describe_plan(settings: Settings) -> str:
     ]
     for job in settings.jobs:
         provider = job.provider
-        tenants = [t for t in tenants_of(job) if t is not None]
         where = getattr(provider, "token_url", None) or getattr(provider, "base_url", "")
         lines.append(f"- job {job.name}: provider {provider.kind} {where}".rstrip())
-        if tenants:
-            lines.append(f"    tenants: {len(tenants)}")
+        try:
+            tenants = [t for t in tenants_of(job) if t is not None]
+        except OSError as exc:  # `check --no-files`: the tenants_file may not be there
+            tenants = ["{tenant}"]
+            lines.append(f"    tenants: from {exc.filename} (not read: {exc.strerror})")
+        else:
+            if tenants:
+                lines.append(f"    tenants: {len(tenants)}")
         for sink in job.sinks:
             target = getattr(sink, "path", None) or getattr(sink, "secret", "")
             shown = str(target).replace("{job}", job.name)
@@ -178,15 +185,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         response = httpx2.get(f"{url}/v1/tokens", timeout=5)
         response.raise_for_status()
-        jobs = response.json()["jobs"]
-    except (httpx2.HTTPError, ValueError, KeyError) as exc:
+        jobs = _status_entries(response.json())
+    except (httpx2.HTTPError, ValueError) as exc:
         print(f"cannot read status from {url}: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_UNREACHABLE
     if args.json:
         print(json.dumps(jobs, indent=2))
     else:
         print(format_status(jobs))
     return EXIT_OK if all(j.get("valid") for j in jobs) else EXIT_FAILED
+
+
+def _status_entries(body: object) -> list[dict[str, object]]:
+    """``{"jobs": [{"job": ..., ...}, ...]}`` from /v1/tokens, or ValueError."""
+    jobs = body.get("jobs") if isinstance(body, dict) else None
+    if not isinstance(jobs, list) or not all(
+        isinstance(entry, dict) and isinstance(entry.get("job"), str) for entry in jobs
+    ):
+        raise ValueError("not a refresher /v1/tokens answer")
+    return jobs
 
 
 def format_status(jobs: list[dict[str, object]]) -> str:
@@ -242,32 +259,83 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refresher", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"refresher {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"refresher {__version__}",
+        help="print the version and exit",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", "-c", help="YAML config file (default: $REFRESHER_CONFIG)")
+        p.add_argument(
+            "--config", "-c", metavar="FILE", help="YAML config file (default: $REFRESHER_CONFIG)"
+        )
 
-    p = sub.add_parser("run", help="run the daemon")
+    p = sub.add_parser("run", help="run the daemon", description="Run the daemon.")
     with_config(p)
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("once", help="refresh every job once, write sinks, exit 1 if any failed")
+    p = sub.add_parser(
+        "once",
+        help="refresh every job once, write sinks, exit 1 if any failed",
+        description="Refresh every job once and write its sinks; exit 1 if any failed.",
+    )
     with_config(p)
     p.set_defaults(func=cmd_once)
-    p = sub.add_parser("check", help="validate the config and print the plan")
+    p = sub.add_parser(
+        "check",
+        help="validate the config and print the plan",
+        description="Validate the config and print the plan; exit 2 on errors.",
+    )
     with_config(p)
-    p.add_argument(
+    how = p.add_mutually_exclusive_group()
+    how.add_argument(
         "--online", action="store_true", help="also fetch each token once (nothing is written)"
     )
+    how.add_argument(
+        "--no-files",
+        action="store_true",
+        help="do not require the files the config names (*_file, kubeconfig, ...) to exist: "
+        "validate a config in CI or GitOps, away from its secrets",
+    )
     p.set_defaults(func=cmd_check)
-    p = sub.add_parser("status", help="show the status of a running daemon")
-    p.add_argument("--url", default="127.0.0.1:9464")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser(
+        "status",
+        help="show the status of a running daemon",
+        description="Show the status of a running daemon. Exit status: 0 every job valid, "
+        "1 a job not valid, 2 usage error, 3 daemon unreachable or its answer unreadable.",
+    )
+    p.add_argument(
+        "--url",
+        default="127.0.0.1:9464",
+        help="the daemon's listen address or URL (default: %(default)s)",
+    )
+    p.add_argument("--json", action="store_true", help="print the raw per-job status as JSON")
     p.set_defaults(func=cmd_status)
-    p = sub.add_parser("demo", help="run emulated providers and a daemon against them")
-    p.add_argument("--tokens-dir", default="tokens")
-    p.add_argument("--listen", default="127.0.0.1:9464")
-    p.add_argument("--lifetime", type=float, default=60.0, help="token lifetime in seconds")
+    p = sub.add_parser(
+        "demo",
+        help="run emulated providers and a daemon against them",
+        description="Run emulated providers and a daemon against them; Ctrl-C stops.",
+    )
+    p.add_argument(
+        "--tokens-dir",
+        default="tokens",
+        metavar="DIR",
+        help="where the demo writes its tokens (default: %(default)s)",
+    )
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:9464",
+        metavar="HOST:PORT",
+        help="the demo daemon's metrics/status address (default: %(default)s)",
+    )
+    p.add_argument(
+        "--lifetime",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="token lifetime in seconds (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

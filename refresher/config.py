@@ -13,7 +13,9 @@ import os
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -27,6 +29,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -76,8 +79,29 @@ def parse_duration(raw: object) -> float:
     return total
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
-PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+#: What `parse_duration` accepts, for the JSON schema (values.schema.json) only.
+DURATION_PATTERN = r"^\s*([0-9]+(\.[0-9]+)?|([0-9]+(\.[0-9]+)?\s*(ms|s|m|h|d)\s*)+)\s*$"
+
+
+def _duration_schema(*, positive: bool) -> WithJsonSchema:
+    bound = {"exclusiveMinimum": 0} if positive else {"minimum": 0}
+    return WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", **bound},
+                {"type": "string", "pattern": DURATION_PATTERN},
+            ],
+            "description": "a duration: 90s, 5m, 1h30m, 250ms or a number of seconds",
+        }
+    )
+
+
+Duration = Annotated[
+    float, BeforeValidator(parse_duration), Field(ge=0), _duration_schema(positive=False)
+]
+PositiveDuration = Annotated[
+    float, BeforeValidator(parse_duration), Field(gt=0), _duration_schema(positive=True)
+]
 
 
 class Model(BaseModel):
@@ -86,9 +110,23 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: False while validating without the files a config names (`refresher check --no-files`).
+_checking_files: ContextVar[bool] = ContextVar("checking_files", default=True)
+
+
+@contextmanager
+def files_unchecked() -> Iterator[None]:
+    """Validate without requiring the files a config names to exist (GitOps, CI)."""
+    token = _checking_files.set(False)
+    try:
+        yield
+    finally:
+        _checking_files.reset(token)
+
+
 def _existing_file(path: Path | None) -> Path | None:
-    if path is None:
-        return None
+    if path is None or not _checking_files.get():
+        return path
     if not path.exists():
         raise ValueError("file not found")
     if not path.is_file():
@@ -464,7 +502,9 @@ class GooclaimProviderConfig(PartnerProviderConfig, ClientSecretFields):
     @field_validator("public_key_file")
     @classmethod
     def _pem(cls, value: Path | None) -> Path | None:
-        if value is not None and b"-----BEGIN" not in value.read_bytes()[:4096]:
+        if value is None or not _checking_files.get():
+            return value
+        if b"-----BEGIN" not in value.read_bytes()[:4096]:
             raise ValueError("not a PEM public key")
         return value
 
@@ -510,7 +550,19 @@ class FileSinkConfig(Model):
     kind: Literal["file"]
     path: str
     format: Literal["raw", "json", "env", "header"] = "raw"
-    mode: Annotated[int, BeforeValidator(_file_mode)] = 0o600
+    mode: Annotated[
+        int,
+        BeforeValidator(_file_mode),
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string", "pattern": r"^0?[0-7]{3,4}$"},
+                    {"type": "integer", "minimum": 0, "maximum": 0o7777},
+                ],
+                "description": "octal file mode, e.g. '0640' (quote it in YAML)",
+            }
+        ),
+    ] = 0o600
     group: str | int | None = None
     #: ``format: header`` header; default: the provider's choice (DutyClaims managed
     #: ``header: x-api-key``), else ``Authorization``.
@@ -682,7 +734,10 @@ class ServerConfig(Model):
     file descriptor limit is low); each must send a complete request head within
     `header_timeout` of opening or of its previous response."""
 
-    listen: str = "127.0.0.1:9464"
+    listen: str = Field(
+        default="127.0.0.1:9464",
+        json_schema_extra={"pattern": r"^(\[[0-9A-Fa-f:.]+\]|[^:\s]+):[0-9]{1,5}$"},
+    )
     admin_token_file: Path | None = None
     max_connections: int = Field(default=256, ge=1, le=65536)
     header_timeout: PositiveDuration = 10.0
@@ -909,11 +964,16 @@ def load_settings(
     path: str | Path | None = None,
     *,
     data: Mapping[str, Any] | None = None,
+    check_files: bool = True,
 ) -> Settings:
     """Read YAML from `path` (or take `data`), apply env overrides, validate.
 
-    Raises `ConfigError` listing every problem with its location.
+    ``check_files=False`` accepts ``*_file`` paths that do not exist (yet): everything
+    else is still checked. Raises `ConfigError` listing every problem with its location.
     """
+    if not check_files:
+        with files_unchecked():
+            return load_settings(path, data=data)
     raw: Any = dict(data or {})
     if path is not None:
         file = Path(path)

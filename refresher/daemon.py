@@ -148,6 +148,8 @@ class Daemon:
         self._tg: TaskGroup | None = None
         self._watch_scope: anyio.CancelScope | None = None
         self.reloads = 0
+        #: Errors of the last reload if it was rejected (shown in systemd's STATUS=), else 0.
+        self.reload_rejected = 0
         self.notifiers: dict[str, list[Notifier]] = {}
         self._notify_client: httpx2.AsyncClient | None = None
         self.scheduler.written_hooks.append(self._notifications)
@@ -479,8 +481,10 @@ class Daemon:
         except ConfigError as exc:
             self.metrics.config_reload_failures.inc()
             log.error("reload rejected: keeping the running config", errors=exc.errors)
+            self.reload_rejected = len(exc.errors)
             self.notifier.ready(self.status_line())
             return False
+        self.reload_rejected = 0
         old_jobs = dict(self.job_configs)
         new_jobs = {j.name: j for j in new.jobs}
         kept = [n for n in new_jobs if old_jobs.get(n) == new_jobs[n]]
@@ -522,7 +526,14 @@ class Daemon:
     def status_line(self) -> str:
         now = self.clock.now()
         jobs = list(self.scheduler.jobs.values())
-        return f"{sum(r.valid(now) for r in jobs)}/{len(jobs)} tokens valid"
+        tokens = f"{sum(r.valid(now) for r in jobs)}/{len(jobs)} tokens valid"
+        if self.reload_rejected:
+            # Until the next good reload: `systemctl status` must not look like a success.
+            return (
+                f"reload rejected: {self.reload_rejected} error(s); "
+                f"running the previous config; {tokens}"
+            )
+        return tokens
 
     def _own_or_refuse(self, runtimes: Iterable[JobRuntime]) -> None:
         """Lock the runtimes' sink directories; raise `SinkOwnedError` (holding none)

@@ -85,7 +85,8 @@ def create_app(
     async def readyz(request: Request) -> Response:
         if is_leader is not None and not is_leader():
             return JSONResponse({"status": "ready", "role": "follower"})
-        if scheduler.ready():
+        # No jobs is ready: nothing is missing (`helm install --wait` with `jobs: []`).
+        if scheduler.ready() or not scheduler.jobs:
             return JSONResponse({"status": "ready"})
         now = scheduler.clock.now()
         waiting = [

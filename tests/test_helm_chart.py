@@ -16,6 +16,7 @@ minimal placeholder goes into the copy only (never into the repository).
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import shutil
@@ -88,6 +89,14 @@ KUBE_SINK_JOBS = [
         ],
     },
 ]
+
+# A complete oauth2 provider: the schema checks providers as the daemon does.
+OAUTH2_PROVIDER = {
+    "kind": "oauth2",
+    "token_url": "https://auth.example.com/oauth/token",
+    "client_id": "c",
+    "client_secret_file": "/etc/refresher/credentials/oauth2",
+}
 
 KUBE_SINK_VALUES: dict[str, Any] = {
     "config": {"jobs": KUBE_SINK_JOBS},
@@ -247,7 +256,7 @@ def test_chart_metadata_matches_package(chart: helm.Chart) -> None:
     meta = chart.metadata
     assert meta["apiVersion"] == "v2"
     assert meta["name"] == "refresher"
-    assert meta["version"] == "0.1.0"
+    assert meta["version"] == "0.2.0"
     assert meta["appVersion"] == project["version"]
     # The default image is the package version built from the repository's Dockerfile.
     image = container(render(chart))["image"]
@@ -258,7 +267,7 @@ def test_chart_metadata_matches_package(chart: helm.Chart) -> None:
     "values",
     [
         pytest.param(None, id="defaults"),
-        pytest.param({"replicas": 3}, id="replicas-3"),
+        pytest.param({"replicaCount": 3}, id="replicas-3"),
         pytest.param(example_values("values-sidecar.yaml"), id="sidecar-example"),
         pytest.param(example_values("values-standalone.yaml"), id="standalone-example"),
     ],
@@ -272,8 +281,8 @@ def test_lint_is_clean(chart_dir: Path, values: dict[str, Any] | None) -> None:
 
 
 def test_lint_reports_schema_violations(chart_dir: Path) -> None:
-    report = helm.lint(chart_dir, {"replicas": 0}, namespace=NAMESPACE)
-    assert any("/replicas" in error for error in report["errors"]), report
+    report = helm.lint(chart_dir, {"replicaCount": 0}, namespace=NAMESPACE)
+    assert any("/replicaCount" in error for error in report["errors"]), report
 
 
 # ----------------------------------------------------------------------------- default render
@@ -282,8 +291,17 @@ def test_lint_reports_schema_violations(chart_dir: Path) -> None:
 def test_default_render(chart: helm.Chart) -> None:
     manifests = render(chart)
     validate(manifests)
-    # No kubernetes sinks and one replica: no Role, no PDB, no monitoring objects.
-    assert kinds(manifests) == ["ConfigMap", "Deployment", "Secret", "Service", "ServiceAccount"]
+    # No kubernetes sinks and one replica: no Role, no PDB, no monitoring objects. The
+    # NetworkPolicy is on by default; the Pod is the `helm test` hook.
+    assert kinds(manifests) == [
+        "ConfigMap",
+        "Deployment",
+        "NetworkPolicy",
+        "Pod",
+        "Secret",
+        "Service",
+        "ServiceAccount",
+    ]
 
     deployment = only(manifests, "Deployment")
     assert deployment["spec"]["replicas"] == 1
@@ -382,7 +400,7 @@ def test_values_are_passed_through(chart: helm.Chart) -> None:
 
 
 def test_three_replicas_enable_leader_election(chart: helm.Chart) -> None:
-    manifests = render(chart, {"replicas": 3})
+    manifests = render(chart, {"replicaCount": 3})
     validate(manifests)
     assert only(manifests, "Deployment")["spec"]["replicas"] == 3
 
@@ -429,7 +447,7 @@ def test_three_replicas_enable_leader_election(chart: helm.Chart) -> None:
 
 
 def test_single_replica_has_no_pdb_and_explicit_leader_election(chart: helm.Chart) -> None:
-    assert of_kind(render(chart, {"replicas": 1}), "PodDisruptionBudget") == []
+    assert of_kind(render(chart, {"replicaCount": 1}), "PodDisruptionBudget") == []
     manifests = render(
         chart, {"config": {"leader_election": {"enabled": True, "lease_name": "my-lease"}}}
     )
@@ -480,7 +498,7 @@ def test_kubernetes_sinks_get_exact_secret_rbac(chart: helm.Chart) -> None:
 def test_secret_create_is_opt_in(chart: helm.Chart) -> None:
     values = {
         **KUBE_SINK_VALUES,
-        "replicas": 2,
+        "replicaCount": 2,
         "rbac": {"allowSecretCreate": True},
     }
     manifests = render(chart, values)
@@ -503,7 +521,7 @@ def test_secret_create_is_opt_in(chart: helm.Chart) -> None:
 
 
 def test_rbac_never_grants_broad_access(chart: helm.Chart) -> None:
-    values = {**KUBE_SINK_VALUES, "replicas": 3}
+    values = {**KUBE_SINK_VALUES, "replicaCount": 3}
     manifests = render(chart, values)
     assert (
         of_kind(manifests, "ClusterRole") == [] and of_kind(manifests, "ClusterRoleBinding") == []
@@ -525,13 +543,13 @@ def test_sinks_with_their_own_kubeconfig_get_no_rbac(chart: helm.Chart) -> None:
     jobs = [
         {
             "name": "remote",
-            "provider": {"kind": "oauth2"},
+            "provider": OAUTH2_PROVIDER,
             "sinks": [
                 {"kind": "kubernetes", "secret": "remote-token", "kubeconfig": "/etc/kube/other"}
             ],
         }
     ]
-    manifests = render(chart, {"config": {"jobs": jobs}})
+    manifests = render(chart, {"config": {"jobs": jobs}, "credentials": {"existingSecret": "c"}})
     assert of_kind(manifests, "Role") == []
     assert pod_spec(manifests)["automountServiceAccountToken"] is False
 
@@ -567,10 +585,10 @@ def test_referenced_credentials_must_be_mounted(chart: helm.Chart) -> None:
         {
             "name": "partner",
             "provider": {
-                "kind": "oauth2",
+                **OAUTH2_PROVIDER,
                 "client_secret_file": "/etc/refresher/credentials/partner-secret",
             },
-            "sinks": [{"kind": "file", "path": "/tokens/partner.token"}],
+            "sinks": [{"kind": "kubernetes", "secret": "partner-token"}],
         }
     ]
     with pytest.raises(helm.HelmRenderError, match="no credentials are mounted"):
@@ -706,9 +724,21 @@ def test_network_policy(chart: helm.Chart) -> None:
         <= pod_labels(only(manifests, "Deployment")).items()
     )
     assert policy["policyTypes"] == ["Ingress", "Egress"]
+    test_pod = {
+        "podSelector": {
+            "matchLabels": {
+                "app.kubernetes.io/name": "refresher-test",
+                "app.kubernetes.io/instance": RELEASE,
+            }
+        }
+    }
     assert policy["ingress"] == [
-        {"ports": [{"port": "metrics", "protocol": "TCP"}], "from": [peer]}
+        {"ports": [{"port": "metrics", "protocol": "TCP"}], "from": [peer, test_pod]}
     ]
+    # The `helm test` Pod is allowed in, and is not itself a daemon pod the policy selects.
+    [hook] = [m for m in manifests if m["kind"] == "Pod"]
+    assert test_pod["podSelector"]["matchLabels"].items() <= hook["metadata"]["labels"].items()
+    assert not policy["podSelector"]["matchLabels"].items() <= hook["metadata"]["labels"].items()
     egress_ports = {p["port"] for rule in policy["egress"] for p in rule["ports"]}
     assert egress_ports == {53, 443, 6443}
 
@@ -738,7 +768,8 @@ def test_sidecar_values_render_no_workload(chart: helm.Chart) -> None:
         chart, example_values("values-sidecar.yaml"), name="tokens", namespace="apps"
     )
     validate(manifests)
-    assert kinds(manifests) == ["ConfigMap", "Secret"]
+    # The config, the sidecar spec (ConfigMap tokens-refresher-sidecar) and the admin token.
+    assert kinds(manifests) == ["ConfigMap", "ConfigMap", "Secret"]
     config = daemon_config(manifests)
     assert "leader_election" not in config
     sinks = [s for job in config["jobs"] for s in job["sinks"]]
@@ -749,22 +780,45 @@ def test_sidecar_values_render_no_workload(chart: helm.Chart) -> None:
         "mode": "0640",
     } in sinks
     # Even with replicas > 1 the sidecar mode renders no workload and no Lease.
-    values = example_values("values-sidecar.yaml") | {"replicas": 3}
+    values = example_values("values-sidecar.yaml") | {"replicaCount": 3}
     assert kinds(render(chart, values, name="tokens", namespace="apps")) == kinds(manifests)
 
 
-def test_sidecar_pod_example(chart: helm.Chart) -> None:
+def sidecar_spec(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    """ConfigMap <fullname>-sidecar, its data parsed."""
+    [spec] = [
+        m for m in of_kind(manifests, "ConfigMap") if m["metadata"]["name"].endswith("-sidecar")
+    ]
+    return {key: yaml.safe_load(text) for key, text in spec["data"].items()}
+
+
+def test_sidecar_example_is_what_the_chart_renders(chart: helm.Chart) -> None:
     docs = [d for d in yaml.safe_load_all((EXAMPLES / "sidecar.yaml").read_text()) if d]
-    [pod] = docs
-    validate([pod])
-    spec = pod["spec"]
+    [deployment] = docs
+    validate([deployment])
+    template = deployment["spec"]["template"]
+    spec = template["spec"]
     [sidecar] = spec["initContainers"]
     [app] = spec["containers"]
+
+    # Copied from ConfigMap tokens-refresher-sidecar, as the example's comments say.
+    values = example_values("values-sidecar.yaml")
+    manifests = render(chart, values, name="tokens", namespace=deployment["metadata"]["namespace"])
+    rendered = sidecar_spec(manifests)
+    assert sidecar == rendered["container.yaml"]
+    assert spec["volumes"] == rendered["volumes.yaml"]
+    metadata = rendered["pod-metadata.yaml"]
+    assert metadata["labels"].items() <= template["metadata"]["labels"].items()
+    assert metadata["annotations"].items() <= template["metadata"]["annotations"].items()
+
+    assert sidecar["image"] == f"ghcr.io/refresher-dev/refresher:{chart.metadata['appVersion']}"
     assert sidecar["restartPolicy"] == "Always"
     assert sidecar["args"] == ["run", "--config", "/etc/refresher/config.yaml"]
     assert sidecar["startupProbe"]["httpGet"]["path"] == "/readyz"
     assert sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert_pod_security_context(pod["spec"])
+    # Pod-wide unique port name: the app may well have its own "metrics".
+    assert [p["name"] for p in sidecar["ports"]] == ["refresher"]
+    assert_pod_security_context(spec)
     assert_container_security_context(sidecar)
 
     # Both share the /tokens emptyDir; the consumer reads it read-only, no subPath anywhere.
@@ -782,17 +836,13 @@ def test_sidecar_pod_example(chart: helm.Chart) -> None:
 
     # Everything the Pod refers to is rendered by the chart with the sidecar values (or is
     # the credentials Secret those values name).
-    values = example_values("values-sidecar.yaml")
-    manifests = render(chart, values, name="tokens", namespace=pod["metadata"]["namespace"])
-    rendered = {(m["kind"], m["metadata"]["name"]) for m in manifests}
+    names = {(m["kind"], m["metadata"]["name"]) for m in manifests}
     for volume in v.values():
         if "configMap" in volume:
-            assert ("ConfigMap", volume["configMap"]["name"]) in rendered
+            assert ("ConfigMap", volume["configMap"]["name"]) in names
         if "secret" in volume:
             name = volume["secret"]["secretName"]
-            assert ("Secret", name) in rendered or name == values["credentials"][
-                "existingSecret"
-            ], name
+            assert ("Secret", name) in names or name == values["credentials"]["existingSecret"]
     config = daemon_config(manifests)
     assert config["jobs"][0]["sinks"][0]["path"] == "/tokens/gooclaim.token"
     assert config["server"]["admin_token_file"].startswith(
@@ -804,15 +854,95 @@ def test_sidecar_pod_example(chart: helm.Chart) -> None:
     assert spec["automountServiceAccountToken"] is False
 
 
+def test_sidecar_checksum_rolls_consumers_on_a_config_change(chart: helm.Chart) -> None:
+    values = example_values("values-sidecar.yaml")
+
+    def checksum(v: dict[str, Any]) -> str:
+        manifests = render(chart, v, name="tokens", namespace="apps")
+        value: str = sidecar_spec(manifests)["pod-metadata.yaml"]["annotations"][
+            "checksum/refresher-config"
+        ]
+        [config_map] = [m for m in of_kind(manifests, "ConfigMap") if "config.yaml" in m["data"]]
+        # The same value as the config ConfigMap's annotation, and its data's sha256.
+        assert config_map["metadata"]["annotations"]["checksum/config"] == value
+        assert value == hashlib.sha256(config_map["data"]["config.yaml"].encode()).hexdigest()
+        return value
+
+    base = checksum(values)
+    assert checksum(values) == base
+    changed = json.loads(json.dumps(values))
+    changed["config"]["refresh"]["min_remaining"] = "3m"
+    assert checksum(changed) != base
+    notes = render_raw(chart, values, name="tokens", namespace="apps")[
+        "refresher/templates/NOTES.txt"
+    ]
+    assert f"checksum/refresher-config: {base}" in notes
+    assert "tokens-refresher-sidecar" in notes
+
+
+def test_sidecar_image_follows_app_version_and_tag(chart: helm.Chart) -> None:
+    values = example_values("values-sidecar.yaml")
+    manifests = render(chart, values, name="tokens", namespace="apps")
+    image = sidecar_spec(manifests)["container.yaml"]["image"]
+    assert image == f"ghcr.io/refresher-dev/refresher:{chart.metadata['appVersion']}"
+    tagged = render(chart, values | {"image": {"tag": "9.9.9"}}, name="tokens", namespace="apps")
+    assert sidecar_spec(tagged)["container.yaml"]["image"].endswith(":9.9.9")
+    # Not in standalone mode: there the Deployment is the spec.
+    assert not [m for m in render(chart) if m["metadata"]["name"].endswith("-sidecar")]
+
+
+def test_sidecar_pod_monitor_and_rules(chart: helm.Chart) -> None:
+    values = example_values("values-sidecar.yaml") | {
+        "podMonitor": {"enabled": True, "labels": {"release": "prom"}},
+        "prometheusRule": {"enabled": True},
+    }
+    manifests = render(chart, values, name="tokens", namespace="apps")
+    validate(manifests)
+    monitor = only(manifests, "PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    spec = monitor["spec"]
+    # It selects the Pods that carry pod-metadata.yaml's labels, on the sidecar's port.
+    labels = sidecar_spec(manifests)["pod-metadata.yaml"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    assert spec["namespaceSelector"] == {"matchNames": ["apps"]}
+    [endpoint] = spec["podMetricsEndpoints"]
+    container_spec = sidecar_spec(manifests)["container.yaml"]
+    assert endpoint["port"] == container_spec["ports"][0]["name"]
+    assert endpoint["path"] == "/metrics"
+    # The alerts come along in sidecar mode too, and RefresherDown's selector matches the
+    # scrape job the Prometheus Operator derives from a PodMonitor (<namespace>/<name>).
+    rule = only(manifests, "PrometheusRule")
+    [down] = [
+        r for g in rule["spec"]["groups"] for r in g["rules"] if r.get("alert") == "RefresherDown"
+    ]
+    selector = re.search(r'up\{job=~"([^"]+)"\}', down["expr"])
+    assert selector is not None
+    assert re.fullmatch(selector.group(1), f"apps/{monitor['metadata']['name']}")
+
+
+def test_pod_monitor_in_standalone_mode(chart: helm.Chart) -> None:
+    manifests = render(chart, {"podMonitor": {"enabled": True}})
+    validate(manifests)
+    monitor = only(manifests, "PodMonitor")
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items()
+        <= pod_labels(only(manifests, "Deployment")).items()
+    )
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    with pytest.raises(helm.HelmRenderError, match="scrape every pod twice"):
+        render(chart, {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True}})
+
+
 # ----------------------------------------------------------------------------- schema
 
 
 @pytest.mark.parametrize(
     ("values", "field"),
     [
-        pytest.param({"replicas": "three"}, "/replicas", id="replicas-string"),
-        pytest.param({"replicas": 0}, "/replicas", id="replicas-zero"),
-        pytest.param({"replicas": 1.5}, "/replicas", id="replicas-float"),
+        pytest.param({"replicaCount": "three"}, "/replicaCount", id="replicas-string"),
+        pytest.param({"replicaCount": 0}, "/replicaCount", id="replicas-zero"),
+        pytest.param({"replicaCount": 1.5}, "/replicaCount", id="replicas-float"),
         pytest.param({"mode": "daemonset"}, "/mode", id="unknown-mode"),
         pytest.param({"replica": 3}, "replica", id="unknown-top-level-key"),
         pytest.param({"image": {"tag": 1.0}}, "/image/tag", id="numeric-tag"),
@@ -874,7 +1004,7 @@ def test_schema_rejects_bad_values(chart: helm.Chart, values: dict[str, Any], fi
 def test_schema_accepts_documented_values(chart: helm.Chart) -> None:
     for values in (
         {},
-        {"replicas": 3},
+        {"replicaCount": 3},
         example_values("values-sidecar.yaml"),
         example_values("values-standalone.yaml"),
         {**KUBE_SINK_VALUES, "rbac": {"allowSecretCreate": True}},
@@ -910,8 +1040,8 @@ def test_every_default_value_is_documented() -> None:
     ("values", "leader"),
     [
         pytest.param({}, False, id="defaults"),
-        pytest.param({"replicas": 3}, True, id="replicas-3"),
-        pytest.param({**KUBE_SINK_VALUES, "replicas": 2}, True, id="kubernetes-sinks"),
+        pytest.param({"replicaCount": 3}, True, id="replicas-3"),
+        pytest.param({**KUBE_SINK_VALUES, "replicaCount": 2}, True, id="kubernetes-sinks"),
         pytest.param(example_values("values-standalone.yaml"), True, id="standalone-example"),
         pytest.param(example_values("values-sidecar.yaml"), False, id="sidecar-example"),
     ],
@@ -950,7 +1080,7 @@ def test_rendered_config_loads_in_the_daemon(
 def test_dockerfile_matches_chart(chart: helm.Chart) -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim\b", dockerfile, re.M)
-    assert re.search(r"pip install --no-cache-dir \.$", dockerfile, re.M)
+    assert re.search(r"pip install --no-cache-dir -c constraints\.txt \.$", dockerfile, re.M)
     assert re.search(r"^USER 10001(:10001)?$", dockerfile, re.M)
     assert re.search(r"^EXPOSE 9464$", dockerfile, re.M)
     entrypoint = json.loads(re.search(r"^ENTRYPOINT (.+)$", dockerfile, re.M).group(1))
@@ -961,3 +1091,377 @@ def test_dockerfile_matches_chart(chart: helm.Chart) -> None:
     assert "command" not in c, "the image's ENTRYPOINT is used"
     assert c["args"] == cmd
     assert c["securityContext"]["runAsUser"] == 10001
+
+
+# ----------------------------------------------------------------------------- issue 15: chart
+
+
+def test_no_jobs_is_a_ready_install_with_a_warning(chart: helm.Chart) -> None:
+    """`helm install --wait` with `jobs: []`: the daemon answers /readyz 200 without jobs
+    (tests/test_operability.py), the probe asks /readyz, and NOTES.txt warns."""
+    manifests = render(chart)
+    assert daemon_config(manifests)["jobs"] == []
+    assert container(manifests)["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    notes = render_raw(chart)["refresher/templates/NOTES.txt"]
+    assert "WARNING: config.jobs is empty" in notes
+
+
+def file_only_job(path: str) -> dict[str, Any]:
+    return {
+        "name": "files",
+        "provider": OAUTH2_PROVIDER,
+        "sinks": [{"kind": "file", "path": path, "mode": "0640"}],
+    }
+
+
+def test_standalone_refuses_file_sinks_nobody_can_read(chart: helm.Chart) -> None:
+    creds = {"credentials": {"existingSecret": "c"}}
+    with pytest.raises(
+        helm.HelmRenderError, match=r"config.jobs\[0\] \(files\) writes only file sinks"
+    ):
+        render(chart, {"config": {"jobs": [file_only_job("/tokens/a.token")]}, **creds})
+    with pytest.raises(helm.HelmRenderError, match="not on a shared volume"):
+        render(chart, {"config": {"jobs": [file_only_job("/tmp/a.token")]}, **creds})
+
+    # A shared volume at /tokens makes it fine, and replaces the emptyDir.
+    claim = {"persistentVolumeClaim": {"claimName": "shared-tokens"}}
+    manifests = render(
+        chart,
+        {
+            "config": {"jobs": [file_only_job("/tokens/a.token")]},
+            "tokens": {"volume": claim},
+            **creds,
+        },
+    )
+    validate(manifests)
+    assert volumes(pod_spec(manifests))["tokens"] == {"name": "tokens", **claim}
+    # So does a mount of one's own.
+    render(
+        chart,
+        {
+            "config": {"jobs": [file_only_job("/shared/out/a.token")]},
+            "extraVolumes": [{"name": "out", **claim}],
+            "extraVolumeMounts": [{"name": "out", "mountPath": "/shared/out/"}],
+            **creds,
+        },
+    )
+    # A job with a Secret sink as well is readable; the file is its own business.
+    job = file_only_job("/tokens/a.token")
+    job["sinks"].append({"kind": "kubernetes", "secret": "a"})
+    render(chart, {"config": {"jobs": [job]}, **creds})
+    # Sidecar mode shares the emptyDir with the app by design.
+    render(
+        chart,
+        {"mode": "sidecar", "config": {"jobs": [file_only_job("/tokens/a.token")]}, **creds},
+    )
+
+
+def test_replicas_was_renamed_to_replica_count(chart: helm.Chart) -> None:
+    with pytest.raises(helm.HelmRenderError, match="renamed to `replicaCount`"):
+        render(chart, {"replicas": 3})
+    assert only(render(chart, {"replicaCount": 2}), "Deployment")["spec"]["replicas"] == 2
+
+
+def test_probes_can_be_turned_off(chart: helm.Chart) -> None:
+    off = {"enabled": False}
+    manifests = render(
+        chart, {"livenessProbe": off, "readinessProbe": off, "startupProbe": {"enabled": False}}
+    )
+    validate(manifests)
+    c = container(manifests)
+    assert not {"livenessProbe", "readinessProbe", "startupProbe"} & set(c)
+    # On (the default), `enabled` itself never reaches the pod spec.
+    c = container(render(chart, {"livenessProbe": {"periodSeconds": 7}}))
+    assert c["livenessProbe"]["periodSeconds"] == 7 and "enabled" not in c["livenessProbe"]
+    with pytest.raises(helm.HelmValuesError, match="/livenessProbe/enabled"):
+        render(chart, {"livenessProbe": {"enabled": "no"}})
+
+
+def test_network_policy_is_on_by_default(chart: helm.Chart) -> None:
+    policy = only(render(chart), "NetworkPolicy")["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["ingress"] == [{"ports": [{"port": "metrics", "protocol": "TCP"}]}]
+    assert of_kind(render(chart, {"networkPolicy": {"enabled": False}}), "NetworkPolicy") == []
+
+
+# --------------------------------------------------------------------- schema from the models
+
+
+def load_tool(path: Path, name: str) -> Any:
+    """Import a generator by path (helm/ is not a package) without leaving bytecode."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    dont_write = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = dont_write
+    return module
+
+
+SCHEMA_GENERATOR = CHART / "schema" / "generate.py"
+README_GENERATOR = CHART / "docs" / "generate.py"
+
+
+def test_committed_schema_is_generated_from_the_config_models(tmp_path: Path) -> None:
+    generator = load_tool(SCHEMA_GENERATOR, "refresher_schema_generate")
+    committed = (CHART / "values.schema.json").read_text()
+    assert generator.render(json.loads(committed)) == committed, (
+        "helm/refresher/values.schema.json is stale: run python helm/refresher/schema/generate.py"
+    )
+    from refresher.config import JobConfig, Settings
+
+    schema = json.loads(committed)
+    config = schema["properties"]["config"]
+    assert set(config["properties"]) == set(Settings.model_fields)
+    assert config["additionalProperties"] is False
+    job = schema["definitions"]["JobConfig"]
+    assert set(job["properties"]) == set(JobConfig.model_fields)
+    # --check notices a stale file.
+    target = tmp_path / "values.schema.json"
+    target.write_text(committed.replace('"minItems": 1', '"minItems": 0'))
+    assert generator.main(["--check", "--output", str(target)]) == 1
+    assert generator.main(["--output", str(target)]) == 0
+    assert target.read_text() == committed
+    assert generator.main(["--check", "--output", str(target)]) == 0
+
+
+@pytest.mark.parametrize(
+    ("config", "where"),
+    [
+        pytest.param({"refresh": {"refesh_at": 0.5}}, "/config/refresh", id="section-key"),
+        pytest.param({"serevr": {}}, "/config", id="top-level-key"),
+        pytest.param({"logging": {"level": "verbose"}}, "/config/logging/level", id="enum"),
+        pytest.param(
+            {
+                "jobs": [
+                    {
+                        "name": "j",
+                        "provider": {**OAUTH2_PROVIDER, "client_secert_file": "/x"},
+                        "sinks": [{"kind": "kubernetes", "secret": "s"}],
+                    }
+                ]
+            },
+            "/config/jobs/0/provider",
+            id="provider-key",
+        ),
+        pytest.param(
+            {
+                "jobs": [
+                    {
+                        "name": "j",
+                        "provider": OAUTH2_PROVIDER,
+                        "sinks": [{"kind": "kubernetes", "secret": "s", "keys": "x"}],
+                    }
+                ]
+            },
+            "/config/jobs/0/sinks/0",
+            id="sink-key",
+        ),
+        pytest.param(
+            {
+                "jobs": [
+                    {
+                        "name": "j",
+                        "provider": {**OAUTH2_PROVIDER, "kind": "oauth"},
+                        "sinks": [{"kind": "kubernetes", "secret": "s"}],
+                    }
+                ]
+            },
+            "/config/jobs/0/provider/kind",
+            id="provider-kind",
+        ),
+        pytest.param(
+            {
+                "jobs": [
+                    {
+                        "name": "j",
+                        "provider": OAUTH2_PROVIDER,
+                        "sinks": [{"kind": "kubernetes", "secret": "s"}],
+                        "on_expire": "keep",
+                    }
+                ]
+            },
+            "/config/jobs/0",
+            id="job-key",
+        ),
+        pytest.param(
+            {
+                "jobs": [
+                    {
+                        "name": "j",
+                        "provider": {**OAUTH2_PROVIDER, "timeout": "10 seconds"},
+                        "sinks": [{"kind": "kubernetes", "secret": "s"}],
+                    }
+                ]
+            },
+            "/config/jobs/0/provider/timeout",
+            id="provider-duration",
+        ),
+    ],
+)
+def test_typos_inside_config_are_refused_by_helm(
+    chart: helm.Chart, config: dict[str, Any], where: str
+) -> None:
+    values = {"config": config, "credentials": {"existingSecret": "c"}}
+    with pytest.raises(helm.HelmValuesError) as refused:
+        render(chart, values)
+    assert f"at '{where}" in str(refused.value)
+    # ... and the daemon agrees: the same config fails its own validation.
+    from refresher.config import load_settings
+    from refresher.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        load_settings(data=config, check_files=False)
+
+
+def test_schema_accepts_every_documented_config_shape(chart: helm.Chart) -> None:
+    """The README's full config example (every field) passes the generated schema."""
+    full = yaml.safe_load(
+        re.search(r"```yaml\n(server:.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    )
+    full["server"]["listen"] = "0.0.0.0:9464"
+    chart.validate_schema(chart.merge_values({"config": full}))
+
+
+# --------------------------------------------------------------------- helm test hook
+
+
+def helm_test_pod(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    [pod] = [m for m in manifests if m["kind"] == "Pod"]
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    return pod
+
+
+def test_helm_test_hook_renders(chart: helm.Chart) -> None:
+    manifests = render(chart)
+    pod = helm_test_pod(manifests)
+    validate([pod])
+    [check] = pod["spec"]["containers"]
+    assert check["image"] == container(manifests)["image"]
+    assert check["command"][:2] == ["python", "-c"]
+    assert_container_security_context(check)
+    env = {e["name"]: e["value"] for e in check["env"]}
+    service = only(manifests, "Service")
+    assert env["REFRESHER_URL"] == f"http://{service['metadata']['name']}.{NAMESPACE}.svc:9464"
+    # The Service must not select it.
+    assert not service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert [m for m in render(chart, {"helmTest": {"enabled": False}}) if m["kind"] == "Pod"] == []
+    sidecar = render(chart, example_values("values-sidecar.yaml"), name="tokens", namespace="apps")
+    assert [m for m in sidecar if m["kind"] == "Pod"] == []
+
+
+@pytest.mark.anyio
+async def test_helm_test_hook_checks_a_real_daemon(
+    chart: helm.Chart, start_daemon: Any, oauth2_emulator: Any, tmp_path: Path
+) -> None:
+    """Run the hook's exact command against a daemon: 0 when ready, 1 when not."""
+    import subprocess
+    import sys
+
+    import anyio
+
+    from tests.conftest import oauth2_job
+
+    [check] = helm_test_pod(render(chart))["spec"]["containers"]
+    argv = [sys.executable, *check["command"][1:]]
+
+    async def run_check(port: int) -> subprocess.CompletedProcess[str]:
+        env = {"REFRESHER_URL": f"http://127.0.0.1:{port}", "PATH": "/usr/bin:/bin"}
+        return await anyio.to_thread.run_sync(
+            lambda: subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+        )
+
+    job = oauth2_job(oauth2_emulator, tmp_path)
+    async with start_daemon({"jobs": [job]}) as daemon:
+        runtime = daemon.scheduler.jobs[("api", None)]
+        with anyio.fail_after(10):
+            while runtime.token is None:
+                await anyio.sleep(0.01)
+        ok = await run_check(daemon.port)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert "GET /readyz: 200" in ok.stdout and "GET /metrics: 200" in ok.stdout
+
+    bad = oauth2_job(
+        oauth2_emulator, tmp_path, name="bad", sinks=[{"kind": "file", "path": str(tmp_path / "b")}]
+    )
+    bad["provider"]["client_secret"] = "wrong-secret-value"
+    async with start_daemon({"jobs": [bad]}) as daemon:
+        runtime = daemon.scheduler.jobs[("bad", None)]
+        with anyio.fail_after(10):
+            while runtime.failures == 0:
+                await anyio.sleep(0.01)
+        failed = await run_check(daemon.port)
+        assert failed.returncode == 1
+        assert "GET /readyz: 503" in failed.stdout
+        port = daemon.port
+    # Nobody listening any more.
+    gone = await run_check(port)
+    assert gone.returncode == 1
+
+
+# --------------------------------------------------------------------- conventions
+
+
+def test_artifact_hub_annotations(chart: helm.Chart) -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    annotations = chart.metadata["annotations"]
+    assert annotations["artifacthub.io/license"] == project["license"]
+    [image] = yaml.safe_load(annotations["artifacthub.io/images"])
+    assert image["image"] == container(render(chart))["image"]
+    changes = yaml.safe_load(annotations["artifacthub.io/changes"])
+    assert changes and all(
+        c["kind"] in {"added", "changed", "deprecated", "removed", "fixed", "security"}
+        and c["description"]
+        for c in changes
+    )
+    links = {
+        link["name"]: link["url"] for link in yaml.safe_load(annotations["artifacthub.io/links"])
+    }
+    assert links["Changelog"].endswith("/CHANGELOG.md")
+    # The chart version the changes describe is in CHANGELOG.md.
+    assert f"chart {chart.metadata['version']}" in (ROOT / "CHANGELOG.md").read_text()
+
+
+def test_chart_readme_values_table_is_current(tmp_path: Path) -> None:
+    generator = load_tool(README_GENERATOR, "refresher_readme_generate")
+    readme = CHART / "README.md"
+    assert generator.render(readme.read_text(), (CHART / "values.yaml").read_text()) == (
+        readme.read_text()
+    ), "helm/refresher/README.md is stale: run python helm/refresher/docs/generate.py"
+    keys = dict(generator.documented_keys((CHART / "values.yaml").read_text()))
+    # Every top-level value and every documented leaf has a row.
+    top = yaml.safe_load((CHART / "values.yaml").read_text())
+    for key in top:
+        assert key in keys or any(k.startswith(key + ".") for k in keys), key
+    assert "| `replicaCount` | `1` |" in readme.read_text()
+    stale = tmp_path / "README.md"
+    stale.write_text(readme.read_text().replace("| `replicaCount` | `1` |", "| `replicas` | `1` |"))
+    assert generator.main(["--check", "--output", str(stale)]) == 1
+    assert generator.main(["--output", str(stale)]) == 0
+    assert stale.read_text() == readme.read_text()
+
+
+@pytest.mark.parametrize(
+    "text", ["90s", "1h30m", "250ms", "1.5h", "5", " 5m ", "5 m", "2d", "0", "0s", "10.5"]
+)
+def test_duration_schema_accepts_what_the_daemon_parses(text: str) -> None:
+    from refresher.config import DURATION_PATTERN, parse_duration
+
+    assert parse_duration(text) >= 0
+    assert re.fullmatch(DURATION_PATTERN, text)
+
+
+@pytest.mark.parametrize("text", ["soon", "5x", "-5m", "", "m", "5mm", "1h-30m", "ten seconds"])
+def test_duration_schema_refuses_what_the_daemon_refuses(text: str) -> None:
+    from refresher.config import DURATION_PATTERN, parse_duration
+
+    with pytest.raises(ValueError):
+        if parse_duration(text) < 0:
+            raise ValueError("negative")
+    assert not re.fullmatch(DURATION_PATTERN, text)

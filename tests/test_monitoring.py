@@ -50,11 +50,12 @@ RUNBOOK_HEADINGS = {
     "RefresherRateLimited": "Runbook: RefresherRateLimited",
     "RefresherSinkWriteFailing": "Runbook: RefresherSinkWriteFailing",
     "RefresherNoLeader": "Runbook: RefresherNoLeader",
+    "RefresherConfigReloadRejected": "Runbook: RefresherConfigReloadRejected",
 }
 
 # Alerts about a whole process or deployment: their series carry no token job/provider labels
 # (`job` there is the scrape job), so their descriptions cannot name a provider.
-NO_PROVIDER_LABEL = {"RefresherDown", "RefresherNoLeader"}
+NO_PROVIDER_LABEL = {"RefresherDown", "RefresherNoLeader", "RefresherConfigReloadRejected"}
 
 SEVERITIES = {"critical", "warning"}
 
@@ -150,6 +151,15 @@ def test_alert_metadata(name: str) -> None:
         assert "{{ $labels.provider }}" in description
     assert annotations["runbook_url"] == RUNBOOK_BASE + github_anchor(RUNBOOK_HEADINGS[name])
     assert annotations["runbook_url"] == RUNBOOK_BASE + "runbook-" + name.lower()
+
+
+def test_readme_has_every_runbook_heading() -> None:
+    headings = {
+        line.lstrip("#").strip()
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith("#")
+    }
+    assert sorted(set(RUNBOOK_HEADINGS.values()) - headings) == []
 
 
 def test_github_anchor() -> None:
@@ -264,6 +274,20 @@ MUTANTS = {
         "expr",
         "max by (namespace, job) (refresher_is_leader) == 0",
         "RefresherNoLeader stays silent with a leader, during handover and without leader election",
+    ),
+    # never resolves until a restart
+    "reload-rejected-forever": Mutant(
+        "RefresherConfigReloadRejected",
+        "expr",
+        "refresher_config_reload_failures_total > 0",
+        "RefresherConfigReloadRejected fires after a rejected reload and resolves after an hour",
+    ),
+    # fires on the counter's mere presence
+    "reload-rejected-any-series": Mutant(
+        "RefresherConfigReloadRejected",
+        "expr",
+        "refresher_config_reload_failures_total >= 0",
+        "RefresherConfigReloadRejected fires after a rejected reload and resolves after an hour",
     ),
     "down-without-absent": Mutant(
         "RefresherDown",

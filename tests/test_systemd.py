@@ -122,10 +122,11 @@ def unit_copy(tmp_path: Path, *, edit: dict[str, str] | None = None, extra: str 
     exec_start = single("ExecStart")
     binary = exec_start.split()[0]
     assert binary == "/usr/local/bin/refresher"
-    text = text.replace(
-        f"ExecStart={exec_start}",
-        f"ExecStart={refresher_executable()}{exec_start[len(binary) :]}",
-        1,
+    # ExecStart= and the ExecReload= config check both run the console script.
+    text = re.sub(
+        rf"(?m)^(ExecStart|ExecReload)={re.escape(binary)}\b",
+        lambda m: f"{m[1]}={refresher_executable()}",
+        text,
     )
     for key, value in (edit or {}).items():
         text, count = re.subn(rf"(?m)^{re.escape(key)}=.*$", f"{key}={value}", text)
@@ -164,8 +165,14 @@ def test_unit_declares_the_agreed_contract():
     assert single("ExecStart") == (
         "/usr/local/bin/refresher run --config /etc/refresher/refresher.yaml"
     )
-    assert single("ExecReload") == "/bin/kill -HUP $MAINPID"
+    # Check the config first: a bad one fails `systemctl reload` before any SIGHUP.
+    assert values("ExecReload") == [
+        "/usr/local/bin/refresher check --config /etc/refresher/refresher.yaml",
+        "/bin/kill -HUP $MAINPID",
+    ]
     assert single("Restart") == "on-failure"
+    # Config errors exit 2 (tests/test_operability.py): never restart on those.
+    assert single("RestartPreventExitStatus").split() == ["2"]
     assert single("RestartSec") == "5s"
     assert single("TimeoutStopSec") == "30s"
     assert single("User") == "refresher"
@@ -184,6 +191,52 @@ def test_unit_declares_the_agreed_contract():
     # The daemon must reach the partner APIs: no blanket IP deny.
     assert values("IPAddressDeny") == []
     assert single("WantedBy", "Install") == "multi-user.target"
+
+
+def test_reload_check_refuses_a_bad_config_before_signalling(tmp_path):
+    """ExecReload= lines run in order and stop at the first failure (systemd.service(5)):
+    run the check line as systemd would, against a good and a bad config."""
+    check, kill = values("ExecReload")
+    assert kill.startswith("/bin/kill -HUP")
+    argv = check.split()
+    assert argv[:2] == ["/usr/local/bin/refresher", "check"]
+    config_arg = argv.index("--config") + 1
+    assert argv[config_arg] == single("ExecStart").split()[-1], "reload checks what runs"
+
+    def run_check(config: Path) -> subprocess.CompletedProcess[str]:
+        args = [*argv[1:config_arg], str(config), *argv[config_arg + 1 :]]
+        return run(sys.executable, "-m", "refresher", *args)
+
+    secret = tmp_path / "secret"
+    secret.write_text("s3cr3t\n")
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        yaml.safe_dump(
+            {
+                "jobs": [
+                    {
+                        "name": "api",
+                        "provider": {
+                            "kind": "oauth2",
+                            "token_url": "https://auth.example/token",
+                            "client_id": "c",
+                            "client_secret_file": str(secret),
+                        },
+                        "sinks": [{"kind": "file", "path": str(tmp_path / "api.token")}],
+                    }
+                ]
+            }
+        )
+    )
+    assert run_check(good).returncode == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(good.read_text().replace("client_id:", "client_idd:"))
+    rejected = run_check(bad)
+    assert rejected.returncode == 2, rejected.stdout
+    assert "client_idd: unknown key" in rejected.stderr
+    # A missing secret file fails the check too (it runs with the unit's credentials).
+    secret.unlink()
+    assert run_check(good).returncode == 2
 
 
 # ---------------------------------------------------------------------------- verify
@@ -297,22 +350,32 @@ def test_tmpfiles_creates_root_only_credentials_dir(tmp_path):
 # ---------------------------------------------------------------------------- example config
 
 
+def test_credentials_come_from_a_directory():
+    # One directory source: no LoadCredential= line names a single file, so a provider
+    # without a credential file neither stops the unit nor needs a unit edit.
+    assert values("LoadCredential") == ["refresher:/etc/refresher/credentials"]
+    tmpfiles = [line.split() for line in TMPFILES.read_text().splitlines() if line[:1] == "d"]
+    assert ["d", "/etc/refresher/credentials", "0700", "root", "root", "-"] in tmpfiles
+
+
 def test_example_config_matches_the_unit():
     config = yaml.safe_load(EXAMPLE.read_text())
     assert set(config) <= {"server", "refresh", "metrics", "logging", "jobs"}
     assert config["server"]["listen"].startswith("127.0.0.1:")
 
-    loaded = {v.split(":", 1)[0]: v.split(":", 1)[1] for v in values("LoadCredential")}
-    assert all(src.startswith("/etc/refresher/credentials/") for src in loaded.values())
+    [loaded] = values("LoadCredential")
+    credential_id, _, source_dir = loaded.partition(":")
     used = set()
     for job in config["jobs"]:
         for key, value in job["provider"].items():
             if key.endswith("_file") and value.startswith("/run/"):
                 directory, _, name = value.rpartition("/")
                 assert directory == CREDENTIALS_DIR, value
-                used.add(name)
-    # Every secret the config reads is loaded by the unit, and nothing more.
-    assert used == set(loaded)
+                # A directory source names each file's copy "<ID>_<file name>".
+                assert name.startswith(f"{credential_id}_"), value
+                used.add(name.removeprefix(f"{credential_id}_"))
+    assert source_dir == "/etc/refresher/credentials"
+    assert used == {"gooclaim-client-secret", "debitura-api-key", "dutyclaims-credential"}
 
     for job in config["jobs"]:
         assert job["sinks"], job["name"]

@@ -128,7 +128,7 @@ config asks for it explicitly.
 */}}
 {{- define "refresher.leaderElection.enabled" -}}
 {{- $le := .Values.config.leader_election | default dict -}}
-{{- if or $le.enabled (and (eq .Values.mode "standalone") (gt (int .Values.replicas) 1)) -}}
+{{- if or $le.enabled (and (eq .Values.mode "standalone") (gt (int .Values.replicaCount) 1)) -}}
 true
 {{- end -}}
 {{- end }}
@@ -231,4 +231,216 @@ credentials Secret must be configured, and a generated one must hold <key>.
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- end }}
+
+{{/*
+sha256 of config.yaml exactly as mounted (`sha256sum` of the file agrees): the
+pod-template annotation checksum/config (standalone) and checksum/refresher-config
+(sidecar consumers) roll pods on a change.
+*/}}
+{{- define "refresher.configChecksum" -}}
+{{- printf "%s\n" (include "refresher.config" .) | sha256sum -}}
+{{- end }}
+
+{{/*
+Refusals that no single template owns: renamed values, and file sinks nobody can read.
+*/}}
+{{- define "refresher.validate" -}}
+{{- if hasKey .Values "replicas" -}}
+{{- fail "values: `replicas` was renamed to `replicaCount` in chart 0.2.0 (see CHANGELOG.md)" -}}
+{{- end -}}
+{{- if and .Values.serviceMonitor.enabled .Values.podMonitor.enabled (eq .Values.mode "standalone") -}}
+{{- fail "serviceMonitor.enabled and podMonitor.enabled would scrape every pod twice: enable one" -}}
+{{- end -}}
+{{- include "refresher.checkFileSinks" . -}}
+{{- end }}
+
+{{/*
+Standalone mode: a job whose only sinks are files must write them to a volume someone
+else can read. /tokens is an emptyDir private to the refresher pod unless tokens.volume
+replaces it; extraVolumeMounts (e.g. a ReadWriteMany claim) count as shared too.
+*/}}
+{{- define "refresher.checkFileSinks" -}}
+{{- if eq .Values.mode "standalone" -}}
+{{- $shared := list -}}
+{{- if .Values.tokens.volume -}}
+{{- $shared = append $shared "/tokens" -}}
+{{- end -}}
+{{- range .Values.extraVolumeMounts -}}
+{{- $shared = append $shared (trimSuffix "/" (toString .mountPath)) -}}
+{{- end -}}
+{{- $cfg := .Values.config | default dict -}}
+{{- range $i, $job := ($cfg.jobs | default list) -}}
+{{- $kube := false -}}
+{{- range ($job.sinks | default list) -}}
+{{- if eq (toString .kind) "kubernetes" -}}{{- $kube = true -}}{{- end -}}
+{{- end -}}
+{{- if not $kube -}}
+{{- range $j, $sink := ($job.sinks | default list) -}}
+{{- $readable := false -}}
+{{- range $shared -}}
+{{- if hasPrefix (printf "%s/" .) (toString $sink.path) -}}{{- $readable = true -}}{{- end -}}
+{{- end -}}
+{{- if not $readable -}}
+{{- fail (printf "config.jobs[%d] (%s) writes only file sinks, and sinks[%d].path %q is not on a shared volume: in standalone mode /tokens is an emptyDir private to the refresher pod, so no consumer can read it. Add a kind: kubernetes sink, set tokens.volume to a shared volume (e.g. {persistentVolumeClaim: {claimName: tokens}} on ReadWriteMany storage), mount one with extraVolumes/extraVolumeMounts, or use mode: sidecar" $i (toString $job.name) $j (toString $sink.path)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+A probe: httpGet on `path` and the named port, plus the values minus `enabled`.
+Call with (dict "probe" .Values.livenessProbe "path" "/healthz" "port" "metrics").
+*/}}
+{{- define "refresher.probe" -}}
+httpGet:
+  path: {{ .path }}
+  port: {{ .port }}
+{{- with omit .probe "enabled" }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Sidecar mode: the refresher container for *your* Pod (a native sidecar: an
+initContainer with restartPolicy Always, Kubernetes >= 1.29), the volumes it needs, and
+the pod-template metadata. Rendered into ConfigMap <fullname>-sidecar; see NOTES.txt.
+The port is named "refresher", not "metrics": port names must be unique in a Pod.
+*/}}
+{{- define "refresher.sidecar.portName" -}}refresher{{- end }}
+{{- define "refresher.sidecar.label" -}}refresher-sidecar{{- end }}
+
+{{- define "refresher.sidecar.container" -}}
+{{- $port := include "refresher.sidecar.portName" . -}}
+name: refresher
+image: {{ include "refresher.image" . | quote }}
+imagePullPolicy: {{ .Values.image.pullPolicy }}
+# Native sidecar: starts before the app containers, runs beside them, stops after them.
+restartPolicy: Always
+args: ["run", "--config", "/etc/refresher/config.yaml"]
+env:
+  - name: POD_NAME
+    valueFrom:
+      fieldRef:
+        fieldPath: metadata.name
+  - name: POD_NAMESPACE
+    valueFrom:
+      fieldRef:
+        fieldPath: metadata.namespace
+  {{- with .Values.extraEnv }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+ports:
+  - name: {{ $port }}
+    containerPort: {{ include "refresher.port" . }}
+    protocol: TCP
+{{- if .Values.startupProbe.enabled }}
+# The app containers start only once this succeeds: /readyz means every job holds a
+# valid token, so the app never starts without one.
+startupProbe:
+  {{- include "refresher.probe" (dict "probe" .Values.startupProbe "path" "/readyz" "port" $port) | nindent 2 }}
+{{- end }}
+{{- if .Values.livenessProbe.enabled }}
+livenessProbe:
+  {{- include "refresher.probe" (dict "probe" .Values.livenessProbe "path" "/healthz" "port" $port) | nindent 2 }}
+{{- end }}
+{{- if .Values.readinessProbe.enabled }}
+readinessProbe:
+  {{- include "refresher.probe" (dict "probe" .Values.readinessProbe "path" "/readyz" "port" $port) | nindent 2 }}
+{{- end }}
+resources:
+  {{- toYaml .Values.resources | nindent 2 }}
+securityContext:
+  {{- toYaml .Values.securityContext | nindent 2 }}
+volumeMounts:
+  # The config is static per rollout (checksum/refresher-config rolls the Pod); subPath
+  # is acceptable for it, never for tokens.
+  - name: refresher-config
+    mountPath: /etc/refresher/config.yaml
+    subPath: config.yaml
+    readOnly: true
+  {{- if include "refresher.credentialsSecretName" . }}
+  - name: refresher-credentials
+    mountPath: {{ include "refresher.credentials.dir" . }}
+    readOnly: true
+  {{- end }}
+  {{- if include "refresher.adminToken.enabled" . }}
+  - name: refresher-admin
+    mountPath: {{ include "refresher.adminToken.dir" . }}
+    readOnly: true
+  {{- end }}
+  - name: tokens
+    mountPath: /tokens
+  - name: refresher-tmp
+    mountPath: /tmp
+  {{- with .Values.extraVolumeMounts }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end }}
+
+{{- define "refresher.sidecar.volumes" -}}
+- name: refresher-config
+  configMap:
+    name: {{ include "refresher.configMapName" . }}
+{{- with include "refresher.credentialsSecretName" . }}
+- name: refresher-credentials
+  secret:
+    secretName: {{ . }}
+    defaultMode: 288 # 0440
+{{- end }}
+{{- if include "refresher.adminToken.enabled" . }}
+- name: refresher-admin
+  secret:
+    secretName: {{ include "refresher.adminToken.secretName" . }}
+    defaultMode: 288 # 0440
+    items:
+      - key: {{ .Values.adminToken.key }}
+        path: {{ .Values.adminToken.key }}
+{{- end }}
+# Shared with the app: it mounts this directory read-only (never with subPath).
+{{- include "refresher.tokensVolume" . }}
+- name: refresher-tmp
+  emptyDir:
+    sizeLimit: 16Mi
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The /tokens volume: tokens.volume if set (a shared volume), else an emptyDir.
+*/}}
+{{- define "refresher.tokensVolume" -}}
+{{- if .Values.tokens.volume }}
+- name: tokens
+  {{- toYaml .Values.tokens.volume | nindent 2 }}
+{{- else }}
+- name: tokens
+  emptyDir:
+    {{- with .Values.tokens.medium }}
+    medium: {{ . }}
+    {{- end }}
+    {{- with .Values.tokens.sizeLimit }}
+    sizeLimit: {{ . }}
+    {{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "refresher.sidecar.podMetadata" -}}
+labels:
+  # Selected by the chart's PodMonitor (podMonitor.enabled).
+  {{ include "refresher.sidecar.label" . }}: {{ include "refresher.fullname" . }}
+annotations:
+  # Changes with the config: `helm upgrade` with a new config rolls your Pods.
+  checksum/refresher-config: {{ include "refresher.configChecksum" . }}
+{{- end }}
+
+{{- define "refresher.testLabels" -}}
+helm.sh/chart: {{ include "refresher.chart" . }}
+app.kubernetes.io/name: {{ include "refresher.name" . }}-test
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: helm-test
 {{- end }}
