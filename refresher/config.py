@@ -167,7 +167,7 @@ class SecretSource:
             try:
                 text = data.decode()
             except UnicodeDecodeError as exc:
-                raise ConfigError([f"{where}: not valid UTF-8 (byte {exc.start})"]) from None
+                raise ConfigError([f"{where}: not valid UTF-8 (byte {exc.start + 1})"]) from None
             value = text.rstrip("\r\n")
         elif self.env is not None:
             where = f"{self.name}_env ${self.env}"

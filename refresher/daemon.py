@@ -421,6 +421,12 @@ class Daemon:
     async def _sync_tenants(self, job: JobConfig) -> None:
         """The ``tenants_file`` changed: start added tenants, withdraw removed ones.
         Refused lines are skipped and reported; an unreadable file changes nothing."""
+        try:
+            await self._apply_tenants_file(job)
+        except Exception as exc:
+            self.scheduler.internal_error("tenants", exc)
+
+    async def _apply_tenants_file(self, job: JobConfig) -> None:
         assert isinstance(job.provider, DebituraProviderConfig)
         try:
             lines = job.provider.tenant_lines()

@@ -7,6 +7,7 @@ within a minute while metrics and status are served on 127.0.0.1:9464.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from refresher.emulators.base import Emulator
 from refresher.emulators.debitura import DebituraEmulator
 from refresher.emulators.dutyclaims import DutyClaimsEmulator
 from refresher.emulators.gooclaim import GooclaimEmulator
+from refresher.errors import ListenError, SinkOwnedError
 from refresher.logging import Redactor, configure_logging
 
 DEMO_TENANTS = ["acme-001", "globex-002", "initech-003"]
@@ -123,6 +125,9 @@ def run_demo(*, tokens_dir: Path, listen: str, lifetime: float) -> int:
                 flush=True,
             )
             anyio.run(Daemon(settings, redactor=redactor).serve_forever)
+        except (ListenError, SinkOwnedError) as exc:
+            print(f"refresher demo: {exc}", file=sys.stderr)
+            return 2
         finally:
             for emulator in emulators:
                 emulator.stop()

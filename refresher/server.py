@@ -22,7 +22,7 @@ import ipaddress
 import resource
 import socket
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,9 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 def create_app(
@@ -129,20 +132,33 @@ def create_app(
         except TooSoonError as exc:
             seconds = max(1, int(exc.retry_after + 0.999))
             return JSONResponse(
-                {"error": "too soon", "retry_after": seconds},
+                {"error": "too soon", "budget": exc.scope, "retry_after": seconds},
                 status_code=429,
                 headers={"Retry-After": str(seconds)},
             )
         body = runtime.status(scheduler.clock.now())
         return JSONResponse(body, status_code=200 if runtime.valid(scheduler.clock.now()) else 502)
 
+    def guarded(endpoint: Endpoint) -> Endpoint:
+        """A bug in a handler is a 500 for that request, logged and counted like any
+        internal error (through the redacting log, not the server's own traceback)."""
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await endpoint(request)
+            except Exception as exc:
+                scheduler.internal_error("server", exc)
+                return JSONResponse({"error": "internal error"}, status_code=500)
+
+        return handle
+
     return Starlette(
         routes=[
-            Route("/metrics", metrics_endpoint),
-            Route("/healthz", healthz),
-            Route("/readyz", readyz),
-            Route("/v1/tokens", tokens),
-            Route("/v1/tokens/{job}/refresh", refresh, methods=["POST"]),
+            Route("/metrics", guarded(metrics_endpoint)),
+            Route("/healthz", guarded(healthz)),
+            Route("/readyz", guarded(readyz)),
+            Route("/v1/tokens", guarded(tokens)),
+            Route("/v1/tokens/{job}/refresh", guarded(refresh), methods=["POST"]),
         ]
     )
 

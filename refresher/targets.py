@@ -68,7 +68,8 @@ def check_tenant(tenant: str) -> str:
 
 def path_segment(tenant: str) -> str:
     """The file-name-safe, one-to-one form of `tenant` (see module docstring)."""
-    segment = quote(tenant, safe=_SAFE_SEGMENT)
+    # quote() never encodes "~" (RFC 3986 unreserved); a shell would expand it.
+    segment = quote(tenant, safe=_SAFE_SEGMENT).replace("~", "%7E")
     if segment.startswith("."):
         segment = "%2E" + segment[1:]
     return segment
