@@ -738,11 +738,14 @@ class ServerConfig(Model):
         default="127.0.0.1:9464",
         json_schema_extra={"pattern": r"^(\[[0-9A-Fa-f:.]+\]|[^:\s]+):[0-9]{1,5}$"},
     )
+    #: Bearer secret for forced refreshes (required for them whenever set).
     admin_token_file: Path | None = None
+    #: Bearer secret that may only report rejected tokens (``?rejected=``).
+    consumer_token_file: Path | None = None
     max_connections: int = Field(default=256, ge=1, le=65536)
     header_timeout: PositiveDuration = 10.0
 
-    _check_admin = field_validator("admin_token_file")(_existing_file)
+    _check_tokens = field_validator("admin_token_file", "consumer_token_file")(_existing_file)
 
     @field_validator("listen")
     @classmethod

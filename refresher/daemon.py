@@ -42,8 +42,8 @@ from refresher.providers.base import HTTPClients, TokenProvider
 from refresher.scheduler import JobKey, JobRuntime, Scheduler
 from refresher.sdnotify import SystemdNotifier
 from refresher.server import (
+    Access,
     Listener,
-    admin_token_reader,
     bind,
     connection_cap,
     create_app,
@@ -51,6 +51,7 @@ from refresher.server import (
     is_loopback,
     nofile_needed,
     raise_nofile_limit,
+    token_reader,
 )
 from refresher.sinks.file import FileSink
 from refresher.sinks.kubernetes import KubeClients
@@ -404,8 +405,7 @@ class Daemon:
             log.info(
                 "credential rotated: re-minting", job=job.name, path=str(path), tokens=len(keys)
             )
-            for key in keys:
-                self.scheduler.reschedule_now(key)
+            self.scheduler.credential_changed(keys)
 
         for path in provider.secret_files():
             self.watcher.watch(path, rotated)
@@ -642,11 +642,12 @@ class Daemon:
                 reserved=reserve,
             )
         sock = bind(server_cfg.host, server_cfg.port)
-        admin = None
-        if not is_loopback(server_cfg.host):
-            # Off loopback, forced refreshes need the admin bearer secret (none set: always 401).
-            admin = admin_token_reader(server_cfg.admin_token_file)
-        app = create_app(self.scheduler, self.metrics, admin_token=admin, is_leader=self.is_leader)
+        access = Access(
+            admin=token_reader(server_cfg.admin_token_file),
+            consumer=token_reader(server_cfg.consumer_token_file),
+            loopback=is_loopback(server_cfg.host),
+        )
+        app = create_app(self.scheduler, self.metrics, access=access, is_leader=self.is_leader)
         return Listener(sock, app, max_connections=cap, header_timeout=server_cfg.header_timeout)
 
     async def _start_server(self, tg: TaskGroup, listener: Listener) -> None:

@@ -9,11 +9,11 @@
     │   ├── ServerError             5xx                                     reason=server_error
     │   ├── RateLimitedError        429, carries retry_after seconds        reason=rate_limited
     │   ├── UnauthorizedError       401: credential rejected                reason=unauthorized
-    │   │   └── InvalidLinkError    Debitura: second 401 for a tenant       reason=unauthorized
     │   ├── ForbiddenError          403: capability missing                 reason=forbidden
     │   ├── BadResponseError        malformed body, no expiry, failed JWT   reason=bad_response
-    │   │                           verification, token already expired,
-    │   │                           a value unsafe to write
+    │   │   │                       verification, token already expired,
+    │   │   │                       a value unsafe to write
+    │   │   └── TenantMismatchError a token for another tenant             reason=tenant_mismatch
     │   └── SecretUnusableError     the job's own secret cannot be read     reason=config
     │                               (missing, empty, not UTF-8)
     ├── SinkError                   a sink could not store the token       reason=sink
@@ -21,7 +21,9 @@
     └── TooSoonError                a forced refresh over its budget (429)
 
 An exception outside this tree in a job's path is a bug: it is caught at the job's
-boundary, logged with its traceback, counted (reason=internal) and retried.
+boundary, logged with its traceback, counted (reason=internal) and retried. One
+failure reason is a verdict, not an exception: ``invalid_link``, when a consumer
+reports that a token minted in answer to its earlier report was rejected too.
 
 Messages never contain a token or a secret: they carry the HTTP status and the
 `title`/`detail` of an RFC 9457 problem response, which partners fill with prose.
@@ -130,10 +132,6 @@ class UnauthorizedError(ProviderError):
     reason = "unauthorized"
 
 
-class InvalidLinkError(UnauthorizedError):
-    """A second 401 right after a fresh mint: the tenant link itself is invalid (Debitura)."""
-
-
 class ForbiddenError(ProviderError):
     """403: the credential is valid but lacks a capability or scope."""
 
@@ -144,6 +142,12 @@ class BadResponseError(ProviderError):
     """The provider answered, but not with a usable token."""
 
     reason = "bad_response"
+
+
+class TenantMismatchError(BadResponseError):
+    """The provider answered with a token for another tenant than the one asked for."""
+
+    reason = "tenant_mismatch"
 
 
 class SecretUnusableError(ProviderError):

@@ -10,6 +10,13 @@ import math
 import random
 
 from refresher.config import BackoffConfig, RefreshConfig
+from refresher.errors import (
+    ForbiddenError,
+    ProviderError,
+    RateLimitedError,
+    SecretUnusableError,
+    UnauthorizedError,
+)
 from refresher.token import Token
 
 #: ``initial * 2**n`` stops growing here: 2**62 seconds is far past any ``max``, and a
@@ -45,3 +52,38 @@ def backoff_delay(failures: int, backoff: BackoffConfig, rng: random.Random) -> 
     exponent = min(max(failures - 1, 0), MAX_BACKOFF_EXPONENT)
     cap = min(backoff.max, backoff.initial * 2.0**exponent)
     return max(backoff.initial / 10, rng.uniform(0, cap))
+
+
+def retry_delay(
+    error: ProviderError,
+    *,
+    failures: int,
+    token: Token | None,
+    now: float,
+    policy: RefreshConfig,
+    rng: random.Random,
+) -> tuple[float, bool]:
+    """How long to wait after `error` (the `failures`-th in a row), and whether a
+    ``Retry-After`` was capped at ``max_retry_after``.
+
+    * 429: exactly ``Retry-After``; "0" or a date already past backs off instead
+      (waiting "exactly" that long would be a tight loop).
+    * 401, 403, an unusable secret: ``backoff.max``, never sooner, even while the
+      current token runs out (no retry fixes these soon; do not retry 401 in a loop;
+      a rotated secret file re-mints at once anyway).
+    * anything else: full-jitter backoff, planned to land before the current token
+      expires while there is time for one.
+    """
+    if isinstance(error, RateLimitedError):
+        delay = error.retry_after or backoff_delay(failures, policy.backoff, rng)
+        if delay > policy.max_retry_after:
+            return policy.max_retry_after, True
+        return delay, False
+    if isinstance(error, (UnauthorizedError, ForbiddenError, SecretUnusableError)):
+        return policy.backoff.max, False
+    delay = backoff_delay(failures, policy.backoff, rng)
+    if token is not None and token.expires_at is not None:
+        remaining = token.expires_at - now
+        if remaining > 1 and now + delay >= token.expires_at - 0.5:
+            delay = max(min(delay, remaining / 2), 0.1)
+    return delay, False

@@ -32,20 +32,18 @@ from anyio.abc import TaskGroup
 
 from refresher.clock import Clock, SystemClock
 from refresher.config import RefreshConfig
+from refresher.credentials import Gate, Gates
 from refresher.errors import (
     BadResponseError,
-    ForbiddenError,
-    InvalidLinkError,
     ProviderError,
     RateLimitedError,
-    SecretUnusableError,
     SinkError,
     TooSoonError,
     UnauthorizedError,
 )
 from refresher.logging import Redactor
 from refresher.metrics import JobSeries, JobSnapshot, Metrics
-from refresher.policy import backoff_delay, refresh_time
+from refresher.policy import backoff_delay, refresh_time, retry_delay
 from refresher.providers.base import TokenProvider
 from refresher.ratelimit import SlidingWindowLimiter, WindowBudget
 from refresher.sinks.base import TokenSink
@@ -59,6 +57,16 @@ JobKey = tuple[str, str | None]
 WrittenHook = Callable[["JobRuntime", Token], Coroutine[Any, Any, None] | None]
 #: The longest provider-given title `/v1/tokens` shows.
 MAX_TITLE_LENGTH = 120
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """The outcome of a consumer's rejection report (`Scheduler.report_rejected`)."""
+
+    runtime: JobRuntime
+    #: A token other than the rejected one is current now (minted for this report).
+    minted: bool
+    invalid_link: bool
 
 
 @dataclass(eq=False)
@@ -86,6 +94,11 @@ class JobRuntime:
     generation: int = 0
     inflight: anyio.Event | None = None
     last_forced_at: float | None = None
+    #: Fingerprint of the token minted because a consumer reported its predecessor
+    #: rejected: a rejection of *this* one means the link itself is invalid.
+    answered_rejection: str | None = None
+    #: The credential gate this job waits at (see `refresher.credentials`), if any.
+    parked_at: str | None = None
     bound_log: Any = None
     series: JobSeries | None = field(default=None, repr=False)
     expiry_tracked: str | None = field(default=None, repr=False)
@@ -99,7 +112,12 @@ class JobRuntime:
         return self.provider.kind
 
     def valid(self, now: float) -> bool:
-        return self.token is not None and not self.unwritten and self.token.is_valid(now)
+        return (
+            self.token is not None
+            and not self.unwritten
+            and self.state != "invalid_link"
+            and self.token.is_valid(now)
+        )
 
     def status(self, now: float) -> dict[str, Any]:
         """What `/v1/tokens` shows: never the token value."""
@@ -132,7 +150,11 @@ class JobRuntime:
         if self.token is not None and self.token.is_valid(now):
             if self.unwritten:
                 return "sink_failing"
+            if self.parked_at is not None and not self.failures:
+                return "paused"
             return "valid" if self.failures == 0 else "retrying"
+        if self.parked_at is not None and not self.failures:
+            return "paused"
         if self.token is not None:
             return "expired"
         return "failing" if self.failures else "pending"
@@ -175,6 +197,7 @@ class Scheduler:
         self.is_active = is_active or (lambda: True)
         self._forced_per_credential = WindowBudget(policy.forced.per_credential_per_minute)
         self._forced_total = WindowBudget(policy.forced.per_minute)
+        self.gates = Gates()
         self.jobs: dict[JobKey, JobRuntime] = {}
         self.written_hooks: list[WrittenHook] = []
         self._heap: list[tuple[float, int, JobKey, int]] = []
@@ -216,6 +239,12 @@ class Scheduler:
         runtime = self.jobs.pop(key, None)
         if runtime is not None:
             runtime.generation += 1
+            gate = self.gates.find(key)
+            if gate is not None:
+                gate.parked.pop(key, None)
+                if gate.probe == key:
+                    gate.probe = None
+                    self._next_probe(gate)
         return runtime
 
     async def recover(self, runtime: JobRuntime) -> bool:
@@ -262,10 +291,95 @@ class Scheduler:
         self._schedule(runtime, self.clock.now() if moment is None else moment)
 
     def reschedule_now(self, key: JobKey) -> None:
-        """Make a job due immediately (credential rotated, tenant re-added)."""
+        """Make a job due immediately (tenant re-added)."""
         runtime = self.jobs.get(key)
         if runtime is not None:
             self._schedule(runtime, self.clock.now())
+
+    def credential_changed(self, keys: Iterable[JobKey]) -> None:
+        """A credential file changed: its jobs mint now, an invalid link gets another
+        chance, and the credential's gate (if closed) opens for everyone."""
+        for key in keys:
+            runtime = self.jobs.get(key)
+            if runtime is None:
+                continue
+            if runtime.state == "invalid_link":
+                runtime.state = "pending"
+                runtime.answered_rejection = None
+            self._open(self.gates[runtime.provider.credential], reason="credential changed")
+            self._schedule(runtime, self.clock.now())
+
+    # ------------------------------------------------------------------ credential gates
+
+    def _park(self, runtime: JobRuntime, gate: Gate) -> None:
+        """Off the timer until `gate` opens; no request, no log line of its own."""
+        if gate.probe != runtime.key:
+            gate.parked[runtime.key] = None
+        runtime.parked_at = gate.credential
+        runtime.last_error = runtime.last_error or gate.reason
+        runtime.backoff = max(gate.paused_until - self.clock.now(), 0.0)
+        self._schedule(runtime, math.inf)
+        runtime.next_refresh_at = gate.paused_until
+
+    def _next_probe(self, gate: Gate) -> None:
+        """Plan the gate's probe: the oldest parked job tries when the pause ends."""
+        while gate.probe is None and gate.parked:
+            key = next(iter(gate.parked))
+            del gate.parked[key]
+            runtime = self.jobs.get(key)
+            if runtime is not None:
+                gate.probe = key
+                self._schedule(runtime, gate.paused_until)
+
+    def _close(self, gate: Gate, runtime: JobRuntime, reason: str, pause: float) -> None:
+        """`runtime`'s mint says the credential is rejected or throttled: pause every
+        job sharing it. When the pause ends one of them probes — the longest waiting,
+        so a single tenant the partner refuses cannot keep the others paused (once
+        another probe succeeds, that tenant's next 401 is its own)."""
+        now = self.clock.now()
+        first = not gate.closed
+        gate.reason = reason
+        gate.paused_until = now + pause
+        sharing = [r for r in self.jobs.values() if r.provider.credential == gate.credential]
+        if first:
+            for other in sharing:
+                if other is not runtime and other.parked_at is None and other.inflight is None:
+                    self._park(other, gate)
+        gate.probe = None
+        gate.parked.pop(runtime.key, None)
+        self._park(runtime, gate)
+        self._next_probe(gate)
+        if first:
+            runtime.bound_log.error(
+                "credential rejected: pausing every token that uses it"
+                if reason == "unauthorized"
+                else "credential throttled: pausing every token that uses it",
+                reason=reason,
+                tokens=len(sharing),
+                retry_in=round(pause, 3),
+            )
+
+    def _open(self, gate: Gate, *, reason: str) -> None:
+        """The credential works again: every parked job resumes at once."""
+        if not gate.closed and not gate.parked and gate.probe is None:
+            return
+        resumed = 0
+        probe = gate.probe
+        keys = [*gate.parked, *([probe] if probe is not None else [])]
+        gate.reason, gate.paused_until, gate.probe = None, 0.0, None
+        gate.parked.clear()
+        now = self.clock.now()
+        for key in keys:
+            runtime = self.jobs.get(key)
+            if runtime is None or (runtime.parked_at != gate.credential and key != probe):
+                continue
+            runtime.parked_at = None
+            if runtime.inflight is None:
+                self._schedule(runtime, now)
+            resumed += 1
+        if resumed:
+            log.info("credential usable again: resuming its tokens", because=reason,
+                     tokens=resumed)
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -400,17 +514,57 @@ class Scheduler:
     # ------------------------------------------------------------------ one refresh
 
     async def force(self, job: str, tenant: str | None = None) -> JobRuntime:
-        """Consumer asked for a refresh: single-flight, within three budgets — one
-        per (job, tenant), one per credential, one for the daemon (`TooSoonError`)."""
+        """An operator asked for a refresh: single-flight, within three budgets — one
+        per (job, tenant), one per credential, one for the daemon (`TooSoonError`).
+        It also clears an ``invalid_link`` verdict: the operator says try again."""
         runtime = self.jobs.get((job, tenant))
         if runtime is None:
             raise KeyError((job, tenant))
         if runtime.inflight is not None:
             await runtime.inflight.wait()
             return runtime
+        self._spend_forced_budget(runtime, per_job=True)
+        if runtime.state == "invalid_link":
+            runtime.state = "pending"
+            runtime.answered_rejection = None
+        await self.refresh(runtime, force=True)
+        return runtime
+
+    async def report_rejected(self, job: str, tenant: str | None, fingerprint: str) -> Rejection:
+        """A consumer's API call was rejected (401) with the token `fingerprint`.
+
+        * not the current token: it was replaced already — nothing to mint;
+        * the current token: mint a fresh one (single-flight: every report of the
+          same token joins one mint); the per-job interval does not apply, the
+          credential and daemon budgets do (`TooSoonError`);
+        * a token minted in answer to an earlier report: the link itself is invalid
+          (the partner's "second 401"): no more mints for this job and tenant until
+          its config, tenant entry or credential changes or an operator forces one.
+        """
+        runtime = self.jobs.get((job, tenant))
+        if runtime is None:
+            raise KeyError((job, tenant))
+        if runtime.state == "invalid_link":
+            return Rejection(runtime, minted=False, invalid_link=True)
+        current = runtime.token
+        if current is None or current.fingerprint() != fingerprint:
+            return Rejection(runtime, minted=False, invalid_link=False)
+        if runtime.answered_rejection == fingerprint:
+            self._invalid_link(runtime)
+            return Rejection(runtime, minted=False, invalid_link=True)
+        if runtime.inflight is None:
+            self._spend_forced_budget(runtime, per_job=False)
+        await self.refresh(runtime, force=True)
+        fresh = runtime.token
+        minted = fresh is not None and fresh.fingerprint() != fingerprint
+        if minted and fresh is not None:
+            runtime.answered_rejection = fresh.fingerprint()
+        return Rejection(runtime, minted=minted, invalid_link=False)
+
+    def _spend_forced_budget(self, runtime: JobRuntime, *, per_job: bool) -> None:
         now = self.clock.now()
         forced = self.policy.forced
-        if runtime.last_forced_at is not None:
+        if per_job and runtime.last_forced_at is not None:
             wait = runtime.last_forced_at + forced.min_interval - now
             if wait > 0:
                 raise TooSoonError(wait, scope="job")
@@ -424,8 +578,26 @@ class Scheduler:
         self._forced_per_credential.take(credential, now)
         self._forced_total.take("", now)
         runtime.last_forced_at = now
-        await self.refresh(runtime, force=True)
-        return runtime
+
+    def _invalid_link(self, runtime: JobRuntime) -> None:
+        """The partner rejected a token minted in answer to a rejection: park the job."""
+        labels = self._series(runtime).labels
+        self.metrics.refresh_total.labels(*labels, "failure").inc()
+        self.metrics.refresh_failures.labels(*labels, "invalid_link").inc()
+        runtime.state = "invalid_link"
+        runtime.failures += 1
+        runtime.last_error = "invalid_link"
+        runtime.last_error_message = runtime.last_error_title = (
+            "a fresh token was rejected too: the link itself is invalid"
+        )
+        runtime.last_error_status = 401
+        self._schedule(runtime, math.inf)
+        runtime.bound_log.error(
+            "link invalid: the consumer's API rejected a token minted in answer to its "
+            "earlier rejection; no more mints until the config, tenant or credential "
+            "changes or an operator forces a refresh",
+            fingerprint=runtime.token.fingerprint() if runtime.token else None,
+        )
 
     async def refresh(self, runtime: JobRuntime, *, force: bool = False) -> None:
         """Refresh one job now (single-flight: joins a refresh already running).
@@ -493,6 +665,42 @@ class Scheduler:
         ):
             await self._write(runtime, current, runtime.unwritten)
             return
+        if runtime.state == "invalid_link" and not force:
+            # No more mints until its config, tenant entry or credential changes, or
+            # an operator forces one.
+            self._schedule(runtime, math.inf)
+            return
+        gate = self.gates[runtime.provider.credential]
+        if not await self._through_gate(runtime, gate, force=force):
+            return
+        # Until a credential has worked once, one request at a time finds out whether
+        # it does: a revoked key costs one 401, not one per tenant.
+        testing = gate.last_success_at is None
+        if testing:
+            gate.first_try = anyio.Event()
+        try:
+            await self._within_budgets(runtime, gate, force=force)
+        finally:
+            if testing and gate.first_try is not None:
+                gate.first_try.set()
+                gate.first_try = None
+
+    async def _through_gate(self, runtime: JobRuntime, gate: Gate, *, force: bool) -> bool:
+        """Whether `runtime` may ask now; if not, it is parked or rescheduled."""
+        while True:
+            if gate.closed and not force:
+                if gate.probe != runtime.key:
+                    self._park(runtime, gate)
+                    return False
+                if gate.paused_until > self.clock.now():
+                    self._schedule(runtime, gate.paused_until)
+                    return False
+            if gate.first_try is None:
+                return True
+            await gate.first_try.wait()
+
+    async def _within_budgets(self, runtime: JobRuntime, gate: Gate, *, force: bool) -> None:
+        current = runtime.token
         limiter = self._limiter(runtime.provider)
         slots = self._provider_slots(runtime.provider)
         if slots is not None:
@@ -506,6 +714,9 @@ class Scheduler:
             try:
                 if limiter is not None and grant is not None and not limiter.restamp(grant):
                     await limiter.acquire(_urgency(current))
+                if gate.closed and not force and gate.probe != runtime.key:
+                    self._park(runtime, gate)  # the credential failed while we waited
+                    return
                 await self._mint(runtime, limiter)
             finally:
                 self._capacity.release()
@@ -541,6 +752,11 @@ class Scheduler:
         runtime.token = token
         if runtime.state == "invalid_link":
             runtime.state = "pending"
+            runtime.answered_rejection = None
+        gate = self.gates[runtime.provider.credential]
+        gate.minted(runtime.key, self.clock.now())
+        runtime.parked_at = None
+        self._open(gate, reason="a token was minted")
         await self._write(runtime, token, list(runtime.sinks))
 
     async def _write(self, runtime: JobRuntime, token: Token, sinks: list[TokenSink]) -> None:
@@ -648,38 +864,29 @@ class Scheduler:
         )
         self.metrics.refresh_total.labels(*labels, "failure").inc()
         self.metrics.refresh_failures.labels(*labels, error.reason).inc()
-        capped = False
+        delay, capped = retry_delay(
+            error,
+            failures=runtime.failures,
+            token=runtime.token,
+            now=now,
+            policy=self.policy,
+            rng=self.rng,
+        )
         if isinstance(error, RateLimitedError):
             self.metrics.rate_limited.labels(*labels).inc()
             if error.retry_after is not None:
                 self.metrics.retry_after.labels(*labels).observe(error.retry_after)
-            # "0" or an HTTP date already past (provider clock behind): waiting
-            # "exactly" that long would be a tight loop, so back off instead.
-            delay = error.retry_after or backoff_delay(
-                runtime.failures, self.policy.backoff, self.rng
-            )
-            if delay > self.policy.max_retry_after:
-                delay, capped = self.policy.max_retry_after, True
             if limiter is not None:
                 limiter.block_until(now + delay)
-        else:
-            if isinstance(error, (UnauthorizedError, ForbiddenError, SecretUnusableError)):
-                # No retry fixes these soon; a rotated secret file re-mints at once.
-                delay = self.policy.backoff.max
-                if isinstance(error, InvalidLinkError):
-                    runtime.state = "invalid_link"
-            else:
-                delay = backoff_delay(runtime.failures, self.policy.backoff, self.rng)
-            token = runtime.token
-            if (
-                token is not None
-                and token.expires_at is not None
-                and not isinstance(error, InvalidLinkError)
-            ):
-                remaining = token.expires_at - now
-                # Plan the retry to land before expiry while there is time for one.
-                if remaining > 1 and now + delay >= token.expires_at - 0.5:
-                    delay = max(min(delay, remaining / 2), 0.1)
+        gate = self.gates[runtime.provider.credential]
+        # A 429, or a 401 that is not one tenant's own, is the whole credential's.
+        shared = isinstance(error, RateLimitedError) or (
+            isinstance(error, UnauthorizedError)
+            and not (
+                runtime.tenant is not None
+                and gate.own_401(runtime.key, now, self.policy.backoff.max)
+            )
+        )
         runtime.backoff = delay
         event = (
             runtime.bound_log.error
@@ -697,8 +904,12 @@ class Scheduler:
             retry_after_capped=capped or None,
             consecutive_failures=runtime.failures,
             token_still_valid=bool(runtime.token and runtime.token.is_valid(now)),
+            credential_paused=shared or None,
         )
-        self._schedule(runtime, now + delay)
+        if shared:
+            self._close(gate, runtime, error.reason, delay)
+        else:
+            self._schedule(runtime, now + delay)
 
     # ------------------------------------------------------------------ views
 

@@ -19,10 +19,12 @@ import contextlib
 import functools
 import hmac
 import ipaddress
+import re
 import resource
 import socket
 import time
 from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,8 @@ from uvicorn.server import ServerState
 
 from refresher.errors import ListenError, TooSoonError
 from refresher.metrics import Metrics
-from refresher.scheduler import Scheduler
+from refresher.scheduler import Rejection, Scheduler
+from refresher.token import rfc3339
 
 log = structlog.get_logger("refresher")
 
@@ -73,11 +76,11 @@ def create_app(
     scheduler: Scheduler,
     metrics: Metrics,
     *,
-    admin_token: Callable[[], str | None] | None = None,
+    access: Access | None = None,
     is_leader: Callable[[], bool] | None = None,
 ) -> Starlette:
-    """The ASGI app. `admin_token` returns the bearer secret refresh calls need
-    (None = no auth, only for loopback listeners)."""
+    """The ASGI app; `access` says who may force refreshes and report rejections."""
+    access = access or Access()
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -106,24 +109,25 @@ def create_app(
         return JSONResponse({"jobs": scheduler.statuses()})
 
     async def refresh(request: Request) -> Response:
-        if admin_token is not None:
-            expected = admin_token()
-            given = request.headers.get("authorization", "")
-            scheme, _, credential = given.partition(" ")
-            if (
-                not expected
-                or scheme.lower() != "bearer"
-                or not hmac.compare_digest(credential.encode(), expected.encode())
-            ):
-                return JSONResponse(
-                    {"error": "unauthorized"},
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
+        rejected = request.query_params.get("rejected")
+        if not access.allows(request, rejection=rejected is not None):
+            return JSONResponse(
+                {"error": "unauthorized"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+            )
+        if rejected is not None and not FINGERPRINT.fullmatch(rejected):
+            return JSONResponse(
+                {"error": "rejected must be a token fingerprint: 12 lowercase hex digits"},
+                status_code=400,
+            )
         job = request.path_params["job"]
         tenant = request.query_params.get("tenant")
+        now = scheduler.clock.now
         try:
-            runtime = await scheduler.force(job, tenant)
+            if rejected is None:
+                runtime = await scheduler.force(job, tenant)
+            else:
+                outcome = await scheduler.report_rejected(job, tenant, rejected)
+                return _rejection_answer(outcome, now())
         except KeyError:
             return JSONResponse(
                 {"error": f"no job {job!r}" + (f" tenant {tenant!r}" if tenant else "")},
@@ -136,8 +140,8 @@ def create_app(
                 status_code=429,
                 headers={"Retry-After": str(seconds)},
             )
-        body = runtime.status(scheduler.clock.now())
-        return JSONResponse(body, status_code=200 if runtime.valid(scheduler.clock.now()) else 502)
+        body = runtime.status(now())
+        return JSONResponse(body, status_code=200 if runtime.valid(now()) else 502)
 
     def guarded(endpoint: Endpoint) -> Endpoint:
         """A bug in a handler is a 500 for that request, logged and counted like any
@@ -163,18 +167,69 @@ def create_app(
     )
 
 
-def admin_token_reader(path: Path | None) -> Callable[[], str | None]:
-    """Reads the admin bearer secret at each request, so rotating the file works."""
+#: A token fingerprint as `/v1/tokens` shows it.
+FINGERPRINT = re.compile(r"[0-9a-f]{12}")
+
+
+def _rejection_answer(outcome: Rejection, now: float) -> Response:
+    runtime = outcome.runtime
+    if outcome.invalid_link:
+        return JSONResponse(
+            {"state": "invalid_link", "job": runtime.job, "tenant": runtime.tenant},
+            status_code=409,
+        )
+    token = runtime.token
+    body = {
+        "fingerprint": token.fingerprint() if token else None,
+        "expires_at": rfc3339(token.expires_at) if token else None,
+        "minted": outcome.minted,
+    }
+    if runtime.valid(now):
+        return JSONResponse(body)
+    return JSONResponse({**body, "error": runtime.last_error}, status_code=502)
+
+
+def token_reader(path: Path | None) -> Callable[[], str | None] | None:
+    """Reads a bearer secret at each request, so rotating the file works."""
+    if path is None:
+        return None
 
     def read() -> str | None:
-        if path is None:
-            return None
         try:
             return path.read_text().strip() or None
         except OSError:
             return None
 
     return read
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may force refreshes and report rejected tokens.
+
+    With no secret configured, a loopback listener lets everyone on this machine do
+    both, and any other listener nobody. Once a secret is configured: a forced
+    refresh needs the admin secret; a rejection report the admin or the consumer
+    secret (which can do nothing else).
+    """
+
+    admin: Callable[[], str | None] | None = None
+    consumer: Callable[[], str | None] | None = None
+    loopback: bool = True
+
+    def allows(self, request: Request, *, rejection: bool) -> bool:
+        if self.admin is None and self.consumer is None:
+            return self.loopback
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            return False
+        readers = [self.admin, self.consumer] if rejection else [self.admin]
+        return any(_same(given, reader) for reader in readers if reader is not None)
+
+
+def _same(given: str, reader: Callable[[], str | None]) -> bool:
+    expected = reader()
+    return expected is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
 # ---------------------------------------------------------------- descriptor budget

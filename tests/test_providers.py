@@ -195,33 +195,112 @@ async def test_debitura_always_re_mints_before_30_minutes(start_daemon, debitura
         assert rt.token.expires_at > clock.now()
 
 
-async def test_debitura_401_triggers_exactly_one_fresh_mint(start_daemon, debitura, clock, tmp_path) -> None:
-    debitura.inject(Fault.unauthorized(count=1))
+async def test_debitura_mint_401_is_one_failure_for_the_whole_key(
+    start_daemon, debitura, clock, tmp_path, leak_guard
+) -> None:
+    """A 401 from the mint: the XApiKey is rejected. Every tenant on it pauses, one
+    probe per backoff.max, nobody is marked invalid_link, one log line for the key;
+    a rotated key file re-mints at once."""
+    key_file = tmp_path / "api-key"
+    key_file.write_text("revoked-debitura-key\n")
+    leak_guard.secrets.add("revoked-debitura-key")
+    tenants = [f"t-{i:02d}" for i in range(20)]
+    job = deb_job(debitura, tmp_path, tenants)
+    del job["provider"]["api_key"]
+    job["provider"]["api_key_file"] = str(key_file)
+    async with start_daemon({"jobs": [job]}) as daemon:
+        sched = daemon.scheduler
+        await settle(sched)
+        assert debitura.count() == 1, "the first 401 pauses the other 19 before they ask"
+        assert all(r.state != "invalid_link" for r in sched.jobs.values())
+        states = {r.display_state(clock.now()) for r in sched.jobs.values()}
+        assert states == {"paused", "failing"}
+        assert len(leak_guard.events("credential rejected: pausing every token that uses it")) == 1
+        # An hour: one probe per backoff.max (300 s), rotating over the tenants.
+        t0 = clock.now()
+        await drive(clock, sched, lambda: clock.now() >= t0 + 3600, horizon=t0 + 4000)
+        assert 12 <= debitura.count() <= 14
+        assert len({r.client for r in debitura.requests}) > 1, "the probe rotates"
+        assert metric(daemon, "refresher_refresh_failures_total", job="debitura", reason="unauthorized") == debitura.count()
+        # The key is rotated in the file (no watcher on the manual clock: say so).
+        key_file.write_text(DEB_KEY + "\n")
+        daemon.scheduler.credential_changed(list(sched.jobs))
+        await drive(clock, sched, lambda: all(r.token for r in sched.jobs.values()), horizon=clock.now() + 5)
+        assert all(r.failures == 0 and r.parked_at is None for r in sched.jobs.values())
+
+
+async def test_debitura_one_tenant_refused_at_the_mint_backs_off_alone(
+    start_daemon, debitura, clock, tmp_path
+) -> None:
+    async with start_daemon({"jobs": [deb_job(debitura, tmp_path, ["t-good", "t-bad"])]}) as daemon:
+        sched = daemon.scheduler
+        bad, good = sched.jobs[("debitura", "t-bad")], sched.jobs[("debitura", "t-good")]
+        await wait_for(lambda: bad.token and good.token and bad.inflight is None)
+        debitura.mint_refused.add("t-bad")
+        await sched.refresh(bad, force=True)  # t-good minted just now: this 401 is t-bad's
+        assert bad.last_error == "unauthorized" and bad.backoff == 300 and bad.parked_at is None
+        assert good.parked_at is None and sched.gates[bad.provider.credential].closed is False
+        # An hour: t-bad asks once per backoff.max, never halving toward expiry; t-good
+        # goes on undisturbed.
+        t0, mints = clock.now(), debitura.count(client="t-bad")
+        await drive(clock, sched, lambda: clock.now() >= t0 + 3600, horizon=t0 + 4000)
+        assert debitura.count(client="t-bad") - mints <= 3600 // 300 + 1
+        assert good.token.is_valid(clock.now()) and good.display_state(clock.now()) == "valid"
+        assert bad.state != "invalid_link"
+
+
+async def test_debitura_token_for_another_tenant_is_never_written(
+    start_daemon, debitura, tmp_path
+) -> None:
     async with start_daemon({"jobs": [deb_job(debitura, tmp_path, ["t-1"])]}) as daemon:
         rt = daemon.scheduler.jobs[("debitura", "t-1")]
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
-        assert [r.status for r in debitura.requests] == [401, 200]
-        assert rt.failures == 0
+        await wait_for(lambda: rt.token and rt.inflight is None)
+        before = (tmp_path / "t-1.json").read_bytes()
+        other = debitura.sign_hs256({"externalTenantId": "t-2", "exp": 2_000_000_000})
+        debitura.inject(Fault.body_json(
+            {"accessToken": other, "tokenType": "Bearer", "expiresIn": 1800, "externalTenantId": "t-2"}
+        ))
+        await daemon.scheduler.refresh(rt, force=True)
+        assert rt.last_error == "tenant_mismatch" and (tmp_path / "t-1.json").read_bytes() == before
+        assert metric(daemon, "refresher_refresh_failures_total", job="debitura", reason="tenant_mismatch") == 1
 
 
-async def test_debitura_second_401_marks_only_that_tenant_invalid(start_daemon, debitura, clock, tmp_path, leak_guard) -> None:
-    debitura.unlinked.add("t-bad")
-    async with start_daemon({"jobs": [deb_job(debitura, tmp_path, ["t-good", "t-bad"])]}) as daemon:
-        bad = daemon.scheduler.jobs[("debitura", "t-bad")]
-        good = daemon.scheduler.jobs[("debitura", "t-good")]
-        await wait_for(lambda: bad.failures == 1 and good.token is not None and good.inflight is None)
-        assert debitura.count(client="t-bad") == 2, "exactly one re-mint after the first 401"
-        assert bad.display_state(clock.now()) == "invalid_link"
-        assert bad.backoff == 300
-        assert good.display_state(clock.now()) == "valid"
-        assert metric(daemon, "refresher_refresh_failures_total", job="debitura", reason="unauthorized") == 1
-        status, body = await get_json(daemon, "/v1/tokens", leak_guard)
-        states = {j["tenant"]: j["state"] for j in body["jobs"]}
-        assert states == {"t-good": "valid", "t-bad": "invalid_link"}
-        # An hour later: still no storm for the bad tenant.
-        t0 = clock.now()
-        await drive(clock, daemon.scheduler, lambda: clock.now() >= t0 + 3600, horizon=t0 + 4000)
-        assert debitura.count(client="t-bad") <= 2 + 2 * (3600 // 300)
+async def test_401_with_a_valid_token_is_retried_no_more_often_than_backoff_max(
+    start_daemon, oauth2_emulator, clock, tmp_path
+) -> None:
+    from tests.conftest import oauth2_job
+
+    async with start_daemon({"jobs": [oauth2_job(oauth2_emulator, tmp_path)]}) as daemon:
+        rt = daemon.scheduler.jobs[("api", None)]
+        await wait_for(lambda: rt.token and rt.inflight is None)
+        oauth2_emulator.inject(Fault.unauthorized(count=1000))
+        expires = rt.token.expires_at
+        await drive(clock, daemon.scheduler, lambda: clock.now() >= expires + 600, horizon=expires + 1000)
+        times = [r.at for r in oauth2_emulator.requests if r.status == 401]
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        assert times and min(gaps) >= 300 - 1e-6, gaps
+
+
+async def test_429_pauses_every_job_sharing_the_credential(
+    start_daemon, oauth2_emulator, clock, tmp_path
+) -> None:
+    from tests.conftest import oauth2_job
+
+    (tmp_path / "b").mkdir()
+    jobs = [oauth2_job(oauth2_emulator, tmp_path), oauth2_job(oauth2_emulator, tmp_path / "b", name="b")]
+    async with start_daemon({"jobs": jobs}) as daemon:
+        sched = daemon.scheduler
+        a, b = sched.jobs[("api", None)], sched.jobs[("b", None)]
+        await wait_for(lambda: a.token and b.token and a.inflight is None and b.inflight is None)
+        oauth2_emulator.inject(Fault.rate_limited("7"))
+        await sched.refresh(a, force=True)
+        throttled_at = oauth2_emulator.requests[-1].at
+        before = oauth2_emulator.count()
+        await sched.refresh(b)  # due now, but the credential is paused: no request
+        assert oauth2_emulator.count() == before and b.display_state(clock.now()) == "paused"
+        await drive(clock, sched, lambda: b.parked_at is None and a.failures == 0, horizon=clock.now() + 10)
+        later = [r.at - throttled_at for r in oauth2_emulator.requests[before:]]
+        assert later and min(later) >= 7 - 1e-6, later
 
 
 async def test_debitura_1000_tenants_within_rate_none_missed(start_daemon, debitura, clock, tmp_path) -> None:

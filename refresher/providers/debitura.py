@@ -1,17 +1,22 @@
-"""Debitura (seeds/001): ``XApiKey`` header + ``{"externalTenantId"}`` → HS256 JWT.
+"""Debitura: ``XApiKey`` header + ``{"externalTenantId"}`` → HS256 JWT.
 
 One token per tenant, 30 minutes, no refresh token: always re-mint. The response
 uses camelCase (``accessToken``, ``tokenType``, ``expiresIn``); ``creditorId`` is kept
-in the token metadata. The documented retry-once-on-401 rule: a 401 triggers exactly
-one fresh mint; a second 401 means the tenant link is invalid (`InvalidLinkError`),
-which the scheduler parks with a long backoff without touching other tenants.
+in the token metadata, and the answer's ``externalTenantId`` must be the tenant asked
+for (a token for another tenant is never written: reason ``tenant_mismatch``).
+
+The partner's retry-once-on-401 rule belongs to the *Customer API* call, not to the
+mint: a consumer whose call gets 401 reports the token's fingerprint to the daemon,
+which mints a fresh one; a report against that fresh token marks the tenant's link
+invalid (see `Scheduler.report_rejected`). A 401 from the mint itself means the
+``XApiKey`` is rejected: one failure for the whole credential (`refresher.credentials`).
 """
 
 from __future__ import annotations
 
 from refresher.clock import Clock
 from refresher.config import DebituraProviderConfig, SecretSource, secret_source
-from refresher.errors import ConfigError, InvalidLinkError, UnauthorizedError
+from refresher.errors import ConfigError, TenantMismatchError
 from refresher.providers.base import HTTPClients, HTTPProvider
 from refresher.token import Token, fingerprint
 
@@ -38,27 +43,21 @@ class DebituraProvider(HTTPProvider):
     async def fetch(self, tenant: str | None) -> Token:
         if tenant is None:
             raise ValueError("Debitura mints per tenant")
-        try:
-            return await self._mint(tenant)
-        except UnauthorizedError as first:
-            try:
-                return await self._mint(tenant)
-            except UnauthorizedError as second:
-                raise InvalidLinkError(
-                    f"Debitura tenant {tenant!r}: 401 twice in a row, the tenant link is invalid",
-                    status=second.status,
-                    problem=second.problem or first.problem,
-                ) from None
-
-    async def _mint(self, tenant: str) -> Token:
         started = self.clock.now()
         body = await self.post(
             self.token_path,
-            f"Debitura token request for tenant {tenant!r}",
+            "Debitura token request",
             headers={"XApiKey": self.secret("api_key")},
             json_body={"externalTenantId": tenant},
         )
-        extra = {"externalTenantId": body.get("externalTenantId", tenant)}
+        answered = body.get("externalTenantId")
+        if answered != tenant:
+            raise TenantMismatchError(
+                "Debitura answered with a token for another externalTenantId"
+                if isinstance(answered, str)
+                else "Debitura answer has no externalTenantId"
+            )
+        extra = {"externalTenantId": tenant}
         if body.get("creditorId") is not None:
             extra["creditorId"] = body["creditorId"]
         return self.token_from(

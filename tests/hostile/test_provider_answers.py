@@ -65,7 +65,8 @@ async def test_unsafe_answer_is_bad_response_and_never_written(
     (tmp_path / "other").mkdir()
     async with start_daemon({"jobs": [job, other]}) as daemon:
         rt = daemon.scheduler.jobs[("api", None)]
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        runtimes = daemon.scheduler.jobs.values()
+        await wait_for(lambda: all(r.token and r.inflight is None for r in runtimes))
         before = snapshot(tmp_path)
         oauth2_emulator.inject(Fault.body_json(grant(oauth2_emulator, **fields)))
         await daemon.scheduler.refresh(rt, force=True)

@@ -415,13 +415,14 @@ def fetch_big(port: int, *, pause: float | None) -> int:
 @pytest.mark.anyio
 async def test_a_client_that_stops_reading_is_dropped_a_slow_one_is_not() -> None:
     with small_buffers() as sock:
-        listener = Listener(sock, small_app(), max_connections=4, header_timeout=0.3)
+        # The timeout leaves room for a reader thread starved by a busy machine.
+        listener = Listener(sock, small_app(), max_connections=4, header_timeout=0.5)
         async with anyio.create_task_group() as tg:
             await tg.start(listener.serve)
             started = time.monotonic()
-            # ~4 MiB at 16 KiB per 3 ms: well over the 0.3 s timeout, but always reading.
-            slow = await anyio.to_thread.run_sync(lambda: fetch_big(listener.port, pause=0.003))
-            assert time.monotonic() - started > 0.6
+            # ~4 MiB at 16 KiB per 6 ms: well over the 0.5 s timeout, but always reading.
+            slow = await anyio.to_thread.run_sync(lambda: fetch_big(listener.port, pause=0.006))
+            assert time.monotonic() - started > 1.0
             assert slow > BIG and listener.timed_out == 0
             # Asks for 4 MiB and reads none of it: dropped, its slot and descriptor freed.
             stalled = await anyio.to_thread.run_sync(lambda: fetch_big(listener.port, pause=None))
