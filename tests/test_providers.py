@@ -6,6 +6,7 @@ it covers.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -277,7 +278,7 @@ async def test_401_with_a_valid_token_is_retried_no_more_often_than_backoff_max(
         expires = rt.token.expires_at
         await drive(clock, daemon.scheduler, lambda: clock.now() >= expires + 600, horizon=expires + 1000)
         times = [r.at for r in oauth2_emulator.requests if r.status == 401]
-        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
         assert times and min(gaps) >= 300 - 1e-6, gaps
 
 
