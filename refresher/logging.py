@@ -11,7 +11,9 @@ attacker.
 from __future__ import annotations
 
 import base64
+import io
 import logging
+import os
 import re
 import sys
 import threading
@@ -150,6 +152,38 @@ class Redactor:
         return event_dict
 
 
+#: syslog priority of each structlog level name (the sd-daemon(3) line prefixes).
+SYSLOG_PRIORITY = {"critical": 2, "error": 3, "warning": 4, "notice": 5, "info": 6, "debug": 7}
+
+
+def is_journal(stream: TextIO) -> bool:
+    """Whether `stream` is systemd's journal: systemd sets ``JOURNAL_STREAM`` to the
+    ``<device>:<inode>`` of the stream it connected; a process that inherited the
+    variable but writes elsewhere (a redirect, a pipe) does not match."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in value.split(":"))
+        found = os.fstat(stream.fileno())
+    except (ValueError, OSError, io.UnsupportedOperation, AttributeError):
+        return False  # unset, malformed, or a stream without a file: not the journal
+    return (found.st_dev, found.st_ino) == (device, inode)
+
+
+class JournalPriority:
+    """Wraps a renderer: every line of an event starts with its syslog priority
+    (``<3>`` for errors …), which journald strips and stores as the entry's PRIORITY,
+    so ``journalctl -p err`` finds the errors."""
+
+    def __init__(self, renderer: Any) -> None:
+        self._renderer = renderer
+
+    def __call__(self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> str:
+        # Read before rendering: the console renderer pops `level`.
+        priority = SYSLOG_PRIORITY.get(str(event_dict.get("level", method_name)), 6)
+        rendered = str(self._renderer(logger, method_name, event_dict))
+        return "\n".join(f"<{priority}>{line}" for line in rendered.split("\n"))
+
+
 def configure_logging(
     redactor: Redactor,
     *,
@@ -160,23 +194,26 @@ def configure_logging(
     """Install structlog's pipeline: context, level, time, redaction, rendering.
 
     Tracebacks are rendered to text *before* redaction, so secrets in exception
-    messages are scrubbed too.
+    messages are scrubbed too. Writing to the journal (`is_journal`), lines carry
+    their syslog priority and no timestamp: journald stamps every entry itself.
     """
     out = stream or sys.stderr
+    journal = is_journal(out)
     json_output = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if json_output
         else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
+    stamp: list[Any] = [] if journal else [structlog.processors.TimeStamper(fmt="iso", utc=True)]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *stamp,
             structlog.processors.format_exc_info,
             redactor,
-            renderer,
+            JournalPriority(renderer) if journal else renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]

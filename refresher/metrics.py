@@ -6,9 +6,15 @@ computed at scrape time from the scheduler's state by `StateCollector`, so they 
 never drift from what `/v1/tokens` reports, and 10,000 tenants cost nothing between
 scrapes.
 
-Labels: ``job`` and ``provider``; ``tenant`` only with ``metrics.tenant_labels: true``
-(otherwise per-tenant jobs aggregate, and ``tenants_valid``/``tenants_configured`` say
-how many of a job's tenants hold a valid token).
+Labels: ``token_job`` and ``provider``; ``tenant`` only with ``metrics.tenant_labels:
+true`` (otherwise per-tenant jobs aggregate, and ``tenants_valid``/``tenants_configured``
+say how many of a job's tenants hold a valid token). Never ``job``: that is Prometheus's
+own target label, and exporting it would force ``honor_labels: true`` on every scrape.
+
+Every series an alert or a dashboard panel reads exists from a job's first scrape:
+the attempt and failure counters are created at 0 for each job and each reason in
+`FAILURE_REASONS` (``increase()`` cannot see a counter's first increment, so a series
+born at 1 would hide a job's first failure from the alerts).
 """
 
 from __future__ import annotations
@@ -28,6 +34,27 @@ PREFIX = "refresher"
 #: Provider round trips: loopback emulators answer in ~1 ms, partners in 50 ms-5 s.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 RETRY_AFTER_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 900, 3600)
+#: The label naming the token job (``job`` is Prometheus's scrape job).
+TOKEN_JOB = "token_job"
+#: Every ``reason`` of `refresher_refresh_failures_total`: the `reason` of each error in
+#: refresher/errors.py, plus ``internal`` (a bug caught at a job's boundary).
+FAILURE_REASONS = (
+    "transport",
+    "timeout",
+    "server_error",
+    "rate_limited",
+    "unauthorized",
+    "forbidden",
+    "bad_response",
+    "invalid_link",
+    "tenant_mismatch",
+    "scope_missing",
+    "sink",
+    "config",
+    "internal",
+)
+#: The ``result`` values of `refresher_refresh_total`.
+REFRESH_RESULTS = ("success", "failure")
 #: Where an unexpected error can be caught (`refresher_internal_errors_total`).
 INTERNAL_ERROR_COMPONENTS = (
     "refresh",
@@ -43,7 +70,8 @@ INTERNAL_ERROR_COMPONENTS = (
 
 @dataclass(frozen=True)
 class JobSnapshot:
-    """What the collector needs to know about one (job, tenant) at scrape time."""
+    """What the collector needs to know about one (job, tenant) at scrape time.
+    (`job` is the token job's name, exported as the ``token_job`` label.)"""
 
     job: str
     provider: str
@@ -73,9 +101,15 @@ class Metrics:
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.tenant_labels = tenant_labels
-        labels = ["job", "provider"] + (["tenant"] if tenant_labels else [])
+        labels = [TOKEN_JOB, "provider"] + (["tenant"] if tenant_labels else [])
         self._labels = labels
         r = self.registry
+        # Registered first: it creates a new job's zero series before the counters
+        # below are collected in the same scrape.
+        self._state = StateCollector(self)
+        r.register(self._state)
+        #: (job, provider) pairs whose series exist (see `declare_job`).
+        self._declared: set[tuple[str, str]] = set()
         self.refresh_duration = Histogram(
             f"{PREFIX}_refresh_duration_seconds",
             "Provider round trip of a token refresh, in seconds.",
@@ -142,9 +176,24 @@ class Metrics:
             f"{PREFIX}_tenants_rejected",
             "Lines of the job's tenants_file refused at its last read (bad tenant id, "
             "a target that collides or escapes its directory).",
-            ["job", "provider"],
+            [TOKEN_JOB, "provider"],
             registry=r,
         )
+
+    def declare_job(self, job: str, provider: str) -> None:
+        """Create a job's counters at 0: per job, never per tenant (with tenant labels
+        on they carry ``tenant=""``), so 10,000 tenants do not cost 10,000 x reasons
+        series. Idempotent and cheap when already done."""
+        key = (job, provider)
+        if key in self._declared:
+            return
+        labels = self.label_values(job, provider, None)
+        for result in REFRESH_RESULTS:
+            self.refresh_total.labels(*labels, result)
+        for reason in FAILURE_REASONS:
+            self.refresh_failures.labels(*labels, reason)
+        self.rate_limited.labels(*labels)
+        self._declared.add(key)
 
     def label_values(self, job: str, provider: str, tenant: str | None) -> tuple[str, ...]:
         if self.tenant_labels:
@@ -153,6 +202,7 @@ class Metrics:
 
     def series(self, job: str, provider: str, tenant: str | None) -> JobSeries:
         """The hot-path children of one (job, tenant) (see `JobSeries`)."""
+        self.declare_job(job, provider)
         labels = self.label_values(job, provider, tenant)
         return JobSeries(
             labels=labels,
@@ -175,20 +225,25 @@ class Metrics:
         *,
         is_leader: Callable[[], bool] | None = None,
     ) -> None:
-        """Register the scrape-time collector over the scheduler's state."""
-        self.registry.register(StateCollector(self, snapshots, is_leader))
+        """Export the scheduler's state at scrape time (`StateCollector`). `is_leader`
+        is None when leader election is off."""
+        self._state.watch(snapshots, is_leader)
 
 
 class StateCollector(Collector):
-    """Gauges derived from the scheduler state at scrape time."""
+    """Gauges derived from the scheduler state at scrape time; declares the counters
+    of jobs it sees for the first time (`Metrics.declare_job`)."""
 
-    def __init__(
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.snapshots: Callable[[], Iterable[JobSnapshot]] | None = None
+        self.is_leader: Callable[[], bool] | None = None
+
+    def watch(
         self,
-        metrics: Metrics,
         snapshots: Callable[[], Iterable[JobSnapshot]],
         is_leader: Callable[[], bool] | None,
     ) -> None:
-        self.metrics = metrics
         self.snapshots = snapshots
         self.is_leader = is_leader
 
@@ -196,6 +251,8 @@ class StateCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
+        if self.snapshots is None:
+            return
         labels = self.metrics._labels
         valid = GaugeMetricFamily(
             f"{PREFIX}_token_valid",
@@ -220,16 +277,20 @@ class StateCollector(Collector):
         tenants_valid = GaugeMetricFamily(
             f"{PREFIX}_tenants_valid",
             "Tenants of the job holding a valid token.",
-            labels=["job", "provider"],
+            labels=[TOKEN_JOB, "provider"],
         )
         tenants_configured = GaugeMetricFamily(
             f"{PREFIX}_tenants_configured",
             "Tenants configured for the job.",
-            labels=["job", "provider"],
+            labels=[TOKEN_JOB, "provider"],
         )
         groups: dict[tuple[str, ...], list[JobSnapshot]] = {}
         tenants: dict[tuple[str, str], list[int]] = {}
+        declare, last_job = self.metrics.declare_job, None
         for snap in self.snapshots():
+            if snap.job != last_job:  # a job's tenants come one after another
+                declare(snap.job, snap.provider)
+                last_job = snap.job
             key = self.metrics.label_values(snap.job, snap.provider, snap.tenant)
             groups.setdefault(key, []).append(snap)
             if snap.tenant is not None:
@@ -250,13 +311,12 @@ class StateCollector(Collector):
             tenants_valid.add_metric([job, provider], ok)
             tenants_configured.add_metric([job, provider], total)
         yield from (valid, expiry, last_success, backoff, tenants_valid, tenants_configured)
-        if self.is_leader is not None:
-            enabled = GaugeMetricFamily(
-                f"{PREFIX}_leader_election_enabled",
-                "1 if this daemon takes part in leader election.",
-            )
-            enabled.add_metric([], 1.0)
-            yield enabled
+        enabled = GaugeMetricFamily(
+            f"{PREFIX}_leader_election_enabled",
+            "1 if this daemon takes part in leader election (0: it always refreshes).",
+        )
+        enabled.add_metric([], 0.0 if self.is_leader is None else 1.0)
+        yield enabled
         leader = GaugeMetricFamily(
             f"{PREFIX}_is_leader", "1 if this daemon is the one that refreshes (holds the lease)."
         )

@@ -102,7 +102,7 @@ async def test_a_rejected_answer_to_a_rejection_marks_only_that_link_invalid(
         second = await report(daemon, "t-bad", fp(bad), "admin-secret-value")
         assert second.status_code == 409 and second.json()["state"] == "invalid_link"
         assert bad.display_state(clock.now()) == "invalid_link" and not bad.valid(clock.now())
-        assert metric(daemon, "refresher_refresh_failures_total", job="debitura", reason="invalid_link") == 1
+        assert metric(daemon, "refresher_refresh_failures_total", token_job="debitura", reason="invalid_link") == 1
         assert len(leak_guard.events(next(e["event"] for e in leak_guard.lines() if e["event"].startswith("link invalid")))) == 1
         _, body = await get_json(daemon, "/v1/tokens", leak_guard)
         states = {j["tenant"]: j["state"] for j in body["jobs"]}

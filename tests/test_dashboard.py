@@ -39,6 +39,9 @@ REQUIRED_METRICS = (
     "refresher_refresh_duration_seconds_bucket",
     "refresher_sink_failures_total",
     "refresher_is_leader",
+    "refresher_internal_errors_total",
+    "refresher_tenants_rejected",
+    "refresher_scope_missing",
 )
 
 
@@ -114,16 +117,17 @@ def test_uid_and_title(dashboard: dict[str, Any]) -> None:
 
 def test_variables(dashboard: dict[str, Any]) -> None:
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
-    assert list(variables) == ["datasource", "namespace", "job"]
+    assert list(variables) == ["datasource", "namespace", "token_job"]
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
-    for name in ("namespace", "job"):
+    for name in ("namespace", "token_job"):
         variable = variables[name]
         assert variable["type"] == "query"
         assert variable["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
         assert variable["includeAll"] is True and variable["allValue"] == ".*"
     assert re.fullmatch(
-        r"label_values\(refresher_token_valid(\{[^}]*\})?, job\)", variables["job"]["query"]
+        r"label_values\(refresher_token_valid(\{[^}]*\})?, token_job\)",
+        variables["token_job"]["query"],
     )
     assert variables["namespace"]["query"].endswith(", namespace)")
 
@@ -173,9 +177,14 @@ def test_token_queries_filter_by_job_and_namespace(dashboard: dict[str, Any]) ->
         for target in panel["targets"]:
             expr = target["expr"]
             assert 'namespace=~"$namespace"' in expr, expr
-            # refresher_is_leader/build_info/config_reload_failures carry no token job label
-            if not re.search(r"refresher_(is_leader|build_info|config_reload_failures)", expr):
-                assert 'job=~"$job"' in expr, expr
+            # process-wide series carry no token_job label
+            if not re.search(
+                r"refresher_(is_leader|build_info|config_reload_failures|internal_errors)", expr
+            ):
+                assert 'token_job=~"$token_job"' in expr, expr
+            # `job` is the scrape job: never a token job filter, grouping or legend
+            assert not re.search(r"\bjob\b", expr.replace("token_job", "")), expr
+            assert "{{job}}" not in target["legendFormat"], target
 
 
 def test_promql_expressions(generator: ModuleType, dashboard: dict[str, Any]) -> None:
@@ -184,13 +193,13 @@ def test_promql_expressions(generator: ModuleType, dashboard: dict[str, Any]) ->
     assert len(exprs) == len(raw)
     for expression in exprs:
         assert "$" not in expression, expression
-    assert any('job=~".*"' in e for e in exprs)
+    assert any('token_job=~".*"' in e for e in exprs)
     assert any('namespace=~".*"' in e for e in exprs)
     assert any("[1m]" in e for e in exprs)
     for before, after in zip(raw, exprs, strict=True):
         assert after == (
             before.replace("$namespace", ".*")
-            .replace("$job", ".*")
+            .replace("$token_job", ".*")
             .replace("$__rate_interval", "1m")
             .replace("$__range", "1h")
         )
@@ -198,7 +207,9 @@ def test_promql_expressions(generator: ModuleType, dashboard: dict[str, Any]) ->
 
 def test_substitute_match_all(generator: ModuleType) -> None:
     substitute = generator.substitute_match_all
-    assert substitute('x{job=~"${job}"}[$__rate_interval]') == 'x{job=~".*"}[1m]'
+    assert substitute('x{token_job=~"${token_job}"}[$__rate_interval]') == (
+        'x{token_job=~".*"}[1m]'
+    )
     assert substitute('x{namespace=~"${namespace:regex}"}') == 'x{namespace=~".*"}'
     with pytest.raises(ValueError, match="unknown_var"):
         substitute("x{a=~'$unknown_var'}")

@@ -236,7 +236,7 @@ async def test_hanging_notifier_is_killed_and_refreshing_goes_on(start_daemon, o
         await wait_for(lambda: len(leak_guard.events("notification failed")) == 2)
         assert "timed out after 0.3s and was killed" in leak_guard.events("notification failed")[0]["error"]
         status, text = await get_json(daemon, "/metrics")
-        assert 'refresher_notify_failures_total{job="api",notifier="command",provider="oauth2"} 2.0' in text
+        assert 'refresher_notify_failures_total{notifier="command",provider="oauth2",token_job="api"} 2.0' in text
 
 
 # ------------------------------------------------------------------ systemd notify

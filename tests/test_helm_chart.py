@@ -20,6 +20,7 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,7 +44,7 @@ groups:
   - name: refresher-placeholder
     rules:
       - alert: RefresherPlaceholder
-        expr: vector(0) > 1
+        expr: absent(up{job="refresher"}) > 1
         annotations:
           summary: "placeholder for {{ $labels.job }}"
 """
@@ -669,17 +670,26 @@ def test_service_monitor(chart: helm.Chart) -> None:
     [endpoint] = spec["endpoints"]
     assert endpoint["port"] == service["spec"]["ports"][0]["name"] == "metrics"
     assert endpoint["path"] == "/metrics"
-    assert endpoint["honorLabels"] is True
+    # The daemon exports no `job` label: the scrape job stays Prometheus's own.
+    assert "honorLabels" not in endpoint
+    assert endpoint["relabelings"] == [{"targetLabel": "job", "replacement": "refresher"}]
     assert re.fullmatch(r"\d+[smh]", endpoint["interval"])
     assert set(endpoint) <= {
         "port",
         "path",
         "interval",
         "scrapeTimeout",
-        "honorLabels",
         "relabelings",
         "metricRelabelings",
     }
+    # The user's relabelings come after the chart's, so they can still refine the target.
+    extra = {"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"}
+    custom = render(chart, {"serviceMonitor": {"enabled": True, "relabelings": [extra]}})
+    [endpoint] = only(custom, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["relabelings"] == [
+        {"targetLabel": "job", "replacement": "refresher"},
+        extra,
+    ]
 
 
 def test_prometheus_rule_renders_alerts_file(chart: helm.Chart, chart_dir: Path) -> None:
@@ -697,6 +707,200 @@ def test_prometheus_rule_renders_alerts_file(chart: helm.Chart, chart_dir: Path)
             assert isinstance(r["expr"], str) and r["expr"].strip()
     # The Prometheus templating survives Helm untouched.
     assert "{{ $labels." in json.dumps(rule["spec"])
+
+
+DOWN_SELECTOR = 'up{job="refresher"}'
+
+
+def down_rule(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    rule = only(manifests, "PrometheusRule")
+    [down] = [
+        r for g in rule["spec"]["groups"] for r in g["rules"] if r.get("alert") == "RefresherDown"
+    ]
+    return down
+
+
+@pytest.mark.parametrize(
+    ("values", "job"),
+    [
+        pytest.param({}, "refresher", id="default"),
+        pytest.param({"fullnameOverride": "tokens"}, "tokens", id="fullname-override"),
+        pytest.param({"scrapeJob": "kubernetes-pods"}, "kubernetes-pods", id="own-scrape-job"),
+    ],
+)
+def test_down_alert_selects_the_scrape_job_the_monitor_sets(
+    chart: helm.Chart, values: dict[str, Any], job: str
+) -> None:
+    for monitor in ("serviceMonitor", "podMonitor"):
+        manifests = render(
+            chart, {**values, monitor: {"enabled": True}, "prometheusRule": {"enabled": True}}
+        )
+        validate(manifests)
+        kind = monitor[0].upper() + monitor[1:]
+        [endpoint] = only(manifests, kind)["spec"][
+            "endpoints" if monitor == "serviceMonitor" else "podMetricsEndpoints"
+        ]
+        assert endpoint["relabelings"][0] == {"targetLabel": "job", "replacement": job}
+        down = down_rule(manifests)
+        assert down["expr"].count(f'up{{job="{job}"}}') == 2
+        assert f'matches up{{job="{job}"}}' in down["annotations"]["description"]
+        spec = only(manifests, "PrometheusRule")["spec"]
+        texts = " ".join(
+            r["expr"] + r["annotations"]["description"] for g in spec["groups"] for r in g["rules"]
+        )
+        assert (DOWN_SELECTOR in texts) is (job == "refresher")
+
+
+@pytest.mark.prometheus
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not on PATH")
+def test_rendered_down_alert_with_promtool(chart: helm.Chart, tmp_path: Path) -> None:
+    """The issue: `fullnameOverride: tokens` made RefresherDown fire for ever. The rendered
+    rules, run by promtool: silent while the release's target is up, firing when it is down
+    or missing, blind to another release's targets."""
+    manifests = render(
+        chart,
+        {
+            "fullnameOverride": "tokens",
+            "serviceMonitor": {"enabled": True},
+            "prometheusRule": {"enabled": True},
+        },
+    )
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        yaml.safe_dump({"groups": only(manifests, "PrometheusRule")["spec"]["groups"]})
+    )
+    selected = 'up{job="tokens", instance="10.0.0.1:9464"}'
+    other = 'up{job="refresher", instance="10.0.0.9:9464"}'
+
+    def case(name: str, series: list[tuple[str, str]], alerts: list[dict[str, Any]]) -> Any:
+        return {
+            "name": name,
+            "interval": "1m",
+            "input_series": [{"series": s, "values": v} for s, v in series],
+            "alert_rule_test": [
+                {"eval_time": "10m", "alertname": "RefresherDown", "exp_alerts": alerts}
+            ],
+        }
+
+    description = (
+        'No scrape target matches up{job="tokens"}: refresher has not been scraped at all '
+        "for 5 minutes. While it is unscraped no other refresher alert can fire, so token "
+        "expiry is unmonitored."
+    )
+    url = "https://github.com/refresher-dev/refresher/blob/main/README.md#runbook-refresherdown"
+    tests = {
+        "rule_files": [str(rules)],
+        "evaluation_interval": "1m",
+        "tests": [
+            case("up", [(selected, "1x12")], []),
+            case(
+                "down",
+                [(selected, "0x12")],
+                [
+                    {
+                        "exp_labels": {
+                            "severity": "critical",
+                            "job": "tokens",
+                            "instance": "10.0.0.1:9464",
+                        },
+                        "exp_annotations": {
+                            "summary": "refresher target is down or missing",
+                            "description": (
+                                "Prometheus has not scraped refresher target 10.0.0.1:9464 "
+                                "(scrape job tokens) successfully for 5 minutes. While it is "
+                                "unscraped no other refresher alert can fire, so token expiry "
+                                "is unmonitored."
+                            ),
+                            "runbook_url": url,
+                        },
+                    }
+                ],
+            ),
+            case(
+                "missing, another release up",
+                [(other, "1x12")],
+                [
+                    {
+                        "exp_labels": {"severity": "critical", "job": "tokens"},
+                        "exp_annotations": {
+                            "summary": "refresher target is down or missing",
+                            "description": description,
+                            "runbook_url": url,
+                        },
+                    }
+                ],
+            ),
+        ],
+    }
+    path = tmp_path / "rules_test.yaml"
+    path.write_text(yaml.safe_dump(tests, sort_keys=False))
+    proc = subprocess.run(
+        ["promtool", "test", "rules", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # The same test against the plain file's selector would see a permanent outage.
+    plain = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())
+    rules.write_text(yaml.safe_dump(plain))
+    proc = subprocess.run(
+        ["promtool", "test", "rules", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode != 0 and "name: up," in proc.stderr, proc.stdout + proc.stderr
+
+
+def test_alerts_file_without_the_down_selector_is_refused(chart_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "refresher"
+    shutil.copytree(chart_dir, copy)
+    alerts = copy / "files" / "alerts.yaml"
+    alerts.write_text(alerts.read_text().replace(DOWN_SELECTOR, 'up{job="x"}'))
+    with (
+        helm.Chart.load(copy) as broken,
+        pytest.raises(helm.HelmRenderError, match="RefresherDown selector"),
+    ):
+        render(broken, {"prometheusRule": {"enabled": True}})
+
+
+def test_grafana_alerts_configmap(chart: helm.Chart, chart_dir: Path) -> None:
+    values = {
+        "fullnameOverride": "tokens",
+        "grafanaAlerts": {
+            "enabled": True,
+            "datasourceUid": "prom-main",
+            "folder": "Platform",
+            "annotations": {"grafana_folder": "Platform"},
+        },
+    }
+    manifests = render(chart, values)
+    validate(manifests)
+    [config_map] = [
+        m
+        for m in of_kind(manifests, "ConfigMap")
+        if m["metadata"]["name"] == "tokens-grafana-alerts"
+    ]
+    assert config_map["metadata"]["labels"]["grafana_alert"] == "1"
+    assert config_map["metadata"]["annotations"] == {"grafana_folder": "Platform"}
+    assert config_map["metadata"]["namespace"] == NAMESPACE
+    rendered = yaml.safe_load(config_map["data"]["refresher-alerts.yaml"])
+    # What the chart changes, applied by hand to the shipped file: nothing else differs.
+    shipped = (chart_dir / "files" / "grafana-alerts.yaml").read_text()
+    expected = yaml.safe_load(shipped.replace(DOWN_SELECTOR, 'up{job="tokens"}'))
+    for group in expected["groups"]:
+        group["folder"] = "Platform"
+        for rule in group["rules"]:
+            for query in rule["data"]:
+                if query["datasourceUid"] != "__expr__":
+                    query["datasourceUid"] = query["model"]["datasource"]["uid"] = "prom-main"
+    assert rendered == expected
+    assert "$A" in config_map["data"]["refresher-alerts.yaml"], "Grafana math survives Helm"
+    # Off by default.
+    assert not [m for m in render(chart) if m["metadata"]["name"].endswith("-grafana-alerts")]
 
 
 def test_dashboard_configmap(chart: helm.Chart, chart_dir: Path) -> None:
@@ -910,15 +1114,15 @@ def test_sidecar_pod_monitor_and_rules(chart: helm.Chart) -> None:
     container_spec = sidecar_spec(manifests)["container.yaml"]
     assert endpoint["port"] == container_spec["ports"][0]["name"]
     assert endpoint["path"] == "/metrics"
-    # The alerts come along in sidecar mode too, and RefresherDown's selector matches the
-    # scrape job the Prometheus Operator derives from a PodMonitor (<namespace>/<name>).
+    # The alerts come along in sidecar mode too: the PodMonitor fixes the scrape job (the
+    # operator's default would be <namespace>/<name>) and RefresherDown selects exactly it.
+    assert "honorLabels" not in endpoint
+    assert endpoint["relabelings"] == [{"targetLabel": "job", "replacement": "tokens-refresher"}]
     rule = only(manifests, "PrometheusRule")
     [down] = [
         r for g in rule["spec"]["groups"] for r in g["rules"] if r.get("alert") == "RefresherDown"
     ]
-    selector = re.search(r'up\{job=~"([^"]+)"\}', down["expr"])
-    assert selector is not None
-    assert re.fullmatch(selector.group(1), f"apps/{monitor['metadata']['name']}")
+    assert down["expr"].count('up{job="tokens-refresher"}') == 2
 
 
 def test_pod_monitor_in_standalone_mode(chart: helm.Chart) -> None:
@@ -989,6 +1193,16 @@ def test_pod_monitor_in_standalone_mode(chart: helm.Chart) -> None:
         ),
         pytest.param(
             {"serviceMonitor": {"enabled": "yes"}}, "/serviceMonitor/enabled", id="bool-as-string"
+        ),
+        # It is written into PromQL: a quote would end the selector and inject an expression.
+        pytest.param({"scrapeJob": 'x"} or vector(1) #'}, "/scrapeJob", id="scrape-job-injection"),
+        pytest.param(
+            {"grafanaAlerts": {"datasourceUid": "$PROM_UID"}},
+            "/grafanaAlerts/datasourceUid",
+            id="datasource-uid-with-dollar",
+        ),
+        pytest.param(
+            {"grafanaAlerts": {"enable": True}}, "grafanaAlerts", id="grafana-alerts-typo"
         ),
     ],
 )

@@ -23,6 +23,13 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from refresher import errors
+from refresher.metrics import FAILURE_REASONS, JobSnapshot, Metrics
+from tests.conftest import deb_job, get_json, oauth2_job
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "helm" / "refresher" / "files" / "alerts.yaml"
@@ -51,11 +58,25 @@ RUNBOOK_HEADINGS = {
     "RefresherSinkWriteFailing": "Runbook: RefresherSinkWriteFailing",
     "RefresherNoLeader": "Runbook: RefresherNoLeader",
     "RefresherConfigReloadRejected": "Runbook: RefresherConfigReloadRejected",
+    "RefresherInternalError": "Runbook: RefresherInternalError",
+    "RefresherTenantsRejected": "Runbook: RefresherTenantsRejected",
+    "RefresherCredentialInvalid": "Runbook: RefresherCredentialInvalid",
 }
 
-# Alerts about a whole process or deployment: their series carry no token job/provider labels
-# (`job` there is the scrape job), so their descriptions cannot name a provider.
-NO_PROVIDER_LABEL = {"RefresherDown", "RefresherNoLeader", "RefresherConfigReloadRejected"}
+# Alerts about a whole process or deployment: their series carry no token_job/provider labels,
+# only target labels (`job` is the scrape job), so their descriptions name the scrape job.
+PROCESS_ALERTS = {
+    "RefresherDown",
+    "RefresherNoLeader",
+    "RefresherConfigReloadRejected",
+    "RefresherInternalError",
+}
+
+# The selector of RefresherDown, the one place the plain rule file names the scrape job.
+DOWN_SELECTOR = 'up{job="refresher"}'
+
+# Metrics the rules read that another work stream adds to refresher/metrics.py.
+PENDING_METRICS = {"refresher_scope_missing"}
 
 SEVERITIES = {"critical", "warning"}
 
@@ -146,9 +167,13 @@ def test_alert_metadata(name: str) -> None:
     annotations = rule["annotations"]
     assert annotations["summary"].strip()
     description = annotations["description"]
-    assert "{{ $labels.job }}" in description
-    if name not in NO_PROVIDER_LABEL:
+    if name in PROCESS_ALERTS:
+        assert "{{ $labels.job }}" in description
+        assert "token_job" not in rule["expr"] + description
+    else:
+        assert "{{ $labels.token_job }}" in description
         assert "{{ $labels.provider }}" in description
+        assert "$labels.job " not in description, "`job` is the scrape job, not the token job"
     assert annotations["runbook_url"] == RUNBOOK_BASE + github_anchor(RUNBOOK_HEADINGS[name])
     assert annotations["runbook_url"] == RUNBOOK_BASE + "runbook-" + name.lower()
 
@@ -160,6 +185,21 @@ def test_readme_has_every_runbook_heading() -> None:
         if line.startswith("#")
     }
     assert sorted(set(RUNBOOK_HEADINGS.values()) - headings) == []
+
+
+def test_down_selector_is_the_one_place_naming_the_scrape_job() -> None:
+    """The plain file selects the scrape job in exactly one rule, with one exact selector
+    that the header documents and the chart replaces (tests/test_helm_chart.py)."""
+    text = RULES.read_text()
+    header = text.split("\ngroups:", 1)[0]
+    assert f"THE ONE SELECTOR TO EDIT: {DOWN_SELECTOR}" in header
+    down = alerts()["RefresherDown"]
+    assert down["expr"].count(DOWN_SELECTOR) == 2
+    assert down["annotations"]["description"].count(DOWN_SELECTOR) == 1
+    for name, rule in alerts().items():
+        if name != "RefresherDown":
+            assert "up{" not in rule["expr"] and 'job="' not in rule["expr"], name
+    assert "job=~" not in text, "no guessing the scrape job by a name pattern"
 
 
 def test_github_anchor() -> None:
@@ -220,6 +260,22 @@ MUTANTS = {
         "expr",
         "sum without (reason) (increase(refresher_refresh_failures_total[15m])) > 0",
         "RefresherRefreshFailing stays silent for one transient failure followed by success",
+    ),
+    # the rule before tenant series: blind to a series born at its first failure
+    "refresh-failing-misses-new-series": Mutant(
+        "RefresherRefreshFailing",
+        "expr",
+        "sum without (reason) (increase(refresher_refresh_failures_total[15m])) > 0"
+        " unless (time() - refresher_token_last_success_timestamp_seconds) < 900",
+        "RefresherRefreshFailing fires on a tenant series born at its first failure",
+    ),
+    # needs a second failure to see the first
+    "refresh-failing-needs-two-failures": Mutant(
+        "RefresherRefreshFailing",
+        "expr",
+        "sum without (reason) (increase(refresher_refresh_failures_total[15m])) > 1"
+        " unless (time() - refresher_token_last_success_timestamp_seconds) < 900",
+        "RefresherRefreshFailing fires on a job's first failure (counters start at 0)",
     ),
     # the brief's first sketch: silent for a process that never succeeded
     "refresh-failing-needs-timestamp": Mutant(
@@ -292,8 +348,56 @@ MUTANTS = {
     "down-without-absent": Mutant(
         "RefresherDown",
         "expr",
-        'up{job=~".*refresher.*"} == 0',
+        'up{job="refresher"} == 0',
         "RefresherDown fires when no target matches the selector",
+    ),
+    # the old selector: any scrape job whose name contains "refresher"
+    "down-regex-selector": Mutant(
+        "RefresherDown",
+        "expr",
+        'up{job=~".*refresher.*"} == 0 or absent(up{job=~".*refresher.*"})',
+        "RefresherDown stays silent for a healthy target and a short restart",
+    ),
+    "internal-error-counter-value": Mutant(
+        "RefresherInternalError",
+        "expr",
+        "refresher_internal_errors_total > 0",
+        "RefresherInternalError fires on the first internal error and resolves 15 minutes later",
+    ),
+    "internal-error-any-series": Mutant(
+        "RefresherInternalError",
+        "expr",
+        "refresher_internal_errors_total >= 0",
+        "RefresherInternalError stays silent without errors and across a restart",
+    ),
+    "tenants-rejected-no-for": Mutant(
+        "RefresherTenantsRejected",
+        "for",
+        None,
+        "RefresherTenantsRejected stays silent for a clean file and a moment during an edit",
+    ),
+    "credential-invalid-misses-new-series": Mutant(
+        "RefresherCredentialInvalid",
+        "expr",
+        'increase(refresher_refresh_failures_total{reason=~"invalid_link|unauthorized'
+        '|tenant_mismatch"}[30m]) > 0 or label_replace(refresher_scope_missing > 0, "reason",'
+        ' "scope_missing", "", "")',
+        "RefresherCredentialInvalid fires on failures no retry fixes and on a missing scope",
+    ),
+    "credential-invalid-ignores-scope": Mutant(
+        "RefresherCredentialInvalid",
+        "expr",
+        'increase(refresher_refresh_failures_total{reason=~"invalid_link|unauthorized'
+        '|tenant_mismatch"}[30m]) > 0 or (refresher_refresh_failures_total{reason=~"invalid_link'
+        '|unauthorized|tenant_mismatch"} > 0 unless refresher_refresh_failures_total'
+        '{reason=~"invalid_link|unauthorized|tenant_mismatch"} offset 30m)',
+        "RefresherCredentialInvalid fires on failures no retry fixes and on a missing scope",
+    ),
+    "credential-invalid-any-failure": Mutant(
+        "RefresherCredentialInvalid",
+        "expr",
+        "increase(refresher_refresh_failures_total[30m]) > 0",
+        "RefresherCredentialInvalid stays silent for retryable failures and healthy jobs",
     ),
 }
 
@@ -371,4 +475,149 @@ def test_rules_and_dashboard_use_only_exported_metrics() -> None:
     used = {name for expr in exprs for name in re.findall(r"\brefresher_[a-z_]+\b", expr)}
     exported = exported_sample_names()
     assert used, "no refresher_* metric found in the rules/dashboard"
-    assert sorted(used - exported) == [], f"not exported by refresher/metrics.py: {exported}"
+    assert sorted(used - exported - PENDING_METRICS) == [], f"not exported: {exported}"
+
+
+def test_rules_and_dashboard_use_only_exported_labels() -> None:
+    """After the rename, no expression may group or match on a label the daemon does not
+    export: `job` is only ever the scrape job (target labels are allowed)."""
+    metrics = Metrics(tenant_labels=True)
+    metrics.watch(lambda: [], is_leader=lambda: True)
+    exported = {"le", "reason", "result", "sink", "notifier", "component", "version"}
+    exported |= set(metrics._labels)
+    target = {"job", "instance", "namespace"}
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [rule["expr"] for rule in load_rules()]
+    exprs += [t["expr"] for p in _panels(dashboard) for t in p.get("targets") or []]
+    for expr in exprs:
+        used = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)\s*\"", expr))
+        for clause in re.findall(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)", expr):
+            used |= {name.strip() for name in clause.split(",") if name.strip()}
+        assert used <= exported | target, (expr, used - exported - target)
+        if "refresher_is_leader" not in expr and "by (namespace, job)" in expr:
+            raise AssertionError(f"groups token series by the scrape job: {expr}")
+
+
+def _panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    for panel in dashboard["panels"]:
+        found.extend(panel.get("panels") or [] if panel["type"] == "row" else [panel])
+    return found
+
+
+# ------------------------------------------------------------------------------ the first scrape
+
+
+def samples_of(text: str) -> list[Sample]:
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def test_failure_reasons_cover_every_error_class() -> None:
+    """FAILURE_REASONS is the one list of reasons: every error the scheduler counts has its
+    reason there (so its counter exists from the first scrape)."""
+
+    def subclasses(cls: type) -> set[type]:
+        found = set(cls.__subclasses__())
+        for sub in list(found):
+            found |= subclasses(sub)
+        return found
+
+    reasons = {cls.reason for cls in subclasses(errors.ProviderError)}
+    reasons |= {errors.SinkError.reason, "internal"}
+    assert sorted(reasons - set(FAILURE_REASONS)) == []
+    assert len(set(FAILURE_REASONS)) == len(FAILURE_REASONS)
+
+
+def test_readme_documents_every_failure_reason() -> None:
+    [row] = [
+        line
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith("| `refresher_refresh_failures_total`")
+    ]
+    assert [r for r in FAILURE_REASONS if f"`{r}`" not in row] == []
+
+
+@pytest.mark.parametrize("tenant_labels", [False, True], ids=["per-job", "tenant-labels"])
+def test_counters_exist_at_the_first_collect(tenant_labels: bool) -> None:
+    """Before any refresh: the very first collect already has every (token_job, reason) at 0,
+    per job and not per tenant (the counters are collected after the state declared them)."""
+    metrics = Metrics(tenant_labels=tenant_labels)
+    snapshots = [
+        JobSnapshot("api", "oauth2", None, False, None, None, 0.0),
+        *(JobSnapshot("deb", "debitura", f"t-{i}", False, None, None, 0.0) for i in range(50)),
+    ]
+    metrics.watch(lambda: snapshots, is_leader=None)
+    found = samples_of(generate_latest(metrics.registry).decode())
+    failures = [s for s in found if s.name == "refresher_refresh_failures_total"]
+    expected = {(job, reason) for job in ("api", "deb") for reason in FAILURE_REASONS}
+    assert {(s.labels["token_job"], s.labels["reason"]) for s in failures} == expected
+    assert len(failures) == len(expected), "one series per job and reason, not per tenant"
+    assert all(s.value == 0 for s in failures)
+    if tenant_labels:
+        assert {s.labels["tenant"] for s in failures} == {""}
+    attempts = [s for s in found if s.name == "refresher_refresh_total"]
+    assert {(s.labels["token_job"], s.labels["result"]) for s in attempts} == {
+        (job, result) for job in ("api", "deb") for result in ("success", "failure")
+    }
+    assert {s.labels["token_job"] for s in found if s.name == "refresher_rate_limited_total"} == {
+        "api",
+        "deb",
+    }
+    [enabled] = [s for s in found if s.name == "refresher_leader_election_enabled"]
+    assert enabled.value == 0, "exported when leader election is off, as 0"
+    assert all("job" not in s.labels for s in found)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("tenant_labels", [False, True], ids=["per-job", "tenant-labels"])
+async def test_daemon_scrape_has_every_reason_at_zero_and_no_job_label(
+    start_daemon: Any,
+    oauth2_emulator: Any,
+    debitura: Any,
+    tmp_path: Path,
+    leak_guard: Any,
+    tenant_labels: bool,
+) -> None:
+    """A real daemon against the emulators, scraped over HTTP: every (token_job, reason)
+    is there at 0, leader election is exported as off, and no series has a `job` label."""
+    config = {
+        "metrics": {"tenant_labels": tenant_labels},
+        "jobs": [
+            oauth2_job(oauth2_emulator, tmp_path),
+            deb_job(debitura, tmp_path, tenants=["t-1", "t-2", "t-3"]),
+        ],
+    }
+    async with start_daemon(config) as daemon:
+        status, text = await get_json(daemon, "/metrics", leak_guard)
+    assert status == 200
+    found = samples_of(text)
+    zeros = {
+        (s.labels["token_job"], s.labels["reason"])
+        for s in found
+        if s.name == "refresher_refresh_failures_total" and s.value == 0
+    }
+    assert zeros == {(job, r) for job in ("api", "debitura") for r in FAILURE_REASONS}
+    assert [s for s in found if "job" in s.labels] == []
+    [enabled] = [s for s in found if s.name == "refresher_leader_election_enabled"]
+    assert enabled.value == 0
+    if tenant_labels:
+        tenants = {s.labels["tenant"] for s in found if s.name == "refresher_token_valid"}
+        assert tenants == {"", "t-1", "t-2", "t-3"}
+
+
+@needs_promtool
+def test_promtool_lints_the_exposition() -> None:
+    metrics = Metrics(tenant_labels=True)
+    metrics.watch(
+        lambda: [JobSnapshot("deb", "debitura", "t-1", True, 2e9, 1.9e9, 0.0)],
+        is_leader=lambda: False,
+    )
+    proc = subprocess.run(
+        [str(PROMTOOL), "check", "metrics"],
+        input=generate_latest(metrics.registry).decode(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 0 and not (proc.stdout + proc.stderr).strip(), output(proc)

@@ -105,7 +105,7 @@ async def test_dutyclaims_problem_responses_are_parsed_and_not_retried_blindly(
         event = leak_guard.events("refresh failed")[0]
         assert event["reason"] == reason
         assert event["problem_title"] == title and "injected fault" in event["problem_detail"]
-        assert metric(daemon, "refresher_refresh_failures_total", job="dutyclaims", reason=reason) == 1
+        assert metric(daemon, "refresher_refresh_failures_total", token_job="dutyclaims", reason=reason) == 1
 
 
 async def test_dutyclaims_capability_gated_scope_is_a_403(start_daemon, dutyclaims, tmp_path, leak_guard) -> None:
@@ -141,7 +141,7 @@ async def test_dutyclaims_managed_credential_published_as_x_api_key_and_rotated(
         async with httpx2.AsyncClient() as client:  # the published header works at the API
             assert (await client.get(dutyclaims.url + "/v1/clients", headers={name: value})).status_code == 200
         assert rt.token.expires_at is None and rt.next_refresh_at == float("inf")
-        assert metric(daemon, "refresher_token_valid", job="dc-prod") == 1
+        assert metric(daemon, "refresher_token_valid", token_job="dc-prod") == 1
         assert dutyclaims.count() == 0, "managed mode calls no token endpoint"
         await wait_for(lambda: daemon.watcher.ready.is_set())
         # Rotation: the credential file changes → re-published.
@@ -184,8 +184,8 @@ async def test_debitura_mints_per_tenant_with_xapikey(start_daemon, debitura, cl
     assert request.headers["content-type"] == "application/json"
     assert set(json.loads(request.body)) == {"externalTenantId"}
     assert "authorization" not in request.headers
-    assert 'refresher_tenants_valid{job="debitura",provider="debitura"} 3.0' in body
-    assert 'refresher_tenants_configured{job="debitura",provider="debitura"} 3.0' in body
+    assert 'refresher_tenants_valid{provider="debitura",token_job="debitura"} 3.0' in body
+    assert 'refresher_tenants_configured{provider="debitura",token_job="debitura"} 3.0' in body
 
 
 async def test_debitura_always_re_mints_before_30_minutes(start_daemon, debitura, clock, tmp_path) -> None:
@@ -222,7 +222,7 @@ async def test_debitura_mint_401_is_one_failure_for_the_whole_key(
         await drive(clock, sched, lambda: clock.now() >= t0 + 3600, horizon=t0 + 4000)
         assert 12 <= debitura.count() <= 14
         assert len({r.client for r in debitura.requests}) > 1, "the probe rotates"
-        assert metric(daemon, "refresher_refresh_failures_total", job="debitura", reason="unauthorized") == debitura.count()
+        assert metric(daemon, "refresher_refresh_failures_total", token_job="debitura", reason="unauthorized") == debitura.count()
         # The key is rotated in the file (no watcher on the manual clock: say so).
         key_file.write_text(DEB_KEY + "\n")
         daemon.scheduler.credential_changed(list(sched.jobs))
@@ -263,7 +263,7 @@ async def test_debitura_token_for_another_tenant_is_never_written(
         ))
         await daemon.scheduler.refresh(rt, force=True)
         assert rt.last_error == "tenant_mismatch" and (tmp_path / "t-1.json").read_bytes() == before
-        assert metric(daemon, "refresher_refresh_failures_total", job="debitura", reason="tenant_mismatch") == 1
+        assert metric(daemon, "refresher_refresh_failures_total", token_job="debitura", reason="tenant_mismatch") == 1
 
 
 async def test_401_with_a_valid_token_is_retried_no_more_often_than_backoff_max(
@@ -405,7 +405,7 @@ async def test_gooclaim_rejects_unverifiable_tokens(start_daemon, gooclaim, tmp_
         await wait_for(lambda: rt.failures == 1)
         assert rt.last_error == "bad_response" and message in rt.last_error_message
         assert not (tmp_path / "gooclaim.token").exists(), "an unverified token was written"
-        assert metric(daemon, "refresher_refresh_failures_total", job="gooclaim", reason="bad_response") == 1
+        assert metric(daemon, "refresher_refresh_failures_total", token_job="gooclaim", reason="bad_response") == 1
 
 
 async def test_gooclaim_without_key_still_checks_audience(start_daemon, gooclaim, tmp_path) -> None:

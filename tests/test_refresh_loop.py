@@ -86,12 +86,12 @@ async def test_429_waits_exactly_retry_after(
         await wait_for(lambda: rt.token is not None and rt.inflight is None)
         second = oauth2_emulator.requests[1]
         assert second.at - first.at == pytest.approx(7.0, abs=1e-6)
-        assert metric(daemon, "refresher_rate_limited_total", job="api") == 1
+        assert metric(daemon, "refresher_rate_limited_total", token_job="api") == 1
         assert (
-            metric(daemon, "refresher_refresh_failures_total", job="api", reason="rate_limited")
+            metric(daemon, "refresher_refresh_failures_total", token_job="api", reason="rate_limited")
             == 1
         )
-        assert metric(daemon, "refresher_retry_after_seconds_sum", job="api") == 7
+        assert metric(daemon, "refresher_retry_after_seconds_sum", token_job="api") == 7
 
 
 async def test_429_with_http_date(start_daemon, oauth2_emulator, clock, tmp_path) -> None:
@@ -127,7 +127,7 @@ async def test_5xx_storm_backs_off_keeps_old_token_then_expires(
             if clock.now() < old.expires_at:
                 # A failure never replaces or removes the still-valid token.
                 assert target.read_text().strip() == old.value
-                assert metric(daemon, "refresher_token_valid", job="api") == 1
+                assert metric(daemon, "refresher_token_valid", token_job="api") == 1
                 if old.expires_at - clock.now() > 1:
                     assert rt.next_refresh_at < old.expires_at, (
                         "retry planned to land before expiry"
@@ -137,10 +137,10 @@ async def test_5xx_storm_backs_off_keeps_old_token_then_expires(
         assert max(delays) > 10, "backoff grew"
         assert len({round(d, 3) for d in delays}) > len(delays) // 2, "delays are jittered"
         assert clock.now() > old.expires_at
-        assert metric(daemon, "refresher_token_valid", job="api") == 0
+        assert metric(daemon, "refresher_token_valid", token_job="api") == 0
         assert target.read_text().strip() == old.value, "on_expiry: keep leaves the last value"
         assert metric(
-            daemon, "refresher_refresh_failures_total", job="api", reason="server_error"
+            daemon, "refresher_refresh_failures_total", token_job="api", reason="server_error"
         ) == len(delays)
         status, body = await get_json(daemon, "/v1/tokens", leak_guard)
         assert (
@@ -151,8 +151,8 @@ async def test_5xx_storm_backs_off_keeps_old_token_then_expires(
         oauth2_emulator.clear_faults()
         await clock.set(rt.next_refresh_at)
         await wait_for(lambda: rt.token is not old and rt.inflight is None)
-        assert metric(daemon, "refresher_token_valid", job="api") == 1
-        assert metric(daemon, "refresher_backoff_seconds", job="api") == 0
+        assert metric(daemon, "refresher_token_valid", token_job="api") == 1
+        assert metric(daemon, "refresher_backoff_seconds", token_job="api") == 0
 
 
 async def test_backoff_delays_respect_exponential_caps(
@@ -221,7 +221,7 @@ async def test_status_and_metrics_never_contain_the_token(
         assert entry["state"] == "valid" and entry["provider"] == "oauth2"
         assert rt.token.value not in str(body)
         status, text = await get_json(daemon, "/metrics", leak_guard)
-        assert 'refresher_token_valid{job="api",provider="oauth2"} 1.0' in text
+        assert 'refresher_token_valid{provider="oauth2",token_job="api"} 1.0' in text
         assert "refresher_build_info" in text
         # the request carried the secret in the body, as configured (form, client auth in body)
         request = oauth2_emulator.requests[0]
@@ -282,7 +282,7 @@ async def test_sink_failure_retries_the_write_without_re_minting(start_daemon, o
         rt = runtime(daemon)
         await wait_for(lambda: rt.failures == 1 and rt.inflight is None)
         assert rt.last_error == "sink" and "directory does not exist" in rt.last_error_message
-        assert metric(daemon, "refresher_sink_failures_total", job="api", sink="file") == 1
+        assert metric(daemon, "refresher_sink_failures_total", token_job="api", sink="file") == 1
         assert (await get_json(daemon, "/readyz"))[0] == 503
         target_dir.mkdir()
         await clock.set(rt.next_refresh_at)
@@ -306,7 +306,7 @@ async def test_tenant_labels_only_when_enabled(start_daemon, make_emulator, cloc
             text = (await get_json(daemon, "/metrics"))[1]
             has_tenant = 'tenant="a"' in text
             assert has_tenant is enabled
-            assert 'refresher_tenants_valid{job="deb",provider="debitura"} 2.0' in text
+            assert 'refresher_tenants_valid{provider="debitura",token_job="deb"} 2.0' in text
 
 
 @pytest.mark.parametrize("on_expiry", ["keep", "remove"])
@@ -326,4 +326,4 @@ async def test_on_expiry_keep_or_remove(start_daemon, oauth2_emulator, clock, tm
         await clock.set(expires_at)
         await wait_for(lambda: len(leak_guard.events("token expired without a replacement")) == 1)
         await wait_for(lambda: target.exists() is (on_expiry == "keep"))
-        assert metric(daemon, "refresher_token_valid", job="api") == 0
+        assert metric(daemon, "refresher_token_valid", token_job="api") == 0

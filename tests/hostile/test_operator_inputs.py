@@ -74,7 +74,7 @@ async def test_secret_file_rotated_to_garbage_fails_that_job_only(
         assert "not valid UTF-8" in api.last_error_message
         assert oauth2_emulator.count() == requests, "an unusable secret is never sent"
         assert api.token is first and (tmp_path / "api.token").read_text().strip() == first.value
-        assert metric(daemon, "refresher_refresh_failures_total", job="api", reason="config") == 1
+        assert metric(daemon, "refresher_refresh_failures_total", token_job="api", reason="config") == 1
         # Fixed file: the watcher re-mints at once, no backoff wait.
         (tmp_path / "client_secret").write_text(CLIENT_SECRET + "\n")
         await wait_for(lambda: api.token is not first and api.failures == 0)

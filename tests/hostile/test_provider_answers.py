@@ -72,7 +72,7 @@ async def test_unsafe_answer_is_bad_response_and_never_written(
         await daemon.scheduler.refresh(rt, force=True)
         assert rt.last_error == "bad_response" and message in rt.last_error_message
         assert snapshot(tmp_path) == before
-        assert metric(daemon, "refresher_refresh_failures_total", job="api", reason="bad_response") == 1
+        assert metric(daemon, "refresher_refresh_failures_total", token_job="api", reason="bad_response") == 1
         # The API shows a short classified title, never the provider's value.
         status, body = await get_json(daemon, "/v1/tokens", leak_guard)
         entry = next(j for j in body["jobs"] if j["job"] == "api")

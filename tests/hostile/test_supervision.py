@@ -65,7 +65,7 @@ async def test_bug_in_a_refresh_is_that_jobs_failure_only(
         await daemon.scheduler.refresh(api, force=True)
         assert api.last_error == "internal" and api.failures == 1
         assert metric(daemon, "refresher_internal_errors_total", component="refresh") == 1
-        assert metric(daemon, "refresher_refresh_failures_total", job="api", reason="internal") == 1
+        assert metric(daemon, "refresher_refresh_failures_total", token_job="api", reason="internal") == 1
         [logged] = leak_guard.events("internal error")
         assert logged["component"] == "refresh" and "Bug: injected" in logged["exception"]
         # The API says "internal", not the bug's text.

@@ -124,7 +124,7 @@ async def test_bad_tenants_file_lines_are_skipped_and_the_rest_keep_working(
         await wait_for(lambda: daemon.watcher.ready.is_set())
         tenants.write_bytes(b"t-1\nt-2\nnul\x00byte\ncaf\xe9\nt-3\nform\x0cfeed\n")
         await wait_for(lambda: ("debitura", "t-3") in jobs and jobs[("debitura", "t-3")].token)
-        await wait_for(lambda: metric(daemon, "refresher_tenants_rejected", job="debitura") == 3)
+        await wait_for(lambda: metric(daemon, "refresher_tenants_rejected", token_job="debitura") == 3)
         assert sorted(t for _, t in jobs) == ["t-1", "t-2", "t-3"]
         refused = leak_guard.events("tenant refused: its other tenants keep working")
         reasons = " ".join(e["reason"] for e in refused)
@@ -132,7 +132,7 @@ async def test_bad_tenants_file_lines_are_skipped_and_the_rest_keep_working(
         assert alive(daemon)
         # Fixing the file clears the gauge.
         tenants.write_text("t-1\nt-2\nt-3\n")
-        await wait_for(lambda: metric(daemon, "refresher_tenants_rejected", job="debitura") == 0)
+        await wait_for(lambda: metric(daemon, "refresher_tenants_rejected", token_job="debitura") == 0)
 
 
 def kube_job(debitura: Any, config: Path, **provider: Any) -> dict[str, Any]:
@@ -183,7 +183,7 @@ async def test_runtime_secret_key_problems_skip_only_that_tenant(
         # A tenant that is not a valid key, and one whose key is a's companion key.
         tenants.write_text("a\nx/y\na.expires_at\nb\n")
         await wait_for(lambda: ("debitura", "b") in jobs and jobs[("debitura", "b")].last_success_at)
-        await wait_for(lambda: metric(daemon, "refresher_tenants_rejected", job="debitura") == 2)
+        await wait_for(lambda: metric(daemon, "refresher_tenants_rejected", token_job="debitura") == 2)
         assert sorted(t for _, t in jobs) == ["a", "b"]
         data = kube.secret(NS, "debitura")["data"]
         assert base64.b64decode(data["a"]).decode() == first.value

@@ -72,8 +72,8 @@ async def outage(
     assert rt.failures >= 1 and rt.last_error == reason, (rt.last_error, rt.last_error_message)
     if message:
         assert any(message in e for e in ctx.errors_seen), (message, ctx.errors_seen)
-    assert ctx.metric("refresher_token_valid", job="api") == 1
-    failures = ctx.metric("refresher_refresh_failures_total", job="api", reason=reason)
+    assert ctx.metric("refresher_token_valid", token_job="api") == 1
+    failures = ctx.metric("refresher_refresh_failures_total", token_job="api", reason=reason)
     await new_token(ctx, old)
     backoff = policy(ctx).backoff
     ctx.expect_max(
@@ -97,7 +97,7 @@ async def one_bad_answer(ctx: Ctx, factory: Callable[[Any], Fault], message: str
     assert message in ctx.rt.last_error_message, ctx.rt.last_error_message
     assert ctx.file_value() == old.value
     await new_token(ctx, old)
-    assert ctx.metric("refresher_refresh_failures_total", job="api", reason="bad_response") == 1
+    assert ctx.metric("refresher_refresh_failures_total", token_job="api", reason="bad_response") == 1
     ctx.expect_max(3, "initial mint + the bad answer + one retry")
 
 
@@ -144,8 +144,8 @@ async def storm_longer_than_lifetime(ctx: Ctx) -> None:
     end = old.expires_at + 600
     ctx.fault_window(due, end, lambda e: Fault.server_error())
     await ctx.run_until(old.expires_at + 1)
-    assert ctx.metric("refresher_token_valid", job="api") == 0, "alert-worthy state not shown"
-    assert ctx.metric("refresher_token_expiry_timestamp_seconds", job="api") == old.expires_at
+    assert ctx.metric("refresher_token_valid", token_job="api") == 0, "alert-worthy state not shown"
+    assert ctx.metric("refresher_token_expiry_timestamp_seconds", token_job="api") == old.expires_at
     status, body = await ctx.get("/v1/tokens")
     assert '"state":"expired"' in body.replace(" ", ""), body
     assert (await ctx.get("/readyz"))[0] == 503
@@ -155,7 +155,7 @@ async def storm_longer_than_lifetime(ctx: Ctx) -> None:
     await new_token(ctx, old, horizon=end + policy(ctx).backoff.max + 1)
     back = ctx.clock.now() - end
     assert back <= policy(ctx).backoff.max
-    assert ctx.metric("refresher_token_valid", job="api") == 1
+    assert ctx.metric("refresher_token_valid", token_job="api") == 1
     assert (await ctx.get("/readyz"))[0] == 200
     backoff = policy(ctx).backoff
     ctx.expect_max(
@@ -179,7 +179,7 @@ async def closed_port_from_start(ctx: Ctx) -> None:
     assert rt.token is None and rt.last_error == "transport", rt.last_error_message
     assert "ConnectError" in rt.last_error_message
     assert not ctx.path.exists() and (await ctx.get("/readyz"))[0] == 503
-    attempts = ctx.metric("refresher_refresh_failures_total", job="api", reason="transport")
+    attempts = ctx.metric("refresher_refresh_failures_total", token_job="api", reason="transport")
     ctx.pressure = lambda: int(attempts)
     ctx.pressure_label = "refused connection attempts"
     backoff = policy(ctx).backoff
@@ -203,7 +203,7 @@ async def provider_down_then_back(ctx: Ctx) -> None:
     nodelay(ctx.emulator)
     await new_token(ctx, old)
     ctx.expect_max(2, "no request reaches a stopped emulator: initial + the one after restart")
-    attempts = ctx.metric("refresher_refresh_failures_total", job="api", reason="transport")
+    attempts = ctx.metric("refresher_refresh_failures_total", token_job="api", reason="transport")
     ctx.note(f"{attempts:.0f} refused connection attempts in {end - due:.0f}s")
 
 
@@ -233,7 +233,7 @@ async def tls_untrusted(ctx: Ctx) -> None:
         rt.last_error_message
     ), rt.last_error_message
     assert ctx.emulator.count() == 0, "a request (with the client secret) crossed unverified TLS"
-    attempts = ctx.metric("refresher_refresh_failures_total", job="api", reason="transport")
+    attempts = ctx.metric("refresher_refresh_failures_total", token_job="api", reason="transport")
     ctx.pressure = lambda: int(attempts)
     ctx.pressure_label = "TLS handshakes refused by the client"
     backoff = policy(ctx).backoff
@@ -263,8 +263,8 @@ async def retry_after_seconds(ctx: Ctx) -> None:
     await new_token(ctx, old)
     gaps = rate_limited_gaps(ctx)
     assert gaps == pytest.approx([120, 120, 120], abs=1e-6), gaps
-    assert ctx.metric("refresher_rate_limited_total", job="api") == 3
-    assert ctx.metric("refresher_retry_after_seconds_sum", job="api") == 360
+    assert ctx.metric("refresher_rate_limited_total", token_job="api") == 3
+    assert ctx.metric("refresher_retry_after_seconds_sum", token_job="api") == 360
     ctx.expect_max(5, "initial + ceil(250/120) 429s + success: Retry-After honoured exactly")
 
 
@@ -512,7 +512,7 @@ async def sink_outage(
     assert message in rt.last_error_message, rt.last_error_message
     assert ctx.emulator.count() == 2, "failed writes must be retried without re-minting"
     assert not tmp_files(ctx), f"temp files left behind: {tmp_files(ctx)}"
-    failures = ctx.metric("refresher_sink_failures_total", job="api", sink="file")
+    failures = ctx.metric("refresher_sink_failures_total", token_job="api", sink="file")
     stop()
     await ctx.run_until(old.expires_at, until=lambda: not rt.unwritten)
     ctx.observer.unexempt()

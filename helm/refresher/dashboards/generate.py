@@ -7,7 +7,7 @@
 The output is deterministic (sorted keys, two-space indent, trailing newline), so the
 committed refresher.json must always equal `render()`; tests/test_dashboard.py checks that.
 
-Queries assume the scrape config keeps the daemon's own `job` label (`honor_labels: true`).
+The daemon's series name the token job `token_job`; `job` is always the scrape job.
 `promql_expressions()` returns every panel query with the dashboard variables replaced by
 match-all values, for running them against a real Prometheus in tests.
 """
@@ -38,15 +38,17 @@ README_URL = "https://github.com/refresher-dev/refresher/blob/main/README.md#mon
 DATASOURCE = dashboard_model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 
 # Label matchers shared by the panel queries.
-TOKEN_JOB = 'namespace=~"$namespace", job=~"$job"'
-# Series without the daemon's `job` label (is_leader, build_info, ...): `job` there is the
-# scrape job, so only the namespace filter applies.
+TOKEN_JOB = 'namespace=~"$namespace", token_job=~"$token_job"'
+# Series about the whole process (is_leader, build_info, ...) carry no token_job: only the
+# namespace filter applies.
 PROCESS = 'namespace=~"$namespace"'
+# Failures no retry fixes (RefresherCredentialInvalid); refresher_scope_missing joins them.
+UNFIXABLE_REASONS = "invalid_link|unauthorized|tenant_mismatch"
 
 # What promql_expressions() substitutes for the dashboard and Grafana built-in variables.
 MATCH_ALL = {
     "namespace": ".*",
-    "job": ".*",
+    "token_job": ".*",
     "__rate_interval": "1m",
     "__interval": "1m",
     "__range": "1h",
@@ -164,7 +166,7 @@ def _variable(name: str, label: str, query: str) -> dashboard_builder.QueryVaria
 
 def build() -> dashboard_model.Dashboard:
     """The dashboard model. Panel ids are fixed so links to panels stay valid."""
-    per_hour = "3600 * sum by (job, {by}) (rate({metric}{{{sel}}}[$__rate_interval]))"
+    per_hour = "3600 * sum by (token_job, {by}) (rate({metric}{{{sel}}}[$__rate_interval]))"
 
     def quantile(q: str, metric: str, by: str) -> str:
         return (
@@ -177,7 +179,8 @@ def build() -> dashboard_model.Dashboard:
         .uid(UID)
         .description(
             "Token refresher: token validity and expiry, refreshes and failures, "
-            "rate limiting, latency, sinks and leader election."
+            "rate limiting, latency, sinks, leader election, and the errors that need a "
+            "human (internal errors, refused tenants, invalid credentials)."
         )
         .tags(["refresher", "tokens"])
         .time("now-6h", "now")
@@ -201,9 +204,9 @@ def build() -> dashboard_model.Dashboard:
         )
         .with_variable(
             _variable(
-                "job",
+                "token_job",
                 "Token job",
-                'label_values(refresher_token_valid{namespace=~"$namespace"}, job)',
+                'label_values(refresher_token_valid{namespace=~"$namespace"}, token_job)',
             )
         )
         # ------------------------------------------------------------------ tokens
@@ -214,7 +217,10 @@ def build() -> dashboard_model.Dashboard:
                 "Tokens valid",
                 "Whether each token job currently holds a valid token (refresher_token_valid).",
                 _queries(
-                    (f"max by (job, provider) (refresher_token_valid{{{TOKEN_JOB}}})", "{{job}}")
+                    (
+                        f"max by (token_job, provider) (refresher_token_valid{{{TOKEN_JOB}}})",
+                        "{{token_job}}",
+                    )
                 ),
                 width=8,
             )
@@ -227,8 +233,14 @@ def build() -> dashboard_model.Dashboard:
                 "Tenants valid",
                 "Per-tenant jobs: tenants holding a valid token, and tenants configured.",
                 _queries(
-                    (f"max by (job) (refresher_tenants_valid{{{TOKEN_JOB}}})", "{{job}} valid"),
-                    (f"max by (job) (refresher_tenants_configured{{{TOKEN_JOB}}})", "{{job}} total"),
+                    (
+                        f"max by (token_job) (refresher_tenants_valid{{{TOKEN_JOB}}})",
+                        "{{token_job}} valid",
+                    ),
+                    (
+                        f"max by (token_job) (refresher_tenants_configured{{{TOKEN_JOB}}})",
+                        "{{token_job}} total",
+                    ),
                 ),
                 width=6,
             ).thresholds(_thresholds((None, "blue")))
@@ -240,9 +252,9 @@ def build() -> dashboard_model.Dashboard:
                 "Seconds until each job's current token expires; alert below 5 minutes.",
                 _queries(
                     (
-                        "max by (job, provider) "
+                        "max by (token_job, provider) "
                         f"(refresher_token_expiry_timestamp_seconds{{{TOKEN_JOB}}}) - time()",
-                        "{{job}}",
+                        "{{token_job}}",
                     )
                 ),
                 unit="s",
@@ -261,7 +273,7 @@ def build() -> dashboard_model.Dashboard:
                         per_hour.format(
                             by="result", metric="refresher_refresh_total", sel=TOKEN_JOB
                         ),
-                        "{{job}} {{result}}",
+                        "{{token_job}} {{result}}",
                     )
                 ),
                 unit="short",
@@ -273,13 +285,14 @@ def build() -> dashboard_model.Dashboard:
                 7,
                 "Refresh failures by reason",
                 "Failed refreshes per hour by reason (transport, timeout, server_error, "
-                "rate_limited, unauthorized, forbidden, bad_response, sink).",
+                "rate_limited, unauthorized, forbidden, bad_response, invalid_link, "
+                "tenant_mismatch, scope_missing, sink, config, internal).",
                 _queries(
                     (
                         per_hour.format(
                             by="reason", metric="refresher_refresh_failures_total", sel=TOKEN_JOB
                         ),
-                        "{{job}} {{reason}}",
+                        "{{token_job}} {{reason}}",
                     )
                 ),
                 unit="short",
@@ -298,7 +311,7 @@ def build() -> dashboard_model.Dashboard:
                         per_hour.format(
                             by="provider", metric="refresher_rate_limited_total", sel=TOKEN_JOB
                         ),
-                        "{{job}}",
+                        "{{token_job}}",
                     )
                 ),
                 unit="short",
@@ -312,8 +325,8 @@ def build() -> dashboard_model.Dashboard:
                 "How long each job is currently waiting before its next attempt.",
                 _queries(
                     (
-                        f"max by (job, provider) (refresher_backoff_seconds{{{TOKEN_JOB}}})",
-                        "{{job}}",
+                        f"max by (token_job, provider) (refresher_backoff_seconds{{{TOKEN_JOB}}})",
+                        "{{token_job}}",
                     )
                 ),
                 unit="s",
@@ -326,7 +339,10 @@ def build() -> dashboard_model.Dashboard:
                 "Retry-After p95",
                 "95th percentile of the Retry-After the providers asked for.",
                 _queries(
-                    (quantile("0.95", "refresher_retry_after_seconds", "job, provider"), "{{job}}")
+                    (
+                        quantile("0.95", "refresher_retry_after_seconds", "token_job, provider"),
+                        "{{token_job}}",
+                    )
                 ),
                 unit="s",
                 width=8,
@@ -342,8 +358,8 @@ def build() -> dashboard_model.Dashboard:
                 _queries(
                     *(
                         (
-                            quantile(q, "refresher_refresh_duration_seconds", "job"),
-                            f"{name} {{{{job}}}}",
+                            quantile(q, "refresher_refresh_duration_seconds", "token_job"),
+                            f"{name} {{{{token_job}}}}",
                         )
                         for q, name in (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99"))
                     )
@@ -359,8 +375,10 @@ def build() -> dashboard_model.Dashboard:
                 "95th percentile of writing a token to each sink (file, kubernetes).",
                 _queries(
                     (
-                        quantile("0.95", "refresher_sink_write_duration_seconds", "job, sink"),
-                        "{{job}} {{sink}}",
+                        quantile(
+                            "0.95", "refresher_sink_write_duration_seconds", "token_job, sink"
+                        ),
+                        "{{token_job}} {{sink}}",
                     )
                 ),
                 unit="s",
@@ -379,7 +397,7 @@ def build() -> dashboard_model.Dashboard:
                         per_hour.format(
                             by="sink", metric="refresher_sink_failures_total", sel=TOKEN_JOB
                         ),
-                        "{{job}} {{sink}}",
+                        "{{token_job}} {{sink}}",
                     )
                 ),
                 unit="short",
@@ -427,6 +445,62 @@ def build() -> dashboard_model.Dashboard:
                 ),
                 width=4,
             ).thresholds(_thresholds((None, "blue")))
+        )
+        # ------------------------------------------------------------------ needs a human
+        .with_row(dashboard_builder.Row("Errors that need a human").id(20))
+        .with_panel(
+            _timeseries(
+                21,
+                "Internal errors",
+                "Unexpected errors (bugs) caught at a job's boundary, per hour and component; "
+                "the job retries. Alert: RefresherInternalError.",
+                _queries(
+                    (
+                        "3600 * sum by (namespace, instance, component) "
+                        f"(rate(refresher_internal_errors_total{{{PROCESS}}}[$__rate_interval]))",
+                        "{{instance}} {{component}}",
+                    )
+                ),
+                unit="short",
+                width=8,
+            )
+        )
+        .with_panel(
+            _stat(
+                22,
+                "Tenants refused",
+                "Lines of each job's tenants_file refused at its last read (bad tenant id, "
+                "colliding or escaping target). Alert: RefresherTenantsRejected.",
+                _queries(
+                    (
+                        f"max by (token_job) (refresher_tenants_rejected{{{TOKEN_JOB}}})",
+                        "{{token_job}}",
+                    )
+                ),
+                width=6,
+            ).thresholds(_thresholds((None, "green"), (1, "red")))
+        )
+        .with_panel(
+            _timeseries(
+                23,
+                "Invalid credentials, links and scopes",
+                "Failures no retry fixes (invalid_link, unauthorized, tenant_mismatch) "
+                "in the selected range, and jobs whose token lacks a required scope. "
+                "Alert: RefresherCredentialInvalid.",
+                _queries(
+                    (
+                        "sum by (token_job, reason) (increase(refresher_refresh_failures_total"
+                        f'{{{TOKEN_JOB}, reason=~"{UNFIXABLE_REASONS}"}}[$__range]))',
+                        "{{token_job}} {{reason}}",
+                    ),
+                    (
+                        f"max by (token_job) (refresher_scope_missing{{{TOKEN_JOB}}})",
+                        "{{token_job}} scope_missing",
+                    ),
+                ),
+                unit="short",
+                width=10,
+            )
         )
     )
     return builder.build()

@@ -22,6 +22,32 @@ already contains the chart name is used as is.
 {{- end }}
 {{- end }}
 
+{{/*
+The `job` label of the daemon's scrape targets: set by the ServiceMonitor/PodMonitor,
+selected on by RefresherDown.
+*/}}
+{{- define "refresher.scrapeJob" -}}
+{{- .Values.scrapeJob | default (include "refresher.fullname" .) -}}
+{{- end }}
+
+{{/*
+files/alerts.yaml (or files/grafana-alerts.yaml) with RefresherDown's selector
+up{job="refresher"} naming this release's scrape job. Argument: (list $ "files/...").
+*/}}
+{{- define "refresher.alertsFile" -}}
+{{- $root := index . 0 }}
+{{- $path := index . 1 }}
+{{- $raw := $root.Files.Get $path }}
+{{- if not $raw }}
+{{- fail (printf "%s is missing from the chart" $path) }}
+{{- end }}
+{{- $selector := "up{job=\"refresher\"}" }}
+{{- if not (contains $selector $raw) }}
+{{- fail (printf "%s has no RefresherDown selector %s to point at the scrape job" $path $selector) }}
+{{- end }}
+{{- replace $selector (printf "up{job=%q}" (include "refresher.scrapeJob" $root)) $raw }}
+{{- end }}
+
 {{- define "refresher.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
