@@ -87,12 +87,36 @@ def describe_plan(settings: Settings) -> str:
 
 def config_warnings(settings: Settings) -> list[str]:
     """What is valid but probably not meant: loose token file modes, sink directories
-    that do not exist yet, ``tenants_file`` lines the daemon will skip."""
-    from refresher.config import DebituraProviderConfig, FileSinkConfig
+    that do not exist yet, ``tenants_file`` lines the daemon will skip, Gooclaim tokens
+    whose signature nobody verifies, deprecated keys."""
+    from refresher.config import (
+        DebituraProviderConfig,
+        DutyClaimsProviderConfig,
+        FileSinkConfig,
+        GooclaimProviderConfig,
+    )
     from refresher.targets import template_directory
 
     warnings = []
     for index, job in enumerate(settings.jobs):
+        provider = job.provider
+        if isinstance(provider, GooclaimProviderConfig) and not (
+            provider.public_key_file or provider.jwks_url
+        ):
+            checked = "alg, aud, exp, sub" + (", iss" if provider.issuer else "")
+            checked += ", tenant_id" if provider.tenant_id else ""
+            warnings.append(
+                f"jobs[{index}].provider ({job.name}): token signatures are NOT verified "
+                f"(no public_key_file or jwks_url); only {checked} are checked"
+            )
+        if (
+            isinstance(provider, DutyClaimsProviderConfig)
+            and provider.sandbox_on_production_host is not None
+        ):
+            warnings.append(
+                f"jobs[{index}].provider.sandbox_on_production_host ({job.name}): deprecated "
+                "and ignored (the sandbox token endpoint is on api.dutyclaims.com); remove it"
+            )
         for number, sink in enumerate(job.sinks):
             if not isinstance(sink, FileSinkConfig):
                 continue

@@ -268,16 +268,46 @@ class OAuth2ProviderConfig(HTTPProviderConfig, ClientSecretFields):
     body: Literal["form", "json"] = "form"
     client_auth: Literal["body", "basic"] = "body"
     headers: dict[str, str] = Field(default_factory=dict)
+    #: A grant lacking a requested scope fails (reason ``scope_missing``) instead of a warning.
+    require_scopes: bool = False
 
     @field_validator("token_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
         return _http_url(value)
 
+    @field_validator("scopes")
+    @classmethod
+    def _scope_tokens(cls, scopes: list[str]) -> list[str]:
+        return _scope_tokens(scopes)
+
     @model_validator(mode="after")
     def _one_secret(self) -> OAuth2ProviderConfig:
         _secret_fields(self, "client_secret", required=True)
+        _require_needs_scopes(self.require_scopes, self.scopes, "scopes")
         return self
+
+
+#: RFC 6749 §3.3 scope-token: printable ASCII except space, ``"`` and ``\``.
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,200}")
+
+
+def _scope_tokens(scopes: list[str]) -> list[str]:
+    bad = [s for s in scopes if not _SCOPE_TOKEN.fullmatch(s)]
+    if bad:
+        raise ValueError(
+            f"{bad[0]!r} is not a scope token (RFC 6749 §3.3: printable ASCII, no space, "
+            "quote or backslash)"
+        )
+    dupes = sorted(s for s, n in Counter(scopes).items() if n > 1)
+    if dupes:
+        raise ValueError(f"duplicate scope(s) {', '.join(map(repr, dupes))}")
+    return scopes
+
+
+def _require_needs_scopes(require: bool, scopes: list[str], field: str) -> None:
+    if require and not scopes:
+        raise ValueError(f"require_scopes needs {field}: there is nothing to require")
 
 
 def _http_url(value: str) -> str:
@@ -306,8 +336,11 @@ DUTYCLAIMS_SCOPES = frozenset(
         "notifications.write",
     }
 )
-DUTYCLAIMS_PRODUCTION_HOSTS = ("api.dutyclaims.com",)
 DUTYCLAIMS_LIVE_PREFIX = "dcp_live_"
+#: The documented probe of a managed credential (seeds/000: ``curl …/v1/clients -H
+#: "Authorization: Bearer dcp_live_…"``).
+DUTYCLAIMS_PROBE_PATH = "/v1/clients"
+_PROBE_PATH = re.compile(r"/[\x21-\x7e]{0,500}")
 
 
 def _peek_secret(model: BaseModel, name: str) -> str | None:
@@ -341,14 +374,29 @@ class DutyClaimsProviderConfig(PartnerProviderConfig, ClientSecretFields):
     # sandbox
     client_id: str | None = None
     scopes: list[str] = Field(default_factory=list)
-    #: The contract shows the sandbox token endpoint on the production host; refuse it
-    #: unless the operator says they really mean it (sandbox OAuth proves nothing there).
-    sandbox_on_production_host: bool = False
+    #: A grant lacking a requested scope fails (reason ``scope_missing``) instead of a warning.
+    require_scopes: bool = False
+    #: Deprecated, ignored: the contract's sandbox token endpoint *is* on api.dutyclaims.com.
+    sandbox_on_production_host: bool | None = Field(
+        default=None,
+        json_schema_extra={
+            "deprecated": True,
+            "description": "deprecated and ignored: sandbox OAuth on api.dutyclaims.com is "
+            "accepted (it is the contract's sandbox token endpoint)",
+        },
+    )
     # managed
     credential: SecretStr | None = None
     credential_file: Path | None = None
     credential_env: str | None = None
     header: Literal["authorization", "x-api-key"] = "authorization"
+    #: Check the managed credential with an authenticated GET every `probe_interval`.
+    probe: bool = True
+    probe_interval: PositiveDuration = 900.0
+    probe_path: str = DUTYCLAIMS_PROBE_PATH
+    #: How the probe sends the credential; the contract documents X-API-Key only for the
+    #: routes that say so, so it is set together with `probe_path`.
+    probe_header: Literal["authorization", "x-api-key"] = "authorization"
 
     _check_files = field_validator("credential_file")(_existing_file)
 
@@ -361,10 +409,26 @@ class DutyClaimsProviderConfig(PartnerProviderConfig, ClientSecretFields):
                 f"unknown DutyClaims scope(s) {', '.join(map(repr, unknown))}; "
                 f"documented: {', '.join(sorted(DUTYCLAIMS_SCOPES))}"
             )
-        return scopes
+        return _scope_tokens(scopes)
+
+    @field_validator("probe_path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not _PROBE_PATH.fullmatch(value) or "#" in value or value.startswith("//"):
+            raise ValueError(
+                "must be a path on base_url starting with '/' (a query is allowed), "
+                "printable ASCII without spaces or '#'"
+            )
+        return value
+
+    @property
+    def environment(self) -> str:
+        """The contract's two worlds: sandbox OAuth, production managed credentials."""
+        return "sandbox" if self.mode == "sandbox" else "production"
 
     @model_validator(mode="after")
     def _mode_fields(self) -> DutyClaimsProviderConfig:
+        probe_fields = {"probe", "probe_interval", "probe_path", "probe_header"}
         if self.mode == "sandbox":
             if self.client_id is None:
                 raise ValueError("mode sandbox needs client_id")
@@ -376,6 +440,8 @@ class DutyClaimsProviderConfig(PartnerProviderConfig, ClientSecretFields):
                 raise ValueError(
                     "credential* is for mode managed; sandbox uses client_id/client_secret"
                 )
+            if probe_fields & self.model_fields_set:
+                raise ValueError("probe* is for mode managed: a sandbox token has an expiry")
             secret = _peek_secret(self, "client_secret") or ""
             if secret.startswith(DUTYCLAIMS_LIVE_PREFIX):
                 raise ValueError(
@@ -383,24 +449,21 @@ class DutyClaimsProviderConfig(PartnerProviderConfig, ClientSecretFields):
                     "client secret; production uses mode: managed (sandbox OAuth is not a "
                     "production flow)"
                 )
-            host = httpx_host(self.base_url)
-            if host in DUTYCLAIMS_PRODUCTION_HOSTS and not self.sandbox_on_production_host:
-                raise ValueError(
-                    f"sandbox OAuth against the production host {host}: the contract says "
-                    "sandbox OAuth is no proof of production access; use the sandbox base_url "
-                    "(or set sandbox_on_production_host: true if DutyClaims told you to)"
-                )
+            _require_needs_scopes(self.require_scopes, self.scopes, "scopes")
         else:
             _secret_fields(self, "credential", required=True)
-            if self.client_id is not None or self.scopes:
+            if self.client_id is not None or self.scopes or self.require_scopes:
                 raise ValueError(
-                    "client_id/scopes are for mode sandbox; managed publishes a credential"
+                    "client_id/scopes/require_scopes are for mode sandbox; managed publishes "
+                    "a credential"
+                )
+            if ("probe_path" in self.model_fields_set) != ("probe_header" in self.model_fields_set):
+                raise ValueError(
+                    "set probe_path and probe_header together: the contract says which header "
+                    "each route takes (Authorization: Bearer for /v1/clients; X-API-Key only "
+                    "where a route documents it, e.g. /v1/claims/status)"
                 )
         return self
-
-
-def httpx_host(url: str) -> str:
-    return re.sub(r"^https?://", "", url).split("/", 1)[0].split(":", 1)[0].lower()
 
 
 class DebituraProviderConfig(PartnerProviderConfig):
@@ -495,7 +558,22 @@ class GooclaimProviderConfig(PartnerProviderConfig, ClientSecretFields):
     tenant_id: str | None = None
     introspect: bool = False
     requests_per_minute: int | None = Field(default=60, gt=0)
+    #: Per ``client_id``: shared by every job with this client id and base_url.
     introspect_requests_per_minute: int = Field(default=600, gt=0)
+    #: Gooclaim grants what onboarding set up (no ``scope`` is requested): compare with this.
+    expected_scopes: list[str] = Field(default_factory=list)
+    #: A token lacking an expected scope fails (reason ``scope_missing``) instead of a warning.
+    require_scopes: bool = False
+
+    @field_validator("expected_scopes")
+    @classmethod
+    def _scope_tokens(cls, scopes: list[str]) -> list[str]:
+        return _scope_tokens(scopes)
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _jwks_http(cls, value: str | None) -> str | None:
+        return None if value is None else _http_url(value)
 
     _check_files = field_validator("public_key_file")(_existing_file)
 
@@ -515,8 +593,10 @@ class GooclaimProviderConfig(PartnerProviderConfig, ClientSecretFields):
             raise ValueError("set only one of public_key_file, jwks_url")
         if (self.public_key_file or self.jwks_url) and not self.issuer:
             raise ValueError(
-                "issuer is required to verify tokens (the contract says verify aud and iss)"
+                "issuer is required to verify tokens (the contract says verify aud and iss; "
+                "use the issuer your Gooclaim onboarding names)"
             )
+        _require_needs_scopes(self.require_scopes, self.expected_scopes, "expected_scopes")
         return self
 
 

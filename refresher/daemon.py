@@ -409,6 +409,22 @@ class Daemon:
 
         for path in provider.secret_files():
             self.watcher.watch(path, rotated)
+
+        async def key_changed(path: Path) -> None:
+            if self.providers.get(job.name) is not provider:
+                return
+            failing = [k for k, r in self.scheduler.jobs.items() if k[0] == job.name and r.failures]
+            log.info(
+                "watched file changed: retrying failed refreshes",
+                job=job.name,
+                path=str(path),
+                tokens=len(failing),
+            )
+            for key in failing:
+                self.scheduler.reschedule_now(key)
+
+        for path in getattr(provider, "watched_files", list)():
+            self.watcher.watch(path, key_changed)
         if isinstance(job.provider, DebituraProviderConfig) and job.provider.tenants_file:
 
             async def tenants_changed(path: Path) -> None:

@@ -10,6 +10,8 @@
     │   ├── RateLimitedError        429, carries retry_after seconds        reason=rate_limited
     │   ├── UnauthorizedError       401: credential rejected                reason=unauthorized
     │   ├── ForbiddenError          403: capability missing                 reason=forbidden
+    │   │   └── ScopeMissingError       the grant lacks a required scope        reason=scope_missing
+    │   │                               (``require_scopes: true``)
     │   ├── BadResponseError        malformed body, no expiry, failed JWT   reason=bad_response
     │   │   │                       verification, token already expired,
     │   │   │                       a value unsafe to write
@@ -136,6 +138,17 @@ class ForbiddenError(ProviderError):
     """403: the credential is valid but lacks a capability or scope."""
 
     reason = "forbidden"
+
+
+class ScopeMissingError(ForbiddenError):
+    """The grant lacks a scope the job requires (``require_scopes: true``): nothing is
+    written, and like a 403 it is not retried soon."""
+
+    reason = "scope_missing"
+
+    def __init__(self, message: str, *, missing: Sequence[str]) -> None:
+        self.missing = tuple(missing)
+        super().__init__(message)
 
 
 class BadResponseError(ProviderError):

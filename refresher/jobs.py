@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import structlog
+
 from refresher.clock import Clock
 from refresher.config import (
     DebituraProviderConfig,
@@ -26,6 +28,8 @@ from refresher.sinks.file import FileSink
 from refresher.sinks.kubernetes import KubeClients, KubernetesSink
 from refresher.targets import expand_key, expand_path
 
+log = structlog.get_logger("refresher.jobs")
+
 
 def build_provider(job: JobConfig, *, clients: HTTPClients, clock: Clock) -> TokenProvider:
     """The provider implementation for a job's ``provider.kind``."""
@@ -33,12 +37,31 @@ def build_provider(job: JobConfig, *, clients: HTTPClients, clock: Clock) -> Tok
     if isinstance(config, OAuth2ProviderConfig):
         return OAuth2Provider(config, clients=clients, clock=clock)
     if isinstance(config, DutyClaimsProviderConfig):
+        _dutyclaims_notes(job.name, config)
         return DutyClaimsProvider(config, clients=clients, clock=clock)
     if isinstance(config, DebituraProviderConfig):
         return DebituraProvider(config, clients=clients, clock=clock)
     if isinstance(config, GooclaimProviderConfig):
         return GooclaimProvider(config, clients=clients, clock=clock)
     raise ConfigError([f"jobs.{job.name}.provider.kind: unsupported kind {config.kind!r}"])
+
+
+def _dutyclaims_notes(job: str, config: DutyClaimsProviderConfig) -> None:
+    """What the contract wants said when a DutyClaims job starts."""
+    if config.sandbox_on_production_host is not None:
+        log.warning(
+            "sandbox_on_production_host is deprecated and ignored: the sandbox token "
+            "endpoint is on api.dutyclaims.com; remove the key",
+            job=job,
+        )
+    if config.mode == "sandbox":
+        log.info(
+            "DutyClaims sandbox job: sandbox OAuth is no proof of production access "
+            "(production uses managed credentials)",
+            job=job,
+            environment="sandbox",
+            base_url=config.base_url,
+        )
 
 
 def tenants_of(job: JobConfig) -> list[str | None]:

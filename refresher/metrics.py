@@ -80,6 +80,8 @@ class JobSnapshot:
     expires_at: float | None
     last_success_at: float | None
     backoff_seconds: float
+    environment: str | None = None
+    scope_missing: int = 0
 
 
 @dataclass
@@ -284,15 +286,29 @@ class StateCollector(Collector):
             "Tenants configured for the job.",
             labels=[TOKEN_JOB, "provider"],
         )
+        scope_missing = GaugeMetricFamily(
+            f"{PREFIX}_scope_missing",
+            "Scopes requested (or expected) that the job's current token was not granted.",
+            labels=labels,
+        )
+        # One series per token job (its identifying labels, no tenant): an info metric.
+        job_info = GaugeMetricFamily(
+            f"{PREFIX}_job_info",
+            "1 per token job; environment is sandbox or production where the provider "
+            "has both (DutyClaims), else empty.",
+            labels=[*labels[:2], "environment"],
+        )
         groups: dict[tuple[str, ...], list[JobSnapshot]] = {}
         tenants: dict[tuple[str, str], list[int]] = {}
         declare, last_job = self.metrics.declare_job, None
+        jobs: dict[tuple[str, str], str] = {}
         for snap in self.snapshots():
             if snap.job != last_job:  # a job's tenants come one after another
                 declare(snap.job, snap.provider)
                 last_job = snap.job
             key = self.metrics.label_values(snap.job, snap.provider, snap.tenant)
             groups.setdefault(key, []).append(snap)
+            jobs.setdefault((snap.job, snap.provider), snap.environment or "")
             if snap.tenant is not None:
                 counts = tenants.setdefault((snap.job, snap.provider), [0, 0])
                 counts[0] += snap.valid
@@ -307,10 +323,14 @@ class StateCollector(Collector):
             if successes:
                 last_success.add_metric(values, max(successes))
             backoff.add_metric(values, max(s.backoff_seconds for s in snaps))
+            scope_missing.add_metric(values, max(s.scope_missing for s in snaps))
         for (job, provider), (ok, total) in tenants.items():
             tenants_valid.add_metric([job, provider], ok)
             tenants_configured.add_metric([job, provider], total)
+        for (job, provider), environment in jobs.items():
+            job_info.add_metric([job, provider, environment], 1.0)
         yield from (valid, expiry, last_success, backoff, tenants_valid, tenants_configured)
+        yield from (scope_missing, job_info)
         enabled = GaugeMetricFamily(
             f"{PREFIX}_leader_election_enabled",
             "1 if this daemon takes part in leader election (0: it always refreshes).",

@@ -25,14 +25,20 @@ MAX_BACKOFF_EXPONENT = 62
 
 
 def refresh_time(token: Token, policy: RefreshConfig, rng: random.Random) -> float:
-    """When to refresh `token`; +inf if it never expires.
+    """When to refresh `token`.
 
     At ``obtained_at + refresh_at x lifetime``, never later than
     ``expires_at - min_remaining`` (the margin capped to the part of a short lifetime
-    after ``refresh_at``), spread by ± ``jitter``.
+    after ``refresh_at``), spread by ± ``jitter``. A token without expiry is checked
+    again at its `recheck_at` (spread by ± ``jitter`` too), or never (+inf).
     """
     if token.expires_at is None:
-        return math.inf
+        if token.recheck_at is None:
+            return math.inf
+        interval = max(token.recheck_at - token.obtained_at, 0.0)
+        if policy.jitter:
+            interval *= 1 + rng.uniform(-policy.jitter, policy.jitter)
+        return token.obtained_at + interval
     lifetime = max(token.lifetime or 0.0, 0.0)
     margin = min(policy.min_remaining, lifetime * (1 - policy.refresh_at))
     latest = token.expires_at - margin

@@ -17,6 +17,7 @@ so 10,000 tenants cost one sleeping task, not 10,000. Rules (DESIGN.md §4):
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import math
@@ -142,6 +143,9 @@ class JobRuntime:
             "last_error_title": self.last_error_title,
             "consecutive_failures": self.failures,
             "sinks": [s.target for s in self.sinks],
+            "environment": getattr(self.provider, "environment", None),
+            "scope_missing": list(token.missing_scopes) if token else [],
+            "warning": token.warning if token else None,
         }
 
     def display_state(self, now: float) -> str:
@@ -158,6 +162,17 @@ class JobRuntime:
         if self.token is not None:
             return "expired"
         return "failing" if self.failures else "pending"
+
+
+def _same_publication(old: Token, new: Token) -> bool:
+    """`new` would publish exactly what `old` did (a managed credential re-checked)."""
+    return (
+        old.value == new.value
+        and old.token_type == new.token_type
+        and old.expires_at == new.expires_at
+        and old.scope == new.scope
+        and old.extra == new.extra
+    )
 
 
 def _urgency(token: Token | None) -> float:
@@ -749,6 +764,15 @@ class Scheduler:
             self.inflight -= 1
         series.refresh_duration.observe(max(self.clock.now() - started, 0))
         self.redactor.add_token(token.value)
+        if token.missing_scopes:
+            runtime.bound_log.warning(
+                "grant lacks requested scopes",
+                missing=list(token.missing_scopes),
+                granted=token.scope,
+            )
+        if token.warning:
+            runtime.bound_log.warning("token obtained with a warning", warning=token.warning)
+        current = runtime.token
         runtime.token = token
         if runtime.state == "invalid_link":
             runtime.state = "pending"
@@ -757,9 +781,15 @@ class Scheduler:
         gate.minted(runtime.key, self.clock.now())
         runtime.parked_at = None
         self._open(gate, reason="a token was minted")
+        if current is not None and not runtime.unwritten and _same_publication(current, token):
+            # A re-check confirmed what the sinks hold: nothing to write or announce.
+            await self._write(runtime, token, [], changed=False)
+            return
         await self._write(runtime, token, list(runtime.sinks))
 
-    async def _write(self, runtime: JobRuntime, token: Token, sinks: list[TokenSink]) -> None:
+    async def _write(
+        self, runtime: JobRuntime, token: Token, sinks: list[TokenSink], *, changed: bool = True
+    ) -> None:
         series = self._series(runtime)
         labels = series.labels
         failed: list[TokenSink] = []
@@ -814,11 +844,13 @@ class Scheduler:
         due = refresh_time(token, self.policy, self.rng)
         self._schedule(runtime, due)
         runtime.bound_log.info(
-            "token refreshed",
+            "token refreshed" if changed else "token re-checked: unchanged",
             fingerprint=token.fingerprint(),
             expires_at=rfc3339(token.expires_at),
             next_refresh_at=rfc3339(due) if math.isfinite(due) else None,
         )
+        if not changed:
+            return
         for hook in self.written_hooks:
             # The token is written: a failing hook is a notification problem, not
             # a failed refresh.
@@ -878,6 +910,11 @@ class Scheduler:
                 self.metrics.retry_after.labels(*labels).observe(error.retry_after)
             if limiter is not None:
                 limiter.block_until(now + delay)
+        held = runtime.token
+        if isinstance(error, UnauthorizedError) and held and held.expires_at is None:
+            # The partner refuses the very credential the sinks publish: with no
+            # expiry to run out, it stops being valid now.
+            runtime.token = dataclasses.replace(held, expires_at=now, recheck_at=None)
         gate = self.gates[runtime.provider.credential]
         # A 429, or a 401 that is not one tenant's own, is the whole credential's.
         shared = isinstance(error, RateLimitedError) or (
@@ -890,7 +927,7 @@ class Scheduler:
         runtime.backoff = delay
         event = (
             runtime.bound_log.error
-            if error.reason in ("unauthorized", "forbidden", "config")
+            if error.reason in ("unauthorized", "forbidden", "config", "scope_missing")
             else runtime.bound_log.warning
         )
         event(
@@ -926,6 +963,8 @@ class Scheduler:
                 expires_at=token.expires_at if token else None,
                 last_success_at=runtime.last_success_at,
                 backoff_seconds=runtime.backoff,
+                environment=getattr(runtime.provider, "environment", None),
+                scope_missing=len(token.missing_scopes) if token else 0,
             )
 
     def statuses(self) -> list[dict[str, Any]]:

@@ -102,8 +102,12 @@ def jwt_claims(value: str) -> dict[str, Any] | None:
 class Token:
     """One credential as a provider issued it.
 
-    `expires_at` is None only for static managed credentials that do not expire.
+    `expires_at` is None only for static managed credentials that do not expire;
+    `recheck_at` says when such a credential is to be checked again (None: never).
     `extra` holds provider metadata worth publishing (e.g. Debitura's creditorId).
+    `missing_scopes` lists what was asked for (or expected) but not granted;
+    `warning` is something the provider noticed that does not stop the token from
+    being used (our own words, never the partner's text).
     """
 
     value: str = field(repr=False)
@@ -112,6 +116,9 @@ class Token:
     expires_at: float | None
     scope: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    recheck_at: float | None = None
+    missing_scopes: tuple[str, ...] = ()
+    warning: str | None = None
 
     def __post_init__(self) -> None:
         problem = value_problem(self.value) if isinstance(self.value, str) else "is not text"

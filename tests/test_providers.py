@@ -118,9 +118,11 @@ async def test_dutyclaims_capability_gated_scope_is_a_403(start_daemon, dutyclai
 
 
 async def test_dutyclaims_managed_credential_published_as_x_api_key_and_rotated(
-    start_daemon, dutyclaims, tmp_path
+    start_daemon, dutyclaims, tmp_path, leak_guard
 ) -> None:
     import httpx2
+
+    leak_guard.secrets.add("dcp_live_rotated_credential_xyz")
 
     cred = tmp_path / "cred"
     cred.write_text("dcp_live_managed_credential_abc\n")
@@ -138,13 +140,15 @@ async def test_dutyclaims_managed_credential_published_as_x_api_key_and_rotated(
         header = (tmp_path / "dc.header").read_text()
         assert header == "X-API-Key: dcp_live_managed_credential_abc\n"
         name, _, value = header.strip().partition(": ")
-        async with httpx2.AsyncClient() as client:  # the published header works at the API
-            assert (await client.get(dutyclaims.url + "/v1/clients", headers={name: value})).status_code == 200
-        assert rt.token.expires_at is None and rt.next_refresh_at == float("inf")
+        async with httpx2.AsyncClient() as client:  # the published header works where documented
+            status_url = dutyclaims.url + "/v1/claims/status?claimId=clm_123"
+            assert (await client.get(status_url, headers={name: value})).status_code == 200
+        assert rt.token.expires_at is None
         assert metric(daemon, "refresher_token_valid", token_job="dc-prod") == 1
-        assert dutyclaims.count() == 0, "managed mode calls no token endpoint"
+        assert dutyclaims.count(dutyclaims.token_path) == 0, "managed mode calls no token endpoint"
         await wait_for(lambda: daemon.watcher.ready.is_set())
-        # Rotation: the credential file changes → re-published.
+        # Rotation: the credential file changes → probed, re-published.
+        dutyclaims.managed_credentials.add("dcp_live_rotated_credential_xyz")
         cred.write_text("dcp_live_rotated_credential_xyz\n")
         await wait_for(lambda: "rotated" in (tmp_path / "dc.header").read_text())
 
@@ -159,10 +163,9 @@ def test_dutyclaims_config_rules(tmp_path, capsys) -> None:
         assert main(["check", "--config", str(path)]) == 2
         return capsys.readouterr().err
 
-    sandbox = {"mode": "sandbox", "base_url": "https://sandbox.dutyclaims.test", "client_id": "c", "client_secret": "s"}
+    sandbox = {"mode": "sandbox", "client_id": "c", "client_secret": "s"}  # base_url: the default
     assert "jobs[0].provider.scopes: unknown DutyClaims scope(s) 'claims.fly'" in check({**sandbox, "scopes": ["clients.read", "claims.fly"]})
     assert "production managed credential (dcp_live_...)" in check({**sandbox, "client_secret": "dcp_live_abc"})
-    assert "sandbox OAuth against the production host api.dutyclaims.com" in check({**sandbox, "base_url": "https://api.dutyclaims.com"})
     assert "credential" in check({"mode": "managed"})
 
 

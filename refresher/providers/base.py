@@ -34,6 +34,8 @@ from refresher.errors import (
     TransportError,
     UnauthorizedError,
 )
+from refresher.ratelimit import SlidingWindowLimiter
+from refresher.scopes import check_scopes
 from refresher.token import Token
 
 #: Token endpoints answer with a few hundred bytes; anything past this is not a token.
@@ -55,6 +57,11 @@ class TokenProvider(Protocol):
 
     `fetch` returns a fresh `Token` for the credential (and, for per-tenant
     providers, the tenant) or raises a `ProviderError`.
+
+    Optional, looked up with ``getattr``: ``environment`` (``"sandbox"``,
+    ``"production"`` or None: shown in ``/v1/tokens`` and ``refresher_job_info``) and
+    ``watched_files()`` (files whose change should retry the job's failed refreshes at
+    once without meaning the credential rotated, e.g. a signing key).
     """
 
     kind: str
@@ -88,10 +95,22 @@ class TokenProvider(Protocol):
 
 
 class HTTPClients:
-    """One `httpx2.AsyncClient` per (base URL, TLS settings), reused across jobs."""
+    """One `httpx2.AsyncClient` per (base URL, TLS settings), reused across jobs, and
+    the partner-side request budgets that jobs sharing a client id share."""
 
     def __init__(self) -> None:
         self._clients: dict[tuple[str, str | None, float], httpx2.AsyncClient] = {}
+        self._limiters: dict[str, SlidingWindowLimiter] = {}
+
+    def limiter(self, key: str, limit: int, period: float, clock: Clock) -> SlidingWindowLimiter:
+        """The budget every provider naming `key` shares (e.g. Gooclaim's introspection
+        limit per ``client_id``); when jobs configure different limits, the lowest wins."""
+        limiter = self._limiters.get(key)
+        if limiter is None:
+            limiter = self._limiters[key] = SlidingWindowLimiter(limit, period, clock)
+        elif limit < limiter.limit:
+            limiter.limit = limit
+        return limiter
 
     def get(
         self, base_url: str, *, ca_file: Path | None = None, timeout: float = 10.0
@@ -293,6 +312,8 @@ class HTTPProvider:
     """
 
     kind = "http"
+    #: ``sandbox`` / ``production`` where the partner has both, else None.
+    environment: str | None = None
 
     def __init__(
         self,
@@ -354,6 +375,18 @@ class HTTPProvider:
 
     def secret_files(self) -> list[Path]:
         return [s.file for s in self._secrets.values() if s.file is not None]
+
+    def watched_files(self) -> list[Path]:
+        """Files (not secrets) whose change should retry failed refreshes at once."""
+        return []
+
+    def scoped(
+        self, token: Token, wanted: list[str], *, require: bool, requested: bool = True
+    ) -> Token:
+        """`token` checked against the scopes the job `wanted` (see `refresher.scopes`)."""
+        return check_scopes(
+            token, wanted, require=require, requested=requested, what=f"{self.kind} grant"
+        )
 
     def url(self, path: str) -> httpx2.URL:
         """`path` merged with the base URL, once: httpx2 re-parses and re-merges a

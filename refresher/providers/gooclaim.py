@@ -2,29 +2,45 @@
 
 * ``POST /v1/auth/token`` with ``{"grant_type", "client_id", "client_secret"}``;
   the secret only ever travels in the body.
-* With ``public_key_file`` or ``jwks_url``: signature, ``aud`` and ``iss`` are verified
-  before anything is written; without, ``aud`` and ``exp`` are still checked. A token
-  that fails is never written (reason ``bad_response``).
+* Every token is checked before anything is written (`refresher.jwtverify`): header
+  ``alg`` RS256 always; ``aud`` (``gooclaim-api``), ``iss`` when configured (the seed
+  names no value: the issuer your onboarding names), ``exp``; ``sub`` must be the
+  ``client_id`` (a machine token) and ``tenant_id``, when configured, the claim's. The
+  signature is verified with ``public_key_file`` (re-read when it changes) or
+  ``jwks_url`` (re-fetched for an unknown ``kid``); without either it is not, and
+  ``refresher check`` says so. A token that fails is never written (``bad_response``).
 * 60 token requests per minute per ``client_id`` (shared by every job using it), 429 +
   ``Retry-After`` honoured exactly; never retried on 401 in a loop.
-* Optional introspection (``POST /v1/auth/introspect``, its own 600/min budget):
-  ``active`` must be true and ``tenant_id`` must match.
+* Optional introspection (``POST /v1/auth/introspect``): its 600/min budget is per
+  ``client_id``, shared by every job with that client id. ``active`` must be true and
+  ``tenant_id``, ``exp`` and ``scope`` must be the token's. A 429 there waits
+  ``Retry-After`` and asks again, keeping the minted token and leaving the token
+  budget alone.
+* ``expected_scopes`` (Gooclaim requests none) are compared with the granted ones.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-import anyio
-import jwt
-from jwt.types import Options
+import structlog
 
 from refresher.clock import Clock
 from refresher.config import GooclaimProviderConfig, secret_source
-from refresher.errors import BadResponseError
+from refresher.errors import BadResponseError, RateLimitedError
+from refresher.jwtverify import JWKSCache, JWTVerifier, KeySource, PublicKeyFile, shown
 from refresher.providers.base import HTTPClients, HTTPProvider, raise_for_status, request
-from refresher.ratelimit import SlidingWindowLimiter
 from refresher.token import Token
+
+log = structlog.get_logger("refresher.providers.gooclaim")
+
+#: Introspection asks at most this often per mint when answered 429.
+INTROSPECT_ATTEMPTS = 3
+#: A longer ``Retry-After`` from introspection is the scheduler's to wait (as a 429),
+#: not this mint's: a waiting mint holds a concurrency slot.
+INTROSPECT_MAX_WAIT = 60.0
 
 
 class GooclaimProvider(HTTPProvider):
@@ -45,12 +61,31 @@ class GooclaimProvider(HTTPProvider):
             default_requests_per_minute=60,
         )
         self.gooclaim = config
-        self._public_key: Any = None
-        self._jwks: jwt.PyJWKSet | None = None
-        self._jwks_lock = anyio.Lock()
-        self.introspection_limiter = SlidingWindowLimiter(
-            config.introspect_requests_per_minute, 60.0, clock
+        keys: KeySource | None = None
+        if config.public_key_file is not None:
+            keys = PublicKeyFile(config.public_key_file)
+        elif config.jwks_url is not None:
+            keys = JWKSCache(self._fetch_jwks, clock=clock)
+        self.keys = keys
+        self.verifier = JWTVerifier(
+            what="Gooclaim token",
+            clock=clock,
+            keys=keys,
+            audience=config.audience,
+            issuer=config.issuer,
+            algorithms=("RS256",),
         )
+        self.introspection_limiter = clients.limiter(
+            f"gooclaim-introspect:{config.base_url}:{config.client_id}",
+            config.introspect_requests_per_minute,
+            60.0,
+            clock,
+        )
+
+    def watched_files(self) -> list[Path]:
+        """A new signing key retries failed verifications at once."""
+        key_file = self.gooclaim.public_key_file
+        return [key_file] if key_file is not None else []
 
     async def fetch(self, tenant: str | None) -> Token:
         cfg = self.gooclaim
@@ -65,96 +100,98 @@ class GooclaimProvider(HTTPProvider):
             },
         )
         token = self.token_from(body, obtained_at=started)
-        claims = await self.verify(token.value)
+        claims = (await self.verifier.verify(token.value)).claims
+        self._check_identity(claims)
+        scope = token.scope or claims.get("scope")
         token = Token(
             value=token.value,
             token_type=token.token_type,
             obtained_at=token.obtained_at,
             expires_at=token.expires_at,
-            scope=token.scope or claims.get("scope"),
+            scope=scope if isinstance(scope, str) else None,
             extra={k: claims[k] for k in ("tenant_id", "sub") if k in claims},
         )
+        token = self.scoped(token, cfg.expected_scopes, require=cfg.require_scopes, requested=False)
         if cfg.introspect:
-            await self.introspect(token.value, claims)
+            await self.introspect(token, claims)
         return token
 
-    async def verify(self, value: str) -> dict[str, Any]:
-        """Check signature (when a key is configured), ``aud``, ``iss`` and ``exp``."""
+    def _check_identity(self, claims: Mapping[str, Any]) -> None:
+        """A machine token for our client id and (when configured) our tenant."""
         cfg = self.gooclaim
-        key = await self._verification_key(value)
-        # Expiry is judged below on our (injectable) clock, not the library's.
-        options: Options = {"verify_exp": False, "verify_iat": False, "verify_nbf": False}
-        if key is not None:
-            options["require"] = ["exp", "aud", "iss"]
-        else:
-            # PyJWT turns every other check off with the signature check: turn the
-            # claim checks the contract asks for back on explicitly.
-            options["verify_signature"] = False
-            options["verify_aud"] = True
-            options["verify_iss"] = cfg.issuer is not None
-            options["require"] = ["exp", "aud"]
-        try:
-            claims = jwt.decode(
-                value,
-                key,
-                algorithms=["RS256"],
-                audience=cfg.audience,
-                issuer=cfg.issuer,
-                options=options,
+        if claims.get("sub") != cfg.client_id:
+            raise BadResponseError(
+                f"Gooclaim token sub {shown(claims.get('sub'))} is not the client_id "
+                f"{cfg.client_id!r} (not a machine token for this client)"
             )
-        except jwt.InvalidAudienceError:
-            raise BadResponseError(
-                f"Gooclaim token has the wrong audience (want {cfg.audience!r})"
-            ) from None
-        except jwt.InvalidIssuerError:
-            raise BadResponseError(
-                f"Gooclaim token has the wrong issuer (want {cfg.issuer!r})"
-            ) from None
-        except jwt.InvalidSignatureError:
-            raise BadResponseError("Gooclaim token signature does not verify") from None
-        except jwt.PyJWTError as exc:
-            raise BadResponseError(
-                f"Gooclaim token rejected: {type(exc).__name__}: {exc}"
-            ) from None
-        if float(claims["exp"]) <= self.clock.now():
-            raise BadResponseError("Gooclaim token is already expired (check clock skew)")
-        return dict(claims)
+        tenant = claims.get("tenant_id")
+        if not isinstance(tenant, str) or not tenant:
+            raise BadResponseError("Gooclaim token has no tenant_id claim")
+        if cfg.tenant_id is not None and tenant != cfg.tenant_id:
+            raise BadResponseError(f"Gooclaim token tenant_id {shown(tenant)} != {cfg.tenant_id!r}")
 
-    async def _verification_key(self, value: str) -> Any:
-        cfg = self.gooclaim
-        if cfg.public_key_file is not None:
-            if self._public_key is None:
-                self._public_key = cfg.public_key_file.read_bytes()
-            return self._public_key
-        if cfg.jwks_url is None:
-            return None
-        kid = jwt.get_unverified_header(value).get("kid")
-        async with self._jwks_lock:
-            if self._jwks is None or (kid and kid not in {k.key_id for k in self._jwks.keys}):
-                response = await request(self.client, "GET", cfg.jwks_url, clock=self.clock)
-                raise_for_status(response, "Gooclaim JWKS request")
-                try:
-                    self._jwks = jwt.PyJWKSet.from_dict(response.json_object())
-                except jwt.PyJWTError as exc:
-                    raise BadResponseError(f"Gooclaim JWKS unusable: {exc}") from None
-        for jwk in self._jwks.keys:
-            if kid is None or jwk.key_id == kid:
-                return jwk.key
-        raise BadResponseError(f"Gooclaim token key id {kid!r} is not in the JWKS")
+    async def _fetch_jwks(self) -> dict[str, Any]:
+        url = self.gooclaim.jwks_url
+        assert url is not None
+        response = await request(self.client, "GET", url, clock=self.clock)
+        raise_for_status(response, "Gooclaim JWKS request")
+        return response.json_object()
 
-    async def introspect(self, value: str, claims: dict[str, Any]) -> None:
-        """Ask Gooclaim whether the token is active and belongs to the right tenant."""
-        await self.introspection_limiter.acquire()
-        body = await self.post(
-            self.introspect_path,
-            "Gooclaim introspection",
-            headers={"Authorization": f"Bearer {value}"},
-            json_body={"token": value},
-        )
+    async def introspect(self, token: Token, claims: Mapping[str, Any]) -> None:
+        """Ask Gooclaim whether the token is active and is what it claims to be.
+
+        Within the shared per-``client_id`` budget; a 429 blocks that budget until
+        ``Retry-After`` for every job sharing it, and this mint asks again then.
+        """
+        limiter = self.introspection_limiter
+        for attempt in range(1, INTROSPECT_ATTEMPTS + 1):
+            await limiter.acquire()
+            try:
+                body = await self.post(
+                    self.introspect_path,
+                    "Gooclaim introspection",
+                    headers={"Authorization": f"Bearer {token.value}"},
+                    json_body={"token": token.value},
+                )
+            except RateLimitedError as exc:
+                wait = exc.retry_after if exc.retry_after else 1.0
+                limiter.block_until(self.clock.now() + wait)
+                if attempt == INTROSPECT_ATTEMPTS or wait > INTROSPECT_MAX_WAIT:
+                    raise RateLimitedError(
+                        f"Gooclaim introspection: HTTP 429 ({attempt} attempt(s)); "
+                        "the token is not written unverified",
+                        retry_after=wait,
+                        problem=exc.problem,
+                    ) from None
+                log.warning(
+                    "introspection rate-limited: asking again after Retry-After",
+                    retry_in=round(wait, 3),
+                    attempt=attempt,
+                    fingerprint=token.fingerprint(),
+                )
+                continue
+            self._check_introspection(body, token, claims)
+            return
+
+    def _check_introspection(
+        self, body: Mapping[str, Any], token: Token, claims: Mapping[str, Any]
+    ) -> None:
         if body.get("active") is not True:
             raise BadResponseError("Gooclaim introspection says the token is not active")
         expected = self.gooclaim.tenant_id or claims.get("tenant_id")
-        if expected is not None and body.get("tenant_id") != expected:
+        if body.get("tenant_id") != expected:
             raise BadResponseError(
-                f"Gooclaim introspection tenant_id {body.get('tenant_id')!r} != {expected!r}"
+                f"Gooclaim introspection tenant_id {shown(body.get('tenant_id'))} != {expected!r}"
+            )
+        exp = body.get("exp")
+        if isinstance(exp, bool) or not isinstance(exp, (int, float)) or exp != claims["exp"]:
+            raise BadResponseError(
+                f"Gooclaim introspection exp {shown(exp)} is not the token's {claims['exp']!r}"
+            )
+        claimed = claims.get("scope")
+        claimed = claimed if isinstance(claimed, str) else token.scope or ""
+        scope = body.get("scope")
+        if not isinstance(scope, str) or set(scope.split()) != set(claimed.split()):
+            raise BadResponseError(
+                f"Gooclaim introspection scope {shown(scope)} is not the token's {claimed!r}"
             )

@@ -49,7 +49,8 @@ class OAuth2Provider(HTTPProvider):
             body = await self.post(
                 self.path, "token request", headers=cfg.headers, data=fields, auth=auth
             )
-        return self.token_from(body, obtained_at=started)
+        token = self.token_from(body, obtained_at=started)
+        return self.scoped(token, cfg.scopes, require=cfg.require_scopes)
 
 
 def _origin(url: str) -> str:

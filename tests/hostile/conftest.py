@@ -30,3 +30,9 @@ def kubeconfig(kube: Any, tmp_path: Path, user: str = "refresher") -> Path:
 def alive(daemon: Daemon) -> bool:
     """The daemon's task group still runs (an escaped exception would have ended it)."""
     return daemon._tg is not None and not daemon._tg.cancel_scope.cancel_called
+
+
+def all_minted(daemon: Daemon) -> bool:
+    """Every job holds a token and none is minting (faults injected now hit the next
+    request on purpose, not a job's first mint still under way)."""
+    return all(r.token and r.inflight is None for r in daemon.scheduler.jobs.values())

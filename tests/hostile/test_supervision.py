@@ -22,7 +22,7 @@ from refresher.config import BackoffConfig, RefreshConfig
 from refresher.policy import MAX_BACKOFF_EXPONENT, backoff_delay
 from refresher.token import Token
 from tests.conftest import CLIENT_SECRET, get_json, metric, oauth2_job, wait_for
-from tests.hostile.conftest import alive
+from tests.hostile.conftest import alive, all_minted
 
 pytestmark = pytest.mark.anyio
 
@@ -59,7 +59,7 @@ async def test_bug_in_a_refresh_is_that_jobs_failure_only(
     async with start_daemon(two_jobs(oauth2_emulator, tmp_path)) as daemon:
         jobs = daemon.scheduler.jobs
         api, other = jobs[("api", None)], jobs[("other", None)]
-        await wait_for(lambda: api.token and other.token and api.inflight is None)
+        await wait_for(lambda: all_minted(daemon))
         api.provider.fetch = fails_once(api.provider.fetch)  # type: ignore[method-assign]
         before = other.token
         await daemon.scheduler.refresh(api, force=True)
@@ -83,7 +83,7 @@ async def test_bug_in_a_log_line_of_the_write_path(start_daemon, oauth2_emulator
     async with start_daemon(two_jobs(oauth2_emulator, tmp_path)) as daemon:
         jobs = daemon.scheduler.jobs
         api = jobs[("api", None)]
-        await wait_for(lambda: api.token and api.inflight is None)
+        await wait_for(lambda: all_minted(daemon))
 
         class BrokenLog:
             def __getattr__(self, name: str) -> Any:
@@ -111,7 +111,7 @@ async def test_bug_in_read_back_at_start_mints_instead(start_daemon, oauth2_emul
     monkeypatch.setattr(FileSink, "read_back", broken)
     async with start_daemon(two_jobs(oauth2_emulator, tmp_path)) as daemon:
         jobs = daemon.scheduler.jobs
-        await wait_for(lambda: all(r.token and r.inflight is None for r in jobs.values()))
+        await wait_for(lambda: all_minted(daemon))
         assert metric(daemon, "refresher_internal_errors_total", component="read_back") == 2
         assert alive(daemon)
 
@@ -121,7 +121,7 @@ async def test_bug_in_a_notification_hook_keeps_the_written_token(
 ) -> None:
     async with start_daemon(two_jobs(oauth2_emulator, tmp_path)) as daemon:
         jobs = daemon.scheduler.jobs
-        await wait_for(lambda: all(r.token and r.inflight is None for r in jobs.values()))
+        await wait_for(lambda: all_minted(daemon))
 
         def hook(runtime: Any, token: Token) -> None:
             raise Bug("hook")
@@ -149,7 +149,7 @@ async def test_bug_in_expiry_handling(start_daemon, oauth2_emulator, clock, tmp_
     config = two_jobs(oauth2_emulator, tmp_path, on_expiry="remove")
     async with start_daemon(config) as daemon:
         api = daemon.scheduler.jobs[("api", None)]
-        await wait_for(lambda: api.token and api.inflight is None)
+        await wait_for(lambda: all_minted(daemon))
         oauth2_emulator.inject(Fault.server_error(count=1000))
         await clock.set(api.token.expires_at + 1)
         await wait_for(lambda: metric(daemon, "refresher_internal_errors_total", component="expiry") == 1)
@@ -196,7 +196,7 @@ async def test_bug_in_a_reload_leaves_the_running_jobs(
     path = tmp_path / "config.yaml"
     async with start_daemon(config, config_path=path) as daemon:
         jobs = daemon.scheduler.jobs
-        await wait_for(lambda: all(r.token and r.inflight is None for r in jobs.values()))
+        await wait_for(lambda: all_minted(daemon))
         changed = two_jobs(oauth2_emulator, tmp_path)
         (tmp_path / "third").mkdir()
         changed["jobs"].append(oauth2_job(oauth2_emulator, tmp_path / "third", name="third"))
@@ -242,7 +242,7 @@ async def test_a_thousand_failures_in_a_row_keep_the_job_retrying(
     config["refresh"] = RefreshConfig(backoff=BackoffConfig(initial=0.001, max=0.01)).model_dump()
     async with start_daemon(config) as daemon:
         api = daemon.scheduler.jobs[("api", None)]
-        await wait_for(lambda: api.token and api.inflight is None)
+        await wait_for(lambda: all_minted(daemon))
         api.failures = 1500  # as after a long outage with a small backoff
         oauth2_emulator.inject(Fault.server_error())
         await daemon.scheduler.refresh(api, force=True)
