@@ -36,6 +36,7 @@ from refresher.errors import (
     BadResponseError,
     ForbiddenError,
     InvalidLinkError,
+    NotActiveError,
     ProviderError,
     RateLimitedError,
     SecretUnusableError,
@@ -401,10 +402,13 @@ class Scheduler:
 
     async def force(self, job: str, tenant: str | None = None) -> JobRuntime:
         """Consumer asked for a refresh: single-flight, within three budgets — one
-        per (job, tenant), one per credential, one for the daemon (`TooSoonError`)."""
+        per (job, tenant), one per credential, one for the daemon (`TooSoonError`).
+        `NotActiveError` when this scheduler does not refresh (a follower, stopping)."""
         runtime = self.jobs.get((job, tenant))
         if runtime is None:
             raise KeyError((job, tenant))
+        if not self.is_active():
+            raise NotActiveError()
         if runtime.inflight is not None:
             await runtime.inflight.wait()
             return runtime

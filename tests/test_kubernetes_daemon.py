@@ -13,6 +13,7 @@ import pytest
 
 from refresher.emulators.kubernetes import KubernetesEmulator
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, get_json, wait_for
+from tests.kube_rbac import SERVICE_ACCOUNT, install_chart_rbac
 
 pytestmark = pytest.mark.anyio
 NS = "apps"
@@ -24,7 +25,9 @@ def kube(make_emulator, clock) -> KubernetesEmulator:
 
 
 def config(oauth2, kube: KubernetesEmulator, tmp_path: Path, identity: str, *, leader: bool) -> dict[str, Any]:
-    kube.add_token(f"sa-token-{identity}", identity)
+    """A replica's config; every replica runs as the chart's service account, with the
+    chart's RBAC for this config (each replica has its own token, as pods do)."""
+    kube.add_token(f"sa-token-{identity}", SERVICE_ACCOUNT)
     kubeconfig = kube.write_kubeconfig(tmp_path / f"kubeconfig-{identity}", namespace=NS,
                                        token=f"sa-token-{identity}", user=identity)
     data: dict[str, Any] = {
@@ -39,6 +42,7 @@ def config(oauth2, kube: KubernetesEmulator, tmp_path: Path, identity: str, *, l
     if leader:
         data["leader_election"] = {"enabled": True, "namespace": NS, "lease_name": "refresher",
                                    "identity": identity, "kubeconfig": str(kubeconfig)}
+    install_chart_rbac(kube, data)
     return data
 
 
@@ -50,8 +54,11 @@ async def advance_to(clock, moment: float, leader) -> None:
         await wait_for(lambda: clock.now() - leader.elector._renewed_at <= 2.0 + 1e-6)
 
 
-def secret_writes(kube: KubernetesEmulator, user: str) -> int:
-    return sum(1 for r in kube.calls(resource="secrets") if r.method in ("PATCH", "POST", "PUT") and r.client == user)
+def secret_writes(kube: KubernetesEmulator, identity: str) -> int:
+    """Writes sent with `identity`'s token (a replica's own service-account token)."""
+    bearer = f"Bearer sa-token-{identity}"
+    return sum(1 for r in kube.calls(resource="secrets")
+               if r.method in ("PATCH", "POST", "PUT") and r.headers.get("authorization") == bearer)
 
 
 async def test_secret_kept_fresh_and_restart_does_not_mint(start_daemon, oauth2_emulator, kube, clock, tmp_path) -> None:
@@ -112,8 +119,10 @@ async def test_two_replicas_one_writer_and_takeover_without_re_mint(start_daemon
         stops["pod-a"].set()
         await wait_for(lambda: a.scheduler.is_active() is False)
         while not b.elector.is_leader():
-            # lease 15 s + one 2 s retry period, + one step of slack for the HTTP round trip
-            assert clock.now() - killed_at <= 19.5, "follower did not take over within lease + retry"
+            # the follower saw the last renewal within one jittered retry period (up to
+            # 2 s x 2.2) and takes over at the first retry after lease 15 s from then,
+            # + one step of slack for the HTTP round trip
+            assert clock.now() - killed_at <= 4.4 + 15 + 4.4 + 0.5, "follower did not take over in time"
             await clock.advance(0.5)
             await anyio.sleep(0.05)
         took_over = clock.now() - killed_at
