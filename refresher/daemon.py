@@ -653,7 +653,7 @@ class Daemon:
             self.metrics,
             admin_token=admin,
             is_leader=self.is_leader,
-            leader=(lambda: elector.holder) if elector is not None else None,
+            leader=elector.leader if elector is not None else None,
             retry_after=elector.retry_period if elector is not None else 2.0,
         )
         return Listener(sock, app, max_connections=cap, header_timeout=server_cfg.header_timeout)

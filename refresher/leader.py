@@ -197,6 +197,14 @@ class LeaderElector:
         """The holder identity last seen on the Lease ('' when released)."""
         return self.observed.holder if self.observed is not None else None
 
+    def leader(self) -> str | None:
+        """Who leads, as far as this replica knows: itself while `is_leader()`, else
+        the holder last seen on the Lease (None: nobody, or only itself, stale)."""
+        if self.is_leader():
+            return self.identity
+        holder = self.holder
+        return holder if holder and holder != self.identity else None
+
     def lease_valid(self, now: float) -> bool:
         """The observed holder may still be acting: its record changed less than its
         lease duration ago, by this process's clock."""

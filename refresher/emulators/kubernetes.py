@@ -146,6 +146,8 @@ class KubeFault:
     retry_after: int | None = None
     #: API Priority and Fairness: a plain-text 429 before authorization, not a Status.
     apf: bool = False
+    #: Hold the request (already received, not yet processed) until this is set.
+    gate: threading.Event | None = None
 
     def matches(self, verb: str, resource: str) -> bool:
         return (self.verb is None or self.verb == verb) and (
@@ -313,6 +315,7 @@ class KubernetesEmulator(Emulator):
         self.tokens: dict[str, Identity] = {}
         self.rbac = rbac
         self.grants: list[Grant] = []
+        self._gates: list[threading.Event] = []
         major, _, minor = version.partition(".")
         self.version = (int(major), int(minor))
         self._rv = 1000
@@ -346,6 +349,9 @@ class KubernetesEmulator(Emulator):
         return app
 
     def stop(self) -> None:
+        with self._state:
+            for gate in self._gates:
+                gate.set()  # let held requests finish
         if self._server is not None:
             # Skip uvicorn's graceful wait for idle keep-alive connections: an
             # emulator going away may drop them (clients see a closed connection).
@@ -490,6 +496,17 @@ class KubernetesEmulator(Emulator):
     ) -> None:
         """Answer the next `count` matching requests normally, but `seconds` late."""
         self.fail(200, count=count, verb=verb, resource=resource, delay=seconds, passthrough=True)
+
+    def hold(self, *, verb: str | None = None, resource: str | None = None) -> threading.Event:
+        """Keep the next matching request on the server, unprocessed, until the returned
+        event is set (a request in flight while the world moves on)."""
+        gate = threading.Event()
+        with self._state:
+            self._gates.append(gate)
+            self.kube_faults.append(
+                KubeFault(status=200, verb=verb, resource=resource, passthrough=True, gate=gate)
+            )
+        return gate
 
     def conflict(self, count: int = 1, *, verb: str = "patch", resource: str = "secrets") -> None:
         """One-shot 409s: "the object has been modified" for the next `count` writes."""
@@ -706,6 +723,9 @@ class KubernetesEmulator(Emulator):
                 self._authorize(identity, verb, kind, namespace, name)
                 fault = self._take_fault(verb, kind.plural)
                 if fault is not None:
+                    if fault.gate is not None:
+                        loop = asyncio.get_running_loop()
+                        await loop.run_in_executor(None, fault.gate.wait, 30.0)
                     if fault.delay:
                         await asyncio.sleep(fault.delay)
                     if not fault.passthrough:
