@@ -43,9 +43,7 @@ def chart_values(config: Mapping[str, Any], **values: Any) -> dict[str, Any]:
     chart_config: dict[str, Any] = {"jobs": jobs}
     election = config.get("leader_election") or {}
     if election.get("enabled"):
-        chart_config["leader_election"] = {
-            k: v for k, v in election.items() if k in _LEASE_FIELDS
-        }
+        chart_config["leader_election"] = {k: v for k, v in election.items() if k in _LEASE_FIELDS}
     return {"config": chart_config, "credentials": {"existingSecret": "partner-creds"}, **values}
 
 

@@ -542,6 +542,7 @@ class KubernetesSink:
         """Server-side apply our keys, guarded by the Secret's last seen resourceVersion;
         a 409 is re-read and retried while still allowed to write. Leaves the Secret
         as it was on error."""
+        self._check_may_write()  # before any request, the read included
         client = self._client()
         version = await self._version(client)
         attempt = 0
@@ -634,6 +635,7 @@ class KubernetesSink:
     async def remove(self) -> None:
         """Delete our keys and annotations (a JSON merge patch, guarded by the last seen
         resourceVersion like a write); the Secret stays."""
+        self._check_may_write()
         client = self._client()
         version = await self._version(client)
         attempt = 0
