@@ -125,9 +125,10 @@ class LeaseRecord:
     def same_record(self, other: LeaseRecord) -> bool:
         """The same election record (client-go compares the record, not the object:
         a label or annotation edit is not a renewal)."""
-        mine = (self.holder, self.renew_time, self.acquire_time, self.duration, self.transitions)
-        theirs = (other.holder, other.renew_time, other.acquire_time, other.duration)
-        return mine == (*theirs, other.transitions)
+        return self._election() == other._election()
+
+    def _election(self) -> tuple[str, float | None, float | None, float, int]:
+        return (self.holder, self.renew_time, self.acquire_time, self.duration, self.transitions)
 
 
 class LeaderElector:
@@ -381,14 +382,15 @@ class LeaderElector:
             if exc.status.code == 409:  # someone else wrote first: lost this round
                 return False, None
             raise
-        self._observe(LeaseRecord.of(result, self.lease_duration))
+        written = LeaseRecord.of(result, self.lease_duration)
+        self._observe(written)
         if not ours:
             log.info(
                 "leader lease acquired",
                 lease=self._lease_ref(),
                 identity=self.identity,
                 previous_holder=record.holder or None,
-                transitions=self.observed.transitions if self.observed else None,
+                transitions=written.transitions,
             )
         return True, None
 

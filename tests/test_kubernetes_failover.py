@@ -152,7 +152,7 @@ async def test_a_stale_leaders_write_in_flight_fails_instead_of_overwriting(
             await tg.start(b.run)
             await sink_a.write(make_token())
             stale, fresh = make_token(), make_token()
-            gate = kube.hold(verb="patch", resource="secrets")
+            held = kube.hold(verb="patch", resource="secrets")
             outcome: list[BaseException | None] = []
 
             async def stale_write() -> None:
@@ -163,13 +163,13 @@ async def test_a_stale_leaders_write_in_flight_fails_instead_of_overwriting(
                     outcome.append(exc)
 
             tg.start_soon(stale_write)
-            await wait_for(lambda: len(kube.calls(method="PATCH")) == 1)  # on the server
+            await wait_for(held.arrived.is_set)  # on the server, not yet processed
             a.scope.cancel()  # pod-a stalls: no renewals, no release
             while not b.elector.is_leader():
                 await advance(clock, [a, b], 0.5)
             await sink_b.read_back()  # the new leader adopts what it finds ...
             await sink_b.write(fresh)  # ... and writes
-            gate.set()  # pod-a's request finally gets processed
+            held.release()  # pod-a's request finally gets processed
             await wait_for(lambda: bool(outcome))
             assert isinstance(outcome[0], LeadershipLostError)
             assert kube.secret_data(NS, SECRET) == {"gooclaim": fresh.value}
@@ -391,7 +391,7 @@ def test_sigstopped_leader_resumes_as_a_follower_and_sends_no_write(
                 lease = kube.lease(NS, "refresher") or {"spec": {}}
                 return lease["spec"].get("holderIdentity")
 
-            _until(lambda: holder() in procs and writes(holder(), ok=True), what="a writer")
+            _until(lambda: holder() in procs and writes(holder(), ok=True), 60, "a writer")
             old = holder()
             new = "pod-b" if old == "pod-a" else "pod-a"
             _until(lambda: _answers(get, new, "/readyz") == "follower", what=f"{new} following")
@@ -423,7 +423,8 @@ def test_sigstopped_leader_resumes_as_a_follower_and_sends_no_write(
             # arrived, + 1.5 s. No write of its began after it; one it began before
             # (stopped between its check and the send) arrives late and is refused for
             # its stale resourceVersion.
-            deadline = max(r.at for r in lease_puts(old) if r.at < resumed_at) + 1.5
+            renewals = [r.at for r in lease_puts(old) if r.at < resumed_at]
+            deadline = max(renewals, default=0.0) + 1.5
             late = [(r.at - deadline, r.status) for r in writes(old) if r.at > deadline]
             assert all(status == 409 for _, status in late), f"{old} wrote late: {late}"
             assert holder() == new

@@ -130,6 +130,18 @@ LEASES = ResourceKind(
 _USER_META = ("labels", "annotations", "ownerReferences", "finalizers")
 
 
+@dataclass(frozen=True)
+class Held:
+    """A request `hold` keeps on the server: `arrived` once it is there; processed
+    once `release()`d."""
+
+    arrived: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)
+
+    def release(self) -> None:
+        self.released.set()
+
+
 @dataclass
 class KubeFault:
     """An injected error for the next `count` matching requests."""
@@ -147,7 +159,7 @@ class KubeFault:
     #: API Priority and Fairness: a plain-text 429 before authorization, not a Status.
     apf: bool = False
     #: Hold the request (already received, not yet processed) until this is set.
-    gate: threading.Event | None = None
+    held: Held | None = None
 
     def matches(self, verb: str, resource: str) -> bool:
         return (self.verb is None or self.verb == verb) and (
@@ -315,7 +327,7 @@ class KubernetesEmulator(Emulator):
         self.tokens: dict[str, Identity] = {}
         self.rbac = rbac
         self.grants: list[Grant] = []
-        self._gates: list[threading.Event] = []
+        self._held: list[Held] = []
         major, _, minor = version.partition(".")
         self.version = (int(major), int(minor))
         self._rv = 1000
@@ -350,8 +362,8 @@ class KubernetesEmulator(Emulator):
 
     def stop(self) -> None:
         with self._state:
-            for gate in self._gates:
-                gate.set()  # let held requests finish
+            for held in self._held:
+                held.release()  # let held requests finish
         if self._server is not None:
             # Skip uvicorn's graceful wait for idle keep-alive connections: an
             # emulator going away may drop them (clients see a closed connection).
@@ -497,16 +509,16 @@ class KubernetesEmulator(Emulator):
         """Answer the next `count` matching requests normally, but `seconds` late."""
         self.fail(200, count=count, verb=verb, resource=resource, delay=seconds, passthrough=True)
 
-    def hold(self, *, verb: str | None = None, resource: str | None = None) -> threading.Event:
-        """Keep the next matching request on the server, unprocessed, until the returned
-        event is set (a request in flight while the world moves on)."""
-        gate = threading.Event()
+    def hold(self, *, verb: str | None = None, resource: str | None = None) -> Held:
+        """Keep the next matching request on the server, unprocessed, until released
+        (a request in flight while the world moves on)."""
+        held = Held()
         with self._state:
-            self._gates.append(gate)
+            self._held.append(held)
             self.kube_faults.append(
-                KubeFault(status=200, verb=verb, resource=resource, passthrough=True, gate=gate)
+                KubeFault(status=200, verb=verb, resource=resource, passthrough=True, held=held)
             )
-        return gate
+        return held
 
     def conflict(self, count: int = 1, *, verb: str = "patch", resource: str = "secrets") -> None:
         """One-shot 409s: "the object has been modified" for the next `count` writes."""
@@ -723,9 +735,10 @@ class KubernetesEmulator(Emulator):
                 self._authorize(identity, verb, kind, namespace, name)
                 fault = self._take_fault(verb, kind.plural)
                 if fault is not None:
-                    if fault.gate is not None:
+                    if fault.held is not None:
+                        fault.held.arrived.set()
                         loop = asyncio.get_running_loop()
-                        await loop.run_in_executor(None, fault.gate.wait, 30.0)
+                        await loop.run_in_executor(None, fault.held.released.wait, 30.0)
                     if fault.delay:
                         await asyncio.sleep(fault.delay)
                     if not fault.passthrough:
