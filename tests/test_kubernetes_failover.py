@@ -288,7 +288,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _until(predicate: Any, timeout: float = 20.0, what: str = "condition") -> None:
+#: Short, but with room for a loaded machine: a leader stalled 2 s steps down.
+LEASE, RENEW_DEADLINE = 3, 2
+
+
+def _until(predicate: Any, timeout: float = 30.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -300,7 +304,7 @@ def _until(predicate: Any, timeout: float = 20.0, what: str = "condition") -> No
 def test_sigstopped_leader_resumes_as_a_follower_and_sends_no_write(
     tmp_path: Path, leak_guard: Any
 ) -> None:
-    """Two `refresher run` processes on one Lease (lease 2 s, renew deadline 1.5 s). The
+    """Two `refresher run` processes on one Lease (lease 3 s, renew deadline 2 s). The
     leader is SIGSTOPped until the follower has taken over and written. Resumed, the
     old leader sends no Secret write after its renew deadline, answers forced refreshes
     with 503 naming the new leader, and reports itself a follower."""
@@ -347,8 +351,8 @@ def test_sigstopped_leader_resumes_as_a_follower_and_sends_no_write(
                     "namespace": NS,
                     "identity": identity,
                     "kubeconfig": str(kubeconfig),
-                    "lease_duration": "2s",
-                    "renew_deadline": "1.5s",
+                    "lease_duration": f"{LEASE}s",
+                    "renew_deadline": f"{RENEW_DEADLINE}s",
                     "retry_period": "0.5s",
                 },
             }
@@ -420,11 +424,11 @@ def test_sigstopped_leader_resumes_as_a_follower_and_sends_no_write(
             assert _answers(get, old, "/readyz") == "follower"
             time.sleep(0.5)  # room for anything the old leader would still send
             # Its renew deadline: its last successful renew began before that request
-            # arrived, + 1.5 s. No write of its began after it; one it began before
-            # (stopped between its check and the send) arrives late and is refused for
-            # its stale resourceVersion.
+            # arrived, + RENEW_DEADLINE. No write of its began after it; one it began
+            # before (stopped between its check and the send) arrives late and is
+            # refused for its stale resourceVersion.
             renewals = [r.at for r in lease_puts(old) if r.at < resumed_at]
-            deadline = max(renewals, default=0.0) + 1.5
+            deadline = max(renewals, default=0.0) + RENEW_DEADLINE
             late = [(r.at - deadline, r.status) for r in writes(old) if r.at > deadline]
             assert all(status == 409 for _, status in late), f"{old} wrote late: {late}"
             assert holder() == new
