@@ -708,6 +708,27 @@ class KubernetesSinkConfig(Model):
 SinkConfig = Annotated[FileSinkConfig | KubernetesSinkConfig, Field(discriminator="kind")]
 
 
+def secret_type_problem(secret_type: str, key: str | None) -> str | None:
+    """Why a sink that writes only data key `key` (None: a different key per tenant)
+    cannot create a Secret of `secret_type`, or None. Mirrors the API server's
+    ``ValidateSecret``: built-in types require keys (and contents) of their own."""
+    if secret_type == "kubernetes.io/basic-auth":
+        if key in ("username", "password"):
+            return None
+        return "needs the data key 'username' or 'password': set key to one of them"
+    if secret_type == "kubernetes.io/ssh-auth":
+        if key == "ssh-privatekey":
+            return None
+        return "needs the data key 'ssh-privatekey': set key: ssh-privatekey"
+    if secret_type == "kubernetes.io/tls":
+        return "needs both 'tls.crt' and 'tls.key', a sink writes one key: use type Opaque"
+    if secret_type in ("kubernetes.io/dockerconfigjson", "kubernetes.io/dockercfg"):
+        return "needs a Docker config JSON document, which a token is not: use type Opaque"
+    if secret_type == "kubernetes.io/service-account-token":
+        return "is filled by Kubernetes for a service account: use type Opaque"
+    return None
+
+
 # ---------------------------------------------------------------------------- notifiers
 
 _SIGNALS = {"HUP", "USR1", "USR2", "TERM", "INT", "ALRM", "WINCH", "CONT"}
@@ -858,6 +879,11 @@ class ServerConfig(Model):
         return int(self.listen.rpartition(":")[2])
 
 
+#: Followers wait retry_period x (1 + random x this) between attempts (client-go's
+#: JitterFactor), so candidates do not hit the API server in lockstep.
+LEADER_JITTER_FACTOR = 1.2
+
+
 class LeaderElectionConfig(Model):
     """Kubernetes Lease leader election (client-go defaults)."""
 
@@ -875,8 +901,15 @@ class LeaderElectionConfig(Model):
 
     @model_validator(mode="after")
     def _ordered(self) -> LeaderElectionConfig:
-        if not self.retry_period < self.renew_deadline < self.lease_duration:
-            raise ValueError("need retry_period < renew_deadline < lease_duration")
+        # client-go's own checks (NewLeaderElector): the leader must stop before anyone
+        # may take over, and retry at least once, jitter included, before it stops.
+        if not self.renew_deadline < self.lease_duration:
+            raise ValueError("lease_duration must be greater than renew_deadline")
+        if not self.renew_deadline > LEADER_JITTER_FACTOR * self.retry_period:
+            raise ValueError(
+                f"renew_deadline must be greater than {LEADER_JITTER_FACTOR} x retry_period "
+                "(the retry jitter)"
+            )
         return self
 
 
@@ -919,6 +952,11 @@ class JobConfig(Model):
                     f"sinks[{index}] uses {{tenant}}, but provider {self.provider.kind} "
                     "has no tenants"
                 )
+            if isinstance(sink, KubernetesSinkConfig):
+                key = None if per_tenant else template.replace("{job}", self.name)
+                problem = secret_type_problem(sink.type, key)
+                if problem is not None:
+                    raise ValueError(f"sinks[{index}].type {sink.type!r} {problem}")
         return self
 
     def static_tenants(self) -> list[str | None]:

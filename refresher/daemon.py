@@ -32,7 +32,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from refresher.clock import Clock, SystemClock
 from refresher.config import DebituraProviderConfig, JobConfig, Settings, load_settings
-from refresher.errors import ConfigError, Refusal, SinkError, SinkOwnedError
+from refresher.errors import ConfigError, LeadershipLostError, Refusal, SinkError, SinkOwnedError
 from refresher.jobs import build_provider, build_runtimes
 from refresher.leader import LeaderElector
 from refresher.logging import Redactor
@@ -54,7 +54,7 @@ from refresher.server import (
     token_reader,
 )
 from refresher.sinks.file import FileSink
-from refresher.sinks.kubernetes import KubeClients
+from refresher.sinks.kubernetes import KubeClients, KubernetesSink
 from refresher.sinks.lock import DirectoryLocks
 from refresher.targets import TargetClaims, TargetError, describe_owner
 from refresher.token import Token, rfc3339
@@ -107,7 +107,7 @@ class Daemon:
         self.redactor = redactor or Redactor()
         self.metrics = Metrics(tenant_labels=settings.metrics.tenant_labels)
         self.clients = HTTPClients()
-        self.kube = KubeClients()
+        self.kube = KubeClients(clock=self.clock)
         self.sink_locks = DirectoryLocks()
         #: Jobs a leader keeps off the timer until it holds their directories' locks.
         self._parked: dict[JobKey, tuple[JobRuntime, frozenset[str]]] = {}
@@ -122,6 +122,7 @@ class Daemon:
                 clients=self.kube,
                 clock=self.clock,
                 on_change=self._leadership_changed,
+                rng=rng,
             )
             is_leader = self.elector.is_leader
         self.is_leader = is_leader
@@ -327,6 +328,12 @@ class Daemon:
 
     async def _start(self, runtimes: list[JobRuntime], *, adopt: bool = True) -> None:
         for runtime in runtimes:
+            if self.is_leader is not None:
+                for sink in runtime.sinks:
+                    if isinstance(sink, KubernetesSink):
+                        # Asked right before each request: a replica that stopped
+                        # leading (even paused mid-write) sends nothing more.
+                        sink.may_write = self.is_leader
             if adopt:
                 await self.scheduler.recover(runtime)
             self.scheduler.add(runtime)
@@ -663,7 +670,15 @@ class Daemon:
             consumer=token_reader(server_cfg.consumer_token_file),
             loopback=is_loopback(server_cfg.host),
         )
-        app = create_app(self.scheduler, self.metrics, access=access, is_leader=self.is_leader)
+        elector = self.elector
+        app = create_app(
+            self.scheduler,
+            self.metrics,
+            access=access,
+            is_leader=self.is_leader,
+            leader=elector.leader if elector is not None else None,
+            retry_after=elector.retry_period if elector is not None else 2.0,
+        )
         return Listener(sock, app, max_connections=cap, header_timeout=server_cfg.header_timeout)
 
     async def _start_server(self, tg: TaskGroup, listener: Listener) -> None:
@@ -750,6 +765,10 @@ async def _withdraw(runtime: JobRuntime) -> None:
     for sink in runtime.sinks:
         try:
             await sink.remove()
+        except LeadershipLostError:
+            log.info(
+                "token left for the leader to withdraw", job=runtime.job, tenant=runtime.tenant
+            )
         except SinkError as exc:
             log.error(
                 "cannot withdraw token", job=runtime.job, tenant=runtime.tenant, error=str(exc)

@@ -19,8 +19,11 @@
     │   └── SecretUnusableError     the job's own secret cannot be read     reason=config
     │                               (missing, empty, not UTF-8)
     ├── SinkError                   a sink could not store the token       reason=sink
-    │   └── SinkOwnedError          another process holds the lock of a file-sink directory
-    └── TooSoonError                a forced refresh over its budget (429)
+    │   ├── SinkOwnedError          another process holds the lock of a file-sink directory
+    │   └── LeadershipLostError     a write not sent: this replica stopped leading
+    ├── TooSoonError                a forced refresh over its budget (429)
+    └── NotActiveError              a forced refresh on a replica that does not refresh
+                                    (a follower under leader election, or stopping) (503)
 
 An exception outside this tree in a job's path is a bug: it is caught at the job's
 boundary, logged with its traceback, counted (reason=internal) and retried. One
@@ -213,3 +216,18 @@ class SinkOwnedError(SinkError):
             f"another refresher already writes to {where}: stop it or give this daemon {own}",
             sink="file",
         )
+
+
+class LeadershipLostError(SinkError):
+    """A write was not sent because this replica no longer holds the leader Lease:
+    the new leader writes instead (one writer, always)."""
+
+
+class NotActiveError(RefresherError):
+    """This daemon does not refresh now (a follower under leader election, or shutting
+    down), so it refuses forced refreshes; `leader` is the Lease holder, if known."""
+
+    def __init__(self, leader: str | None = None) -> None:
+        self.leader = leader
+        where = f": the leader is {leader}" if leader else ""
+        super().__init__(f"this replica is not refreshing{where}")

@@ -3,18 +3,24 @@
 With more than one replica only the Lease holder refreshes. Defaults follow
 client-go: lease 15 s, renew deadline 10 s, retry 2 s.
 
-* A candidate takes the Lease when it is absent, released (no holder) or expired
-  (``renewTime + leaseDurationSeconds < now``); taking it from another holder
-  increments ``leaseTransitions``.
-* The holder renews every retry period. Every write is a PUT guarded by the
-  ``resourceVersion`` just read, so of two racing candidates one gets 409 and stays
-  a follower.
-* Leadership is claimed only until ``last successful renew + renew_deadline``:
-  `is_leader()` is computed from the clock, and a watchdog flips it (and calls
-  ``on_change(False)``) at that moment even while a renew request hangs. Since the
-  renew deadline is shorter than the lease, the old leader has stopped before
-  anyone else may take over — never two writers, as long as node clocks agree
-  within ``lease_duration - renew_deadline``.
+* Time comes from this process's clock only, never from the timestamps in the Lease:
+  a candidate remembers *when it observed* the Lease record change, and takes the
+  Lease when it is absent, released (no holder) or unchanged for
+  ``leaseDurationSeconds`` since that observation (client-go's ``observedTime``).
+  Node clocks may disagree by any amount; only their rates matter. Taking the Lease
+  from another holder increments ``leaseTransitions``.
+* The holder renews every retry period; followers retry every retry period plus up
+  to 1.2 times that at random (client-go's ``JitterFactor``), so candidates do not
+  move in lockstep. An API server answer with ``Retry-After`` is honoured.
+* Every write is a PUT guarded by the ``resourceVersion`` just read, replacing only
+  the spec (labels, annotations, owner references and finalizers others set stay),
+  so of two racing candidates one gets 409 and stays a follower.
+* Leadership is claimed only until ``start of the last successful renew +
+  renew_deadline``: `is_leader()` is computed from the clock, and a watchdog flips it
+  (and calls ``on_change(False)``) at that moment even while a renew request hangs.
+  A follower waits at least ``lease_duration`` (longer than the renew deadline) from
+  a moment after that renew, so the old leader has stopped before anyone may take
+  over — never two writers, however far the clocks are apart.
 * Observing another holder on the Lease while leading steps down at once.
 * `release()` on shutdown clears ``holderIdentity`` so a follower takes over at its
   next retry instead of waiting for the lease to expire. A killed process cannot
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import secrets
 import socket
 from collections.abc import Callable, Mapping
@@ -45,7 +52,7 @@ from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.coordination_v1 import Lease
 
 from refresher.clock import Clock
-from refresher.config import LeaderElectionConfig
+from refresher.config import LEADER_JITTER_FACTOR, LeaderElectionConfig
 from refresher.errors import ConfigError
 from refresher.sinks.kubernetes import (
     KubeClients,
@@ -89,7 +96,11 @@ def default_identity(environ: Mapping[str, str] | None = None) -> str:
 
 @dataclass(frozen=True)
 class LeaseRecord:
-    """What the Lease says, as last read or written."""
+    """What the Lease says, as last read or written.
+
+    `renew_time` and `acquire_time` are the writer's clock: informational only,
+    never compared with this process's clock.
+    """
 
     holder: str
     renew_time: float | None
@@ -111,8 +122,13 @@ class LeaseRecord:
             resource_version=meta.resourceVersion,
         )
 
-    def expired(self, now: float) -> bool:
-        return self.renew_time is None or self.renew_time + self.duration < now
+    def same_record(self, other: LeaseRecord) -> bool:
+        """The same election record (client-go compares the record, not the object:
+        a label or annotation edit is not a renewal)."""
+        return self._election() == other._election()
+
+    def _election(self) -> tuple[str, float | None, float | None, float, int]:
+        return (self.holder, self.renew_time, self.acquire_time, self.duration, self.transitions)
 
 
 class LeaderElector:
@@ -133,12 +149,14 @@ class LeaderElector:
         identity: str | None = None,
         namespace: str | None = None,
         environ: Mapping[str, str] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         env = os.environ if environ is None else environ
         self.config = config
         self.clients = clients
         self.clock = clock
         self.on_change = on_change
+        self.rng = rng or random.Random()
         self.identity = identity or config.identity or default_identity(env)
         self.lease_name = config.lease_name
         self.namespace = (
@@ -152,6 +170,8 @@ class LeaderElector:
         self.retry_period = config.retry_period
         #: The Lease as last observed (None before the first successful read).
         self.observed: LeaseRecord | None = None
+        #: This process's clock when `observed` last changed (client-go's observedTime).
+        self.observed_at: float | None = None
         #: Clock time the main loop sleeps until (None while it works); for tests/status.
         self.waiting_until: float | None = None
         self._leading = False
@@ -160,6 +180,8 @@ class LeaderElector:
         self._stopped = False
         self._scope: anyio.CancelScope | None = None
         self._last_error: str | None = None
+        #: Not before this clock time: the API server asked us to wait (Retry-After).
+        self._throttled_until: float | None = None
 
     # ------------------------------------------------------------ public API
 
@@ -175,6 +197,23 @@ class LeaderElector:
     def holder(self) -> str | None:
         """The holder identity last seen on the Lease ('' when released)."""
         return self.observed.holder if self.observed is not None else None
+
+    def leader(self) -> str | None:
+        """Who leads, as far as this replica knows: itself while `is_leader()`, else
+        the holder last seen on the Lease (None: nobody, or only itself, stale)."""
+        if self.is_leader():
+            return self.identity
+        holder = self.holder
+        return holder if holder and holder != self.identity else None
+
+    def lease_valid(self, now: float) -> bool:
+        """The observed holder may still be acting: its record changed less than its
+        lease duration ago, by this process's clock."""
+        return (
+            self.observed is not None
+            and self.observed_at is not None
+            and self.observed_at + self.observed.duration > now
+        )
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -197,7 +236,7 @@ class LeaderElector:
                         if not started:
                             started = True
                             task_status.started()
-                        await self._sleep_until(attempt_at + self.retry_period)
+                        await self._sleep_until(self._next_attempt(attempt_at))
                     tg.cancel_scope.cancel()
             if not started:  # released before the first attempt
                 task_status.started()
@@ -240,7 +279,7 @@ class LeaderElector:
         if record.holder != self.identity:
             return
         now = self.clock.now()
-        released = self._lease(
+        released = self._with_spec(
             lease,
             LeaseSpec(
                 holderIdentity="",
@@ -251,10 +290,23 @@ class LeaderElector:
             ),
         )
         result = await client.replace(released)
-        self.observed = LeaseRecord.of(result, self.lease_duration)
+        self._observe(LeaseRecord.of(result, self.lease_duration))
         log.info("leader lease released", lease=self._lease_ref(), identity=self.identity)
 
     # ------------------------------------------------------------ the loop
+
+    def _next_attempt(self, attempt_at: float) -> float:
+        """The leader renews every retry period; a follower waits a jittered retry
+        period after its attempt ended (client-go's JitterUntil, sliding)."""
+        if self._leading:
+            moment = attempt_at + self.retry_period
+        else:
+            factor = 1.0 + self.rng.random() * LEADER_JITTER_FACTOR
+            moment = self.clock.now() + self.retry_period * factor
+        if self._throttled_until is not None:
+            moment = max(moment, self._throttled_until)
+            self._throttled_until = None
+        return moment
 
     async def _attempt(self, now: float) -> None:
         lost_to: str | None = None
@@ -263,7 +315,10 @@ class LeaderElector:
                 acquired, lost_to = await self._try_acquire_or_renew(now)
         except (ApiError, httpx2.HTTPError, OSError, TimeoutError, KubernetesSinkError) as exc:
             acquired = False
-            message = self._describe(exc, "update" if self._leading else "get")
+            error = self._error(exc, "update" if self._leading else "get")
+            if error.retry_after is not None:
+                self._throttled_until = self.clock.now() + error.retry_after
+            message = str(error)
             if message != self._last_error:
                 self._last_error = message
                 log.warning(
@@ -303,9 +358,12 @@ class LeaderElector:
                 holder=record.holder or None,
                 identity=self.identity,
             )
-        self.observed = record
+        if self.observed is None or not record.same_record(self.observed):
+            self._observe(record)
+        else:
+            self.observed = record  # same record, newer object: keep the observation time
         ours = record.holder == self.identity
-        if record.holder and not ours and not record.expired(now):
+        if record.holder and not ours and self.lease_valid(now):
             return False, record.holder
         spec = LeaseSpec(
             holderIdentity=self.identity,
@@ -319,19 +377,20 @@ class LeaderElector:
             leaseTransitions=record.transitions if ours else record.transitions + 1,
         )
         try:
-            result = await client.replace(self._lease(lease, spec))
+            result = await client.replace(self._with_spec(lease, spec))
         except ApiError as exc:
             if exc.status.code == 409:  # someone else wrote first: lost this round
                 return False, None
             raise
-        self.observed = LeaseRecord.of(result, self.lease_duration)
+        written = LeaseRecord.of(result, self.lease_duration)
+        self._observe(written)
         if not ours:
             log.info(
                 "leader lease acquired",
                 lease=self._lease_ref(),
                 identity=self.identity,
                 previous_holder=record.holder or None,
-                transitions=self.observed.transitions,
+                transitions=written.transitions,
             )
         return True, None
 
@@ -352,7 +411,7 @@ class LeaderElector:
             if exc.status.code == 409:  # created by another candidate meanwhile
                 return False
             raise
-        self.observed = LeaseRecord.of(result, self.lease_duration)
+        self._observe(LeaseRecord.of(result, self.lease_duration))
         log.info("leader lease created", lease=self._lease_ref(), identity=self.identity)
         return True
 
@@ -381,6 +440,10 @@ class LeaderElector:
 
     # ------------------------------------------------------------ helpers
 
+    def _observe(self, record: LeaseRecord) -> None:
+        self.observed = record
+        self.observed_at = self.clock.now()
+
     def _set_leader(self, leading: bool, *, reason: str) -> None:
         if leading == self._leading:
             return
@@ -407,39 +470,36 @@ class LeaderElector:
     def _duration_seconds(self) -> int:
         return max(1, math.ceil(self.lease_duration))
 
-    def _lease(self, current: Lease, spec: LeaseSpec) -> Lease:
-        meta = current.metadata or ObjectMeta()
-        return Lease(
-            metadata=ObjectMeta(
-                name=self.lease_name,
-                namespace=self.namespace,
-                resourceVersion=meta.resourceVersion,
-                labels=meta.labels,
-                annotations=meta.annotations,
-            ),
-            spec=spec,
-        )
+    def _with_spec(self, current: Lease, spec: LeaseSpec) -> Lease:
+        """The Lease as read, with only its spec replaced (as client-go's LeaseLock
+        does): labels, annotations, owner references and finalizers stay."""
+        return Lease(metadata=current.metadata or ObjectMeta(), spec=spec)
 
     def _lease_ref(self) -> str:
         return f"{self.namespace}/{self.lease_name}"
 
-    def _describe(self, exc: BaseException, verb: str) -> str:
+    def _error(self, exc: BaseException, verb: str) -> KubernetesSinkError:
+        if isinstance(exc, KubernetesSinkError):
+            return exc
         if isinstance(exc, ApiError):
-            return str(
-                describe_api_error(
-                    exc,
-                    verb=verb,
-                    resource="leases",
-                    namespace=self.namespace,
-                    name=self.lease_name,
-                )
+            return describe_api_error(
+                exc,
+                verb=verb,
+                resource="leases",
+                namespace=self.namespace,
+                name=self.lease_name,
             )
         if isinstance(exc, TimeoutError):
-            return "the Kubernetes API did not answer within the renew deadline"
+            return KubernetesSinkError(
+                "the Kubernetes API did not answer within the renew deadline"
+            )
         if isinstance(exc, (httpx2.HTTPError, OSError)):
             try:
                 server = self.clients.server(self.config.kubeconfig, self.config.context)
             except ConfigError:
                 server = "(unknown)"
-            return str(describe_transport_error(exc, server))
-        return str(exc)
+            return describe_transport_error(exc, server)
+        return KubernetesSinkError(str(exc))
+
+    def _describe(self, exc: BaseException, verb: str) -> str:
+        return str(self._error(exc, verb))

@@ -36,6 +36,7 @@ from refresher.config import RefreshConfig
 from refresher.credentials import Gate, Gates
 from refresher.errors import (
     BadResponseError,
+    NotActiveError,
     ProviderError,
     RateLimitedError,
     SinkError,
@@ -531,10 +532,13 @@ class Scheduler:
     async def force(self, job: str, tenant: str | None = None) -> JobRuntime:
         """An operator asked for a refresh: single-flight, within three budgets — one
         per (job, tenant), one per credential, one for the daemon (`TooSoonError`).
-        It also clears an ``invalid_link`` verdict: the operator says try again."""
+        It also clears an ``invalid_link`` verdict: the operator says try again.
+        `NotActiveError` when this scheduler does not refresh (a follower, stopping)."""
         runtime = self.jobs.get((job, tenant))
         if runtime is None:
             raise KeyError((job, tenant))
+        if not self.is_active():
+            raise NotActiveError()
         if runtime.inflight is not None:
             await runtime.inflight.wait()
             return runtime
@@ -559,6 +563,8 @@ class Scheduler:
         runtime = self.jobs.get((job, tenant))
         if runtime is None:
             raise KeyError((job, tenant))
+        if not self.is_active():
+            raise NotActiveError()
         if runtime.state == "invalid_link":
             return Rejection(runtime, minted=False, invalid_link=True)
         current = runtime.token

@@ -4,7 +4,8 @@
 every job holds a valid token (a follower in leader election is ready too) ·
 ``/v1/tokens`` status per job, never a token · ``POST /v1/tokens/{job}/refresh``
 forces a refresh (single-flight, rate limited; bearer-authenticated when the
-listener is not loopback).
+listener is not loopback). Under leader election a follower refuses it with 503,
+naming the leader: only the leader mints and writes.
 
 The listener is bounded, so no client can take the descriptors the daemon needs for
 its secrets and sinks: `Listener` accepts at most ``server.max_connections`` (cut down
@@ -19,6 +20,7 @@ import contextlib
 import functools
 import hmac
 import ipaddress
+import math
 import re
 import resource
 import socket
@@ -40,7 +42,7 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
-from refresher.errors import ListenError, TooSoonError
+from refresher.errors import ListenError, NotActiveError, TooSoonError
 from refresher.metrics import Metrics
 from refresher.scheduler import Rejection, Scheduler
 from refresher.token import rfc3339
@@ -78,9 +80,25 @@ def create_app(
     *,
     access: Access | None = None,
     is_leader: Callable[[], bool] | None = None,
+    leader: Callable[[], str | None] | None = None,
+    retry_after: float = 2.0,
 ) -> Starlette:
-    """The ASGI app; `access` says who may force refreshes and report rejections."""
+    """The ASGI app; `access` says who may force refreshes and report rejections.
+    Under leader election, `is_leader` says whether this replica leads, `leader` who
+    does (the Lease's holder), and `retry_after` how long a refused caller should wait."""
     access = access or Access()
+
+    def leadership_refusal() -> Response | None:
+        """503 naming the leader when this replica must not mint or write (a
+        follower); None when it may. Every consumer endpoint that writes asks this."""
+        if is_leader is None or is_leader():
+            return None
+        return not_refreshing(leader() if leader is not None else None)
+
+    def not_refreshing(holder: str | None, error: str = "not the leader") -> Response:
+        seconds = max(1, math.ceil(retry_after))
+        body: dict[str, Any] = {"error": error, "leader": holder or None}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(seconds)})
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -119,6 +137,9 @@ def create_app(
                 {"error": "rejected must be a token fingerprint: 12 lowercase hex digits"},
                 status_code=400,
             )
+        refusal = leadership_refusal()
+        if refusal is not None:
+            return refusal
         job = request.path_params["job"]
         tenant = request.query_params.get("tenant")
         now = scheduler.clock.now
@@ -128,6 +149,9 @@ def create_app(
             else:
                 outcome = await scheduler.report_rejected(job, tenant, rejected)
                 return _rejection_answer(outcome, now())
+        except NotActiveError:  # leadership lost or not yet taken over, or stopping
+            holder = leader() if leader is not None else None
+            return not_refreshing(holder, "not refreshing now")
         except KeyError:
             return JSONResponse(
                 {"error": f"no job {job!r}" + (f" tenant {tenant!r}" if tenant else "")},

@@ -484,7 +484,13 @@ def test_kubernetes_sinks_get_exact_secret_rbac(chart: helm.Chart) -> None:
                 "resources": ["secrets"],
                 "resourceNames": expected[namespace],
                 "verbs": ["get", "patch"],
-            }
+            },
+            {
+                "apiGroups": [""],
+                "resources": ["secrets"],
+                "resourceNames": expected[namespace],
+                "verbs": ["create"],
+            },
         ], namespace
         assert bindings[namespace]["subjects"] == [
             {"kind": "ServiceAccount", "name": RELEASE, "namespace": NAMESPACE}
@@ -496,22 +502,22 @@ def test_kubernetes_sinks_get_exact_secret_rbac(chart: helm.Chart) -> None:
     assert "subPath" in notes
 
 
-def test_secret_create_is_opt_in(chart: helm.Chart) -> None:
-    values = {
-        **KUBE_SINK_VALUES,
-        "replicaCount": 2,
-        "rbac": {"allowSecretCreate": True},
-    }
+def test_secret_create_is_limited_to_the_sink_secrets(chart: helm.Chart) -> None:
+    values = {**KUBE_SINK_VALUES, "replicaCount": 2}
     manifests = render(chart, values)
     validate(manifests)
     for role in of_kind(manifests, "Role"):
         secrets = rules_by_resource(role)["secrets"]
         create = [r for r in secrets if "create" in r["verbs"]]
-        # create cannot be limited by resourceNames: its own rule, nothing else in it.
-        assert create == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]}]
-        named = [r for r in secrets if r is not create[0]]
+        named = [r for r in secrets if "create" not in r["verbs"]]
+        # An apply's create check carries the name: create on exactly the sinks' Secrets.
+        assert [r["verbs"] for r in create] == [["create"]]
+        assert create[0]["resourceNames"] == named[0]["resourceNames"] != []
         assert [sorted(r["verbs"]) for r in named] == [["get", "patch"]]
-        assert named[0]["resourceNames"]
+    # Pre-created Secrets: create can be left out altogether.
+    manifests = render(chart, {**values, "rbac": {"allowSecretCreate": False}})
+    for role in of_kind(manifests, "Role"):
+        assert all("create" not in r["verbs"] for r in rules_by_resource(role)["secrets"])
     # The lease rules live in the release namespace only, next to its Secret rules.
     lease_namespaces = [
         r["metadata"]["namespace"]
@@ -531,7 +537,8 @@ def test_rbac_never_grants_broad_access(chart: helm.Chart) -> None:
         for rule in role["rules"]:
             assert "*" not in rule["verbs"] and "*" not in rule["resources"]
             assert not {"list", "watch", "delete", "deletecollection"} & set(rule["verbs"])
-            if "create" not in rule["verbs"]:
+            # Only the Lease's create (a POST) cannot name its object.
+            if rule["resources"] != ["leases"] or "create" not in rule["verbs"]:
                 assert rule.get("resourceNames"), rule
 
 

@@ -4,6 +4,7 @@ loopback API emulator (real HTTP, real kubeconfig / in-cluster config, no mocks)
 from __future__ import annotations
 
 import base64
+import random
 import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -40,11 +41,33 @@ from refresher.sinks.kubernetes import (
 )
 from refresher.token import Token, rfc3339
 from tests.conftest import wait_for
+from tests.kube_rbac import install_chart_rbac
 
 pytestmark = pytest.mark.anyio
 
 NS = "apps"
 SECRET = "partner-tokens"
+#: What these tests deploy, as the chart sees it: the Secrets they write or read and
+#: the Lease. The emulator grants exactly the chart's Role for it (tests/kube_rbac.py).
+CHART_CONFIG: dict[str, Any] = {
+    "jobs": [
+        {
+            "name": "tokens",
+            "sinks": [
+                {"kind": "kubernetes", "secret": SECRET},
+                {"kind": "kubernetes", "secret": "absent"},
+            ],
+        }
+    ],
+    "leader_election": {"enabled": True, "lease_name": "refresher", "namespace": NS},
+}
+
+
+class NoJitter(random.Random):
+    """Followers retry every retry period exactly (timing assertions stay exact)."""
+
+    def random(self) -> float:
+        return 0.0
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -62,7 +85,16 @@ def kube(make_emulator: Callable[..., Any], clock: ManualClock) -> KubernetesEmu
     emulator: KubernetesEmulator = make_emulator(
         KubernetesEmulator, namespaces=[NS, "default"], clock=clock
     )
+    install_chart_rbac(emulator, CHART_CONFIG)
     return emulator
+
+
+@pytest.fixture
+def admin_kubeconfig(kube: KubernetesEmulator, tmp_path: Path) -> Path:
+    """Another tool with cluster-admin rights (kubectl, a test's own client)."""
+    return kube.write_kubeconfig(
+        tmp_path / "admin-kubeconfig", namespace=NS, token=kube.admin_token, user="admin"
+    )
 
 
 @pytest.fixture
@@ -141,8 +173,12 @@ async def test_create_sets_data_labels_annotations_type_and_extra_keys(
         "gooclaim.expires_at": rfc3339(token.expires_at),
         "gooclaim.token_type": "DPoP",
     }
-    # One apply that created the Secret, owned by this key's own field manager.
-    assert [c.status for c in kube.calls(resource="secrets")] == [201]
+    # A read (absent: no precondition), then one apply that created the Secret, owned by
+    # this key's own field manager.
+    assert [(c.method, c.status) for c in kube.calls(resource="secrets")] == [
+        ("GET", 404),
+        ("PATCH", 201),
+    ]
     owners = kube.managers("secrets", NS, SECRET)
     assert set(owners) == {"refresher/gooclaim"}
     assert ".data.gooclaim" in owners["refresher/gooclaim"]
@@ -325,6 +361,11 @@ async def test_timeout_is_a_sink_error(kube, kubeconfig, make_token) -> None:
 async def test_missing_namespace_is_a_config_level_error(
     kube, kubeconfig, clients, make_token
 ) -> None:
+    # Allowed everywhere (a ClusterRole), so the namespace check is what answers.
+    kube.grant(
+        kube.tokens[kube.token].user,
+        [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "patch", "create"]}],
+    )
     s = sink(kubeconfig, clients, namespace="nope")
     assert s.target == f"secret/nope/{SECRET}#gooclaim"
     with pytest.raises(KubernetesSinkError, match='namespace "nope" does not exist') as caught:
@@ -473,6 +514,7 @@ async def test_in_cluster_config_follows_service_account_token_rotation(
     make_emulator, clock, tmp_path, monkeypatch, make_token
 ) -> None:
     kube = make_emulator(KubernetesEmulator, namespaces=[NS], clock=clock, tls=True)
+    install_chart_rbac(kube, CHART_CONFIG)
     account = tmp_path / "serviceaccount"
     env = kube.write_service_account(account, namespace=NS)
     for name, value in env.items():
@@ -516,8 +558,10 @@ def test_token_auth_rereads_the_file_when_it_changes(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- emulator protocol
 
 
-async def test_emulator_speaks_status_errors_and_resource_versions(kube, kubeconfig) -> None:
-    async with AsyncClient(KubeConfig.from_file(kubeconfig)) as client:
+async def test_emulator_speaks_status_errors_and_resource_versions(
+    kube, kubeconfig, admin_kubeconfig
+) -> None:
+    async with AsyncClient(KubeConfig.from_file(admin_kubeconfig)) as client:
         with pytest.raises(ApiError) as missing:
             await client.get(Secret, "nothing", namespace=NS)
         assert missing.value.status.code == 404
@@ -607,7 +651,7 @@ class Replica:
 
 def elector(kubeconfig: Path, clients: KubeClients, clock: ManualClock, identity: str) -> Replica:
     config = LeaderElectionConfig(enabled=True, kubeconfig=kubeconfig, identity=identity)
-    return Replica(LeaderElector(config, clients=clients, clock=clock), clock)
+    return Replica(LeaderElector(config, clients=clients, clock=clock, rng=NoJitter()), clock)
 
 
 async def settle(replicas: list[Replica]) -> None:
@@ -668,12 +712,14 @@ async def test_killed_leader_is_replaced_after_the_lease_expires(
         assert not a.elector.is_leader()
         assert a.changes[-1][1] is False
 
+        # The follower counts the lease from when it saw the last renewal (within one
+        # retry period of it), and notices expiry at its next retry.
         while not b.elector.is_leader():
-            assert clock.now() <= renewed_at + 15 + 2, "follower did not take over in time"
+            assert clock.now() <= renewed_at + 2 + 15 + 2, "follower did not take over in time"
             await advance(clock, [a, b], 0.5)
         took_over = b.changes[-1]
         assert took_over[1] is True
-        assert renewed_at + 15 < took_over[0] <= renewed_at + 15 + 2  # lease + retry
+        assert renewed_at + 15 < took_over[0] <= renewed_at + 2 + 15 + 2
         lease = kube.lease(NS, "refresher")
         assert lease["spec"]["holderIdentity"] == "pod-b"
         assert lease["spec"]["leaseTransitions"] == 1

@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import pytest
 
 from refresher.emulators.kubernetes import KubernetesEmulator
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, get_json, wait_for
+from tests.kube_rbac import SERVICE_ACCOUNT, install_chart_rbac
 
 pytestmark = pytest.mark.anyio
 NS = "apps"
@@ -23,22 +25,50 @@ def kube(make_emulator, clock) -> KubernetesEmulator:
     return make_emulator(KubernetesEmulator, namespaces=[NS], clock=clock)
 
 
-def config(oauth2, kube: KubernetesEmulator, tmp_path: Path, identity: str, *, leader: bool) -> dict[str, Any]:
-    kube.add_token(f"sa-token-{identity}", identity)
-    kubeconfig = kube.write_kubeconfig(tmp_path / f"kubeconfig-{identity}", namespace=NS,
-                                       token=f"sa-token-{identity}", user=identity)
+def config(
+    oauth2, kube: KubernetesEmulator, tmp_path: Path, identity: str, *, leader: bool
+) -> dict[str, Any]:
+    """A replica's config; every replica runs as the chart's service account, with the
+    chart's RBAC for this config (each replica has its own token, as pods do)."""
+    kube.add_token(f"sa-token-{identity}", SERVICE_ACCOUNT)
+    kubeconfig = kube.write_kubeconfig(
+        tmp_path / f"kubeconfig-{identity}",
+        namespace=NS,
+        token=f"sa-token-{identity}",
+        user=identity,
+    )
     data: dict[str, Any] = {
-        "jobs": [{
-            "name": "api",
-            "provider": {"kind": "oauth2", "token_url": oauth2.token_url, "client_id": CLIENT_ID,
-                         "client_secret": CLIENT_SECRET},
-            "sinks": [{"kind": "kubernetes", "namespace": NS, "secret": "partner-tokens", "key": "api",
-                       "kubeconfig": str(kubeconfig), "extra_keys": ["expires_at"]}],
-        }],
+        "jobs": [
+            {
+                "name": "api",
+                "provider": {
+                    "kind": "oauth2",
+                    "token_url": oauth2.token_url,
+                    "client_id": CLIENT_ID,
+                    "client_secret": CLIENT_SECRET,
+                },
+                "sinks": [
+                    {
+                        "kind": "kubernetes",
+                        "namespace": NS,
+                        "secret": "partner-tokens",
+                        "key": "api",
+                        "kubeconfig": str(kubeconfig),
+                        "extra_keys": ["expires_at"],
+                    }
+                ],
+            }
+        ],
     }
     if leader:
-        data["leader_election"] = {"enabled": True, "namespace": NS, "lease_name": "refresher",
-                                   "identity": identity, "kubeconfig": str(kubeconfig)}
+        data["leader_election"] = {
+            "enabled": True,
+            "namespace": NS,
+            "lease_name": "refresher",
+            "identity": identity,
+            "kubeconfig": str(kubeconfig),
+        }
+    install_chart_rbac(kube, data)
     return data
 
 
@@ -50,11 +80,24 @@ async def advance_to(clock, moment: float, leader) -> None:
         await wait_for(lambda: clock.now() - leader.elector._renewed_at <= 2.0 + 1e-6)
 
 
-def secret_writes(kube: KubernetesEmulator, user: str) -> int:
-    return sum(1 for r in kube.calls(resource="secrets") if r.method in ("PATCH", "POST", "PUT") and r.client == user)
+async def post(daemon, path: str) -> httpx2.Response:
+    async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{daemon.port}") as client:
+        return await client.post(path)
 
 
-async def test_secret_kept_fresh_and_restart_does_not_mint(start_daemon, oauth2_emulator, kube, clock, tmp_path) -> None:
+def secret_writes(kube: KubernetesEmulator, identity: str) -> int:
+    """Writes sent with `identity`'s token (a replica's own service-account token)."""
+    bearer = f"Bearer sa-token-{identity}"
+    return sum(
+        1
+        for r in kube.calls(resource="secrets")
+        if r.method in ("PATCH", "POST", "PUT") and r.headers.get("authorization") == bearer
+    )
+
+
+async def test_secret_kept_fresh_and_restart_does_not_mint(
+    start_daemon, oauth2_emulator, kube, clock, tmp_path
+) -> None:
     cfg = config(oauth2_emulator, kube, tmp_path, "pod-a", leader=False)
     async with start_daemon(cfg) as daemon:
         rt = daemon.scheduler.jobs[("api", None)]
@@ -64,7 +107,10 @@ async def test_secret_kept_fresh_and_restart_does_not_mint(start_daemon, oauth2_
         assert data["api"] == rt.token.value and "api.expires_at" in data
         secret = kube.secret(NS, "partner-tokens")
         assert secret["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "refresher"
-        assert secret["metadata"]["annotations"]["refresher.io/api.fingerprint"] == rt.token.fingerprint()
+        assert (
+            secret["metadata"]["annotations"]["refresher.io/api.fingerprint"]
+            == rt.token.fingerprint()
+        )
         await clock.set(rt.next_refresh_at)
         await wait_for(lambda: oauth2_emulator.count() == 2 and rt.inflight is None)
         assert kube.secret_data(NS, "partner-tokens")["api"] == rt.token.value
@@ -73,12 +119,16 @@ async def test_secret_kept_fresh_and_restart_does_not_mint(start_daemon, oauth2_
         assert oauth2_emulator.count() == 2, "restart re-minted a token the Secret still holds"
 
 
-async def test_two_replicas_one_writer_and_takeover_without_re_mint(start_daemon, oauth2_emulator, kube, clock, tmp_path) -> None:
+async def test_two_replicas_one_writer_followers_refuse_forced_refreshes_and_takeover_without_re_mint(
+    start_daemon, oauth2_emulator, kube, clock, tmp_path
+) -> None:
     daemons: dict[str, Any] = {}
     stops = {"pod-a": anyio.Event(), "pod-b": anyio.Event()}
 
     async def replica(identity: str) -> None:
-        async with start_daemon(config(oauth2_emulator, kube, tmp_path, identity, leader=True)) as daemon:
+        async with start_daemon(
+            config(oauth2_emulator, kube, tmp_path, identity, leader=True)
+        ) as daemon:
             daemons[identity] = daemon
             await stops[identity].wait()
 
@@ -97,12 +147,22 @@ async def test_two_replicas_one_writer_and_takeover_without_re_mint(start_daemon
         assert status == 200 and body["role"] == "follower"
         assert "refresher_is_leader 0.0" in (await get_json(b, "/metrics"))[1]
         assert "refresher_is_leader 1.0" in (await get_json(a, "/metrics"))[1]
+        # Behind the Service, consumers reach the follower too: it refuses to mint or
+        # write, names the leader, and says when to retry.
+        refused = await post(b, "/v1/tokens/api/refresh")
+        assert refused.status_code == 503
+        assert refused.json() == {"error": "not the leader", "leader": "pod-a"}
+        assert refused.headers["retry-after"] == "2"
+        assert oauth2_emulator.count() == 1 and secret_writes(kube, "pod-b") == 0
         for cycle in range(1, 4):  # three refresh cycles: only the leader writes
             await advance_to(clock, rt_a.next_refresh_at, a)
-            await wait_for(lambda c=cycle: oauth2_emulator.count() == 1 + c and rt_a.inflight is None)
+            await wait_for(
+                lambda c=cycle: oauth2_emulator.count() == 1 + c and rt_a.inflight is None
+            )
         assert secret_writes(kube, "pod-a") >= 3 and secret_writes(kube, "pod-b") == 0
         mints = oauth2_emulator.count()
         assert mints == 4
+
         # Kill the leader: no lease release, it just stops.
         async def no_release() -> None:
             return None
@@ -112,8 +172,12 @@ async def test_two_replicas_one_writer_and_takeover_without_re_mint(start_daemon
         stops["pod-a"].set()
         await wait_for(lambda: a.scheduler.is_active() is False)
         while not b.elector.is_leader():
-            # lease 15 s + one 2 s retry period, + one step of slack for the HTTP round trip
-            assert clock.now() - killed_at <= 19.5, "follower did not take over within lease + retry"
+            # the follower saw the last renewal within one jittered retry period (up to
+            # 2 s x 2.2) and takes over at the first retry after lease 15 s from then,
+            # + one step of slack for the HTTP round trip
+            assert clock.now() - killed_at <= 4.4 + 15 + 4.4 + 0.5, (
+                "follower did not take over in time"
+            )
             await clock.advance(0.5)
             await anyio.sleep(0.05)
         took_over = clock.now() - killed_at
@@ -126,4 +190,8 @@ async def test_two_replicas_one_writer_and_takeover_without_re_mint(start_daemon
         await wait_for(lambda: oauth2_emulator.count() == mints + 1 and rt_b.inflight is None)
         assert secret_writes(kube, "pod-b") >= 1
         assert kube.secret_data(NS, "partner-tokens")["api"] == rt_b.token.value
+        # The new leader takes forced refreshes.
+        assert (await post(b, "/v1/tokens/api/refresh")).status_code == 200
+        assert kube.secret_data(NS, "partner-tokens")["api"] == rt_b.token.value
+        assert oauth2_emulator.count() == mints + 2
         stops["pod-b"].set()

@@ -9,21 +9,22 @@ exactly as to a kube-apiserver:
 * ``/apis/coordination.k8s.io/v1/namespaces/{ns}/leases[/{name}]`` — the same verbs.
 * ``/api/v1/namespaces/{name}`` (GET) and ``/version``.
 
-Behaviour that matters for refresher is modelled faithfully: bearer-token
-authentication (401), ``resourceVersion`` that moves on every real change, 409 on a
-stale ``resourceVersion``, 404 for a missing object or (on create) a missing
-namespace, Secret validation (data keys, base64, immutable ``type``), strict
-``MicroTime`` parsing on Leases, ``Status`` error bodies, and server-side apply field
-ownership per field manager at the granularity of data keys, labels, annotations
-and top-level/spec fields — enough that two appliers with distinct keys, and a third
-tool writing with PUT or a merge patch, never clobber each other, while a field an
-applier stops applying is removed when nobody else owns it. Managed fields are
-reported in ``metadata.managedFields`` in the real ``FieldsV1`` shape.
+It holds the code to the API server's rules, each taken from the apiserver,
+apimachinery and client-go sources: bearer-token authentication (401); API Priority
+and Fairness throttling as plain text with ``Retry-After`` (`throttle`); RBAC as an
+allow-list of Role/RoleBinding rules (`apply_rbac`, `grant`), including the
+``create`` check an apply or a Lease PUT makes when it creates, worded as the
+configured `version` words it; ``resourceVersion`` preconditions (409), Lease
+updates that must carry one (422); Secret validation (data keys, size, the keys each
+built-in ``type`` requires, immutable ``type``); server-side apply field ownership
+per field manager, in ``metadata.managedFields``, with no-op applies that change
+nothing. docs/kubernetes-emulator.md lists every rule, its source, its test, and
+what is not modelled.
 
-Fault injection: `forbid` (403 per verb+resource, like a missing RBAC rule), `fail`
-(one-shot or counted errors: 409, 429, 500, 503 …, optionally only for one
-verb/resource, optionally slow), `revoke_token`. Every request lands in
-`requests` (see `calls`).
+Fault injection: `forbid` (403 per verb+resource on top of RBAC), `fail` (one-shot
+or counted errors: 409, 429, 500, 503 …, optionally only for one verb/resource,
+optionally slow), `throttle`, `revoke_token`. Every request lands in `requests`
+(see `calls`), stamped with the moment it arrived.
 
 The optional TLS mode (``tls=True``) serves HTTPS with a throw-away CA, so the
 in-cluster path (``KUBERNETES_SERVICE_HOST``, service-account ``ca.crt`` and
@@ -51,7 +52,7 @@ import yaml
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from refresher.emulators.base import Emulator, RecordedRequest
@@ -79,6 +80,15 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 _CONFIG_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+_CONFIG_KEY_MESSAGE = (
+    "a valid config key must consist of alphanumeric characters, '-', '_' or '.' "
+    "(e.g. 'key.name',  or 'KEY_NAME',  or 'key-name', regex used for validation is "
+    "'[-._a-zA-Z0-9]+')"
+)
+#: core.MaxSecretSize: the decoded bytes of all data values together.
+MAX_SECRET_SIZE = 1 << 20
+#: The group every authorizer lets through (kube-apiserver's privileged group).
+SYSTEM_MASTERS = "system:masters"
 _MICRO_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d\d)$")
 _MICRO_LAYOUT = "2006-01-02T15:04:05.000000Z07:00"
 _MISSING = object()
@@ -92,6 +102,10 @@ class ResourceKind:
     kind: str
     group: str
     version: str
+    #: The registry strategy: a PUT to an absent object creates it (Lease: yes) ...
+    create_on_update: bool = False
+    #: ... and a PUT without metadata.resourceVersion is allowed (Lease: no, 422).
+    unconditional_update: bool = True
 
     @property
     def api_version(self) -> str:
@@ -104,7 +118,28 @@ class ResourceKind:
 
 
 SECRETS = ResourceKind("secrets", "Secret", "", "v1")
-LEASES = ResourceKind("leases", "Lease", "coordination.k8s.io", "v1")
+LEASES = ResourceKind(
+    "leases",
+    "Lease",
+    "coordination.k8s.io",
+    "v1",
+    create_on_update=True,
+    unconditional_update=False,
+)
+#: Metadata a client sets and the server keeps (everything else there is the server's).
+_USER_META = ("labels", "annotations", "ownerReferences", "finalizers")
+
+
+@dataclass(frozen=True)
+class Held:
+    """A request `hold` keeps on the server: `arrived` once it is there; processed
+    once `release()`d."""
+
+    arrived: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)
+
+    def release(self) -> None:
+        self.released.set()
 
 
 @dataclass
@@ -119,11 +154,68 @@ class KubeFault:
     delay: float = 0.0
     #: Answer normally after `delay` (a slow but successful response).
     passthrough: bool = False
+    #: Seconds for ``Retry-After`` (and a Status's ``retryAfterSeconds``), if any.
+    retry_after: int | None = None
+    #: API Priority and Fairness: a plain-text 429 before authorization, not a Status.
+    apf: bool = False
+    #: Hold the request (already received, not yet processed) until this is set.
+    held: Held | None = None
 
     def matches(self, verb: str, resource: str) -> bool:
         return (self.verb is None or self.verb == verb) and (
             self.resource is None or self.resource == resource
         )
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a bearer token authenticates as."""
+
+    user: str
+    groups: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class PolicyRule:
+    """One RBAC rule (``rbac.authorization.k8s.io/v1`` PolicyRule, resource part)."""
+
+    verbs: frozenset[str]
+    api_groups: frozenset[str]
+    resources: frozenset[str]
+    resource_names: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, rule: Mapping[str, Any]) -> PolicyRule:
+        return cls(
+            verbs=frozenset(rule.get("verbs") or ()),
+            api_groups=frozenset(rule.get("apiGroups") or ()),
+            resources=frozenset(rule.get("resources") or ()),
+            resource_names=frozenset(rule.get("resourceNames") or ()),
+        )
+
+    def allows(self, verb: str, group: str, resource: str, name: str | None) -> bool:
+        """The apiserver's RuleAllows: every part matches (``*`` matches anything;
+        ``resourceNames`` match only requests that carry one of those names)."""
+        return (
+            ("*" in self.verbs or verb in self.verbs)
+            and ("*" in self.api_groups or group in self.api_groups)
+            and ("*" in self.resources or resource in self.resources)
+            and (not self.resource_names or (name or "") in self.resource_names)
+        )
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Rules bound to a subject (a user or a group), in one namespace or cluster-wide."""
+
+    subject: str
+    rules: tuple[PolicyRule, ...]
+    namespace: str | None = None
+    group: bool = False
+
+    def applies(self, identity: Identity, namespace: str) -> bool:
+        who = self.subject in identity.groups if self.group else self.subject == identity.user
+        return who and (self.namespace is None or self.namespace == namespace)
 
 
 @dataclass
@@ -177,9 +269,28 @@ def status_body(
 
 
 def status_response(problem: ApiProblem) -> JSONResponse:
+    headers = {}
+    wait = (problem.details or {}).get("retryAfterSeconds")
+    if wait:  # as the apiserver's ErrorNegotiated: the Status's delay as a header too
+        headers["Retry-After"] = str(wait)
     return JSONResponse(
         status_body(problem.code, problem.message, reason=problem.reason, details=problem.details),
         status_code=problem.code,
+        headers=headers,
+    )
+
+
+def _apf_rejection(fault: KubeFault) -> Response:
+    """API Priority and Fairness's rejection: Go's http.Error, not a Status."""
+    return PlainTextResponse(
+        "Too many requests, please try again later.\n",
+        status_code=429,
+        headers={
+            "Retry-After": str(fault.retry_after or 1),
+            "X-Content-Type-Options": "nosniff",
+            "X-Kubernetes-PF-FlowSchema-UID": "emulator-flow-schema",
+            "X-Kubernetes-PF-PriorityLevel-UID": "emulator-priority-level",
+        },
     )
 
 
@@ -188,6 +299,12 @@ class KubernetesEmulator(Emulator):
 
     A bearer token (``token``, random by default) is accepted for the user
     ``system:serviceaccount:<namespace>:refresher``; add more with `add_token`.
+    `admin_token` authenticates a member of ``system:masters`` (allowed everything).
+
+    With `rbac` (the default) every other user may do only what RBAC rules bound to
+    it allow (`apply_rbac`, `grant`): nothing until a test grants it. ``rbac=False``
+    allows everything (demos). `version` (``"1.33"``) is what ``/version`` reports
+    and decides version-specific wording.
     """
 
     name = "kubernetes"
@@ -198,6 +315,8 @@ class KubernetesEmulator(Emulator):
         namespaces: Iterable[str] | None = None,
         token: str | None = None,
         user: str | None = None,
+        rbac: bool = True,
+        version: str = "1.33",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -205,7 +324,12 @@ class KubernetesEmulator(Emulator):
         self.objects: dict[tuple[str, str, str], _Stored] = {}
         self.kube_faults: list[KubeFault] = []
         self.forbidden: set[tuple[str, str, str | None, str | None]] = set()
-        self.tokens: dict[str, str] = {}
+        self.tokens: dict[str, Identity] = {}
+        self.rbac = rbac
+        self.grants: list[Grant] = []
+        self._held: list[Held] = []
+        major, _, minor = version.partition(".")
+        self.version = (int(major), int(minor))
         self._rv = 1000
         #: Guards the API state (objects, namespaces, rules, tokens); re-entrant because
         #: apply-create authorizes "create" while holding it. Base `_lock` guards the log.
@@ -213,6 +337,8 @@ class KubernetesEmulator(Emulator):
         first_ns = sorted(self.namespaces)[0] if self.namespaces else "default"
         self.token = token or f"kube-sa-{secrets.token_urlsafe(24)}"
         self.add_token(self.token, user or f"system:serviceaccount:{first_ns}:refresher")
+        self.admin_token = f"kube-admin-{secrets.token_urlsafe(24)}"
+        self.add_token(self.admin_token, "kubernetes-admin", groups=[SYSTEM_MASTERS])
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -235,6 +361,9 @@ class KubernetesEmulator(Emulator):
         return app
 
     def stop(self) -> None:
+        with self._state:
+            for held in self._held:
+                held.release()  # let held requests finish
         if self._server is not None:
             # Skip uvicorn's graceful wait for idle keep-alive connections: an
             # emulator going away may drop them (clients see a closed connection).
@@ -243,12 +372,58 @@ class KubernetesEmulator(Emulator):
 
     # ---------------------------------------------------------------- test controls
 
-    def add_token(self, token: str, user: str) -> None:
-        """Accept `token` as a bearer credential for `user`."""
+    def add_token(self, token: str, user: str, *, groups: Iterable[str] = ()) -> None:
+        """Accept `token` as a bearer credential for `user` (a member of `groups`)."""
         with self._state:
-            self.tokens[token] = user
+            self.tokens[token] = Identity(user, frozenset(groups))
         with self._lock:
             self.issued.append(token)  # the leak guard checks logs never show it
+
+    def grant(
+        self,
+        subject: str,
+        rules: Iterable[Mapping[str, Any]],
+        *,
+        namespace: str | None = None,
+        group: bool = False,
+    ) -> None:
+        """Bind RBAC `rules` (PolicyRule dicts) to a user (or a group), in `namespace`
+        (a Role + RoleBinding) or cluster-wide (None: a ClusterRole + binding)."""
+        grant = Grant(subject, tuple(PolicyRule.of(r) for r in rules), namespace, group)
+        with self._state:
+            self.grants.append(grant)
+
+    def apply_rbac(self, manifests: Iterable[Mapping[str, Any]]) -> int:
+        """Install Roles, ClusterRoles and their bindings as a cluster would (e.g. what a
+        Helm chart renders); other kinds are ignored. Returns the bindings installed."""
+        roles: dict[tuple[str, str | None], list[Mapping[str, Any]]] = {}
+        bindings = []
+        for manifest in manifests:
+            kind = manifest.get("kind")
+            meta = manifest.get("metadata") or {}
+            if kind in ("Role", "ClusterRole"):
+                scope = meta.get("namespace") if kind == "Role" else None
+                roles[(f"{kind}/{meta.get('name')}", scope)] = list(manifest.get("rules") or [])
+            elif kind in ("RoleBinding", "ClusterRoleBinding"):
+                bindings.append(manifest)
+        installed = 0
+        for binding in bindings:
+            meta = binding.get("metadata") or {}
+            namespace = meta.get("namespace") if binding["kind"] == "RoleBinding" else None
+            ref = binding.get("roleRef") or {}
+            scope = namespace if ref.get("kind") == "Role" else None
+            rules = roles.get((f"{ref.get('kind')}/{ref.get('name')}", scope))
+            if rules is None:
+                raise ValueError(f"{binding['kind']} {meta.get('name')!r}: no role {ref!r}")
+            for subject in binding.get("subjects") or []:
+                if subject.get("kind") == "ServiceAccount":
+                    sa_ns = subject.get("namespace") or namespace
+                    who, group = f"system:serviceaccount:{sa_ns}:{subject['name']}", False
+                else:
+                    who, group = subject["name"], subject.get("kind") == "Group"
+                self.grant(who, rules, namespace=namespace, group=group)
+                installed += 1
+        return installed
 
     def revoke_token(self, token: str) -> None:
         with self._state:
@@ -301,6 +476,28 @@ class KubernetesEmulator(Emulator):
                 )
             )
 
+    def throttle(
+        self,
+        count: int = 1,
+        *,
+        retry_after: int = 1,
+        verb: str | None = None,
+        resource: str | None = None,
+    ) -> None:
+        """API Priority and Fairness rejects the next `count` matching requests: 429,
+        ``text/plain``, ``Retry-After``, before authorization (not a Status)."""
+        with self._state:
+            self.kube_faults.append(
+                KubeFault(
+                    status=429,
+                    count=count,
+                    verb=verb,
+                    resource=resource,
+                    retry_after=retry_after,
+                    apf=True,
+                )
+            )
+
     def slow(
         self,
         seconds: float,
@@ -311,6 +508,17 @@ class KubernetesEmulator(Emulator):
     ) -> None:
         """Answer the next `count` matching requests normally, but `seconds` late."""
         self.fail(200, count=count, verb=verb, resource=resource, delay=seconds, passthrough=True)
+
+    def hold(self, *, verb: str | None = None, resource: str | None = None) -> Held:
+        """Keep the next matching request on the server, unprocessed, until released
+        (a request in flight while the world moves on)."""
+        held = Held()
+        with self._state:
+            self._held.append(held)
+            self.kube_faults.append(
+                KubeFault(status=200, verb=verb, resource=resource, passthrough=True, held=held)
+            )
+        return held
 
     def conflict(self, count: int = 1, *, verb: str = "patch", resource: str = "secrets") -> None:
         """One-shot 409s: "the object has been modified" for the next `count` writes."""
@@ -463,8 +671,13 @@ class KubernetesEmulator(Emulator):
     # ---------------------------------------------------------------- HTTP entry points
 
     async def _version(self, request: Request) -> Response:
+        major, minor = self.version
         return JSONResponse(
-            {"major": "1", "minor": "33", "gitVersion": "v1.33.0-refresher-emulator"}
+            {
+                "major": str(major),
+                "minor": str(minor),
+                "gitVersion": f"v{major}.{minor}.0-refresher-emulator",
+            }
         )
 
     async def _namespace(self, request: Request) -> Response:
@@ -501,34 +714,75 @@ class KubernetesEmulator(Emulator):
         return status_response(ApiProblem(code, message))
 
     async def _serve(self, request: Request, kind: ResourceKind) -> Response:
+        arrived = self.clock.now()
         body = await request.body()
         namespace = request.path_params["namespace"]
         name: str | None = request.path_params.get("name")
         verb = _verb(request.method, name)
-        user = self._authenticate(request)
+        identity = self._authenticate(request)
+        response: Response
         try:
-            if user is None:
+            if identity is None:
                 raise ApiProblem(401, "Unauthorized")
-            if name is None and verb not in ("list", "create"):
-                raise ApiProblem(405, f"the emulator does not support {verb} on a collection")
-            self._authorize(user, verb, kind, namespace, name)
-            fault = self._take_fault(verb, kind.plural)
-            if fault is not None:
-                if fault.delay:
-                    await asyncio.sleep(fault.delay)
-                if not fault.passthrough:
-                    raise self._fault_problem(fault, kind, name)
-            response = self._dispatch(
-                request, body, kind=kind, verb=verb, user=user, namespace=namespace, name=name
-            )
+            # The filter chain's order: authentication, API Priority and Fairness,
+            # authorization, then the handler.
+            throttled = self._take_fault(verb, kind.plural, apf=True)
+            if throttled is not None:
+                response = _apf_rejection(throttled)
+            else:
+                if name is None and verb not in ("list", "create"):
+                    raise ApiProblem(405, f"the emulator does not support {verb} on a collection")
+                self._authorize(identity, verb, kind, namespace, name)
+                fault = self._take_fault(verb, kind.plural)
+                if fault is not None:
+                    if fault.held is not None:
+                        fault.held.arrived.set()
+                        loop = asyncio.get_running_loop()
+                        await loop.run_in_executor(None, fault.held.released.wait, 30.0)
+                    if fault.delay:
+                        await asyncio.sleep(fault.delay)
+                    if not fault.passthrough:
+                        raise self._fault_problem(fault, kind, name)
+                response = self._dispatch(
+                    request,
+                    body,
+                    kind=kind,
+                    verb=verb,
+                    identity=identity,
+                    namespace=namespace,
+                    name=name,
+                )
         except ApiProblem as problem:
             response = status_response(problem)
-        self.record(request, body, response.status_code, user)
+        self._record(request, body, response.status_code, identity, arrived)
         return response
+
+    def _record(
+        self,
+        request: Request,
+        body: bytes,
+        status: int,
+        identity: Identity | None,
+        arrived: float,
+    ) -> None:
+        """Log a request at the moment it arrived (a slow answer is still stamped
+        with when it was sent)."""
+        entry = RecordedRequest(
+            at=arrived,
+            method=request.method,
+            path=request.url.path,
+            query=request.url.query,
+            headers={k.lower(): v for k, v in request.headers.items()},
+            body=body,
+            status=status,
+            client=identity.user if identity is not None else None,
+        )
+        with self._lock:
+            self.requests.append(entry)
 
     # ---------------------------------------------------------------- auth and faults
 
-    def _authenticate(self, request: Request) -> str | None:
+    def _authenticate(self, request: Request) -> Identity | None:
         header = request.headers.get("authorization", "")
         scheme, _, credential = header.partition(" ")
         if scheme.lower() != "bearer" or not credential:
@@ -536,31 +790,62 @@ class KubernetesEmulator(Emulator):
         with self._state:
             return self.tokens.get(credential.strip())
 
-    def _authorize(
-        self, user: str, verb: str, kind: ResourceKind, namespace: str, name: str | None
-    ) -> None:
+    def allowed(
+        self, identity: Identity, verb: str, kind: ResourceKind, namespace: str, name: str | None
+    ) -> bool:
+        """What the authorizer decides: `forbid` rules deny, ``system:masters`` may do
+        anything, otherwise (with `rbac`) some bound rule must allow the request."""
         with self._state:
-            denied = any(
+            if any(
                 rule_verb == verb
                 and rule_resource == kind.plural
                 and (rule_ns is None or rule_ns == namespace)
                 and (rule_name is None or rule_name == name)
                 for rule_verb, rule_resource, rule_ns, rule_name in self.forbidden
+            ):
+                return False
+            if not self.rbac or SYSTEM_MASTERS in identity.groups:
+                return True
+            return any(
+                rule.allows(verb, kind.group, kind.plural, name)
+                for grant in self.grants
+                if grant.applies(identity, namespace)
+                for rule in grant.rules
             )
-        if not denied:
+
+    def _authorize(
+        self,
+        identity: Identity,
+        verb: str,
+        kind: ResourceKind,
+        namespace: str,
+        name: str | None,
+        *,
+        in_handler: bool = False,
+    ) -> None:
+        """403 unless allowed. `in_handler`: the ``create`` check an apply or a PUT
+        makes when the object is absent, which Kubernetes <= 1.31 words without the
+        user and verb (``secrets "x" is forbidden: ``)."""
+        if self.allowed(identity, verb, kind, namespace, name):
             return
         what = f'{kind.qualified} "{name}"' if name else kind.qualified
+        if in_handler and self.version < (1, 32):
+            message = f"{what} is forbidden: "
+        else:
+            message = (
+                f'{what} is forbidden: User "{identity.user}" cannot {verb} resource '
+                f'"{kind.plural}" in API group "{kind.group}" in the namespace "{namespace}"'
+            )
         raise ApiProblem(
             403,
-            f'{what} is forbidden: User "{user}" cannot {verb} resource "{kind.plural}" '
-            f'in API group "{kind.group}" in the namespace "{namespace}"',
+            message,
             details={"name": name or "", "group": kind.group, "kind": kind.plural},
         )
 
-    def _take_fault(self, verb: str, resource: str) -> KubeFault | None:
+    def _take_fault(self, verb: str, resource: str, *, apf: bool = False) -> KubeFault | None:
         with self._state:
             for fault in self.kube_faults:
-                if fault.matches(verb, resource):
+                if fault.apf == apf and fault.matches(verb, resource):
                     fault.count -= 1
                     if fault.count <= 0:
                         self.kube_faults.remove(fault)
@@ -578,7 +863,7 @@ class KubernetesEmulator(Emulator):
             )
         elif fault.status == 429:
             message = "Too many requests, please try again later."
-            details["retryAfterSeconds"] = 1
+            details["retryAfterSeconds"] = fault.retry_after or 1
         elif fault.status == 504:
             message = "The request did not complete in time"
         else:
@@ -594,7 +879,7 @@ class KubernetesEmulator(Emulator):
         *,
         kind: ResourceKind,
         verb: str,
-        user: str,
+        identity: Identity,
         namespace: str,
         name: str | None,
     ) -> Response:
@@ -615,7 +900,10 @@ class KubernetesEmulator(Emulator):
                 return JSONResponse(self._render(self._require(kind, namespace, name)))
             if verb == "update":
                 obj = _parse_json(body, kind)
-                return JSONResponse(self._update(kind, namespace, name, obj, manager))
+                result, created = self._update(
+                    kind, namespace, name, obj, manager, identity=identity
+                )
+                return JSONResponse(result, status_code=201 if created else 200)
             if verb == "delete":
                 stored = self._require(kind, namespace, name)
                 del self.objects[(kind.plural, namespace, stored.obj["metadata"]["name"])]
@@ -643,7 +931,7 @@ class KubernetesEmulator(Emulator):
                 force = params.get("force", "false").lower() == "true"
                 applied = _parse_yaml(body)
                 obj, created = self._apply(
-                    kind, namespace, name, applied, manager=manager, force=force, user=user
+                    kind, namespace, name, applied, manager=manager, force=force, identity=identity
                 )
                 return JSONResponse(obj, status_code=201 if created else 200)
             if content_type in (
@@ -705,24 +993,67 @@ class KubernetesEmulator(Emulator):
         return self._render(stored)
 
     def _update(
-        self, kind: ResourceKind, namespace: str, name: str, obj: dict[str, Any], manager: str
-    ) -> dict[str, Any]:
-        stored = self._require(kind, namespace, name)
+        self,
+        kind: ResourceKind,
+        namespace: str,
+        name: str,
+        obj: dict[str, Any],
+        manager: str,
+        *,
+        identity: Identity,
+    ) -> tuple[dict[str, Any], bool]:
         meta = obj.get("metadata") or {}
-        if meta.get("name") != name:
+        if not isinstance(meta, dict) or meta.get("name") != name:
             raise ApiProblem(400, "the name of the object does not match the name on the URL")
-        self._check_resource_version(stored, meta.get("resourceVersion"), name)
+        if meta.get("namespace") not in (None, namespace):
+            raise ApiProblem(
+                400,
+                "the namespace of the provided object does not match the namespace sent on the "
+                "request",
+            )
+        stored = self.objects.get((kind.plural, namespace, name))
+        if stored is None:
+            if not kind.create_on_update:
+                raise _not_found(kind, name)
+            # A Lease may be created with a PUT, authorized as "create" as well.
+            self._check_namespace_exists(namespace)
+            self._authorize(identity, "create", kind, namespace, name, in_handler=True)
+            created = self._insert(
+                kind,
+                namespace,
+                name,
+                _strip_system(obj, keep_meta=("name", *_USER_META)),
+                manager=manager,
+                operation="Update",
+            )
+            return self._render(created), True
+        wanted = meta.get("resourceVersion")
+        if not wanted and not kind.unconditional_update:
+            raise ApiProblem(
+                422,
+                f'{kind.qualified} "{name}" is invalid: metadata.resourceVersion: Invalid value: '
+                "0: must be specified for an update",
+                details={
+                    "name": name,
+                    "group": kind.group,
+                    "kind": kind.plural,
+                    "causes": [
+                        {
+                            "reason": "FieldValueInvalid",
+                            "message": "Invalid value: 0: must be specified for an update",
+                            "field": "metadata.resourceVersion",
+                        }
+                    ],
+                },
+            )
+        self._check_resource_version(stored, wanted, name)
         new = _strip_system(obj)
         new["metadata"] = {
             **_system_meta(stored.obj),
-            **{
-                k: v
-                for k, v in (obj.get("metadata") or {}).items()
-                if k in ("labels", "annotations")
-            },
+            **{k: v for k, v in meta.items() if k in _USER_META},
         }
         self._commit_update(stored, new, manager)
-        return self._render(stored)
+        return self._render(stored), False
 
     def _merge(
         self, kind: ResourceKind, namespace: str, name: str, patch: dict[str, Any], manager: str
@@ -733,14 +1064,10 @@ class KubernetesEmulator(Emulator):
             self._check_resource_version(stored, meta.get("resourceVersion"), name)
             if meta.get("name") not in (None, name):
                 raise ApiProblem(400, "the name of the object does not match the name on the URL")
-        new = _merge_patch(stored.obj, _strip_system(patch, keep_meta=("labels", "annotations")))
+        new = _merge_patch(stored.obj, _strip_system(patch, keep_meta=_USER_META))
         new["metadata"] = {
             **_system_meta(stored.obj),
-            **{
-                k: v
-                for k, v in (new.get("metadata") or {}).items()
-                if k in ("labels", "annotations")
-            },
+            **{k: v for k, v in (new.get("metadata") or {}).items() if k in _USER_META},
         }
         self._commit_update(stored, new, manager)
         return self._render(stored)
@@ -754,7 +1081,7 @@ class KubernetesEmulator(Emulator):
         *,
         manager: str,
         force: bool,
-        user: str,
+        identity: Identity,
     ) -> tuple[dict[str, Any], bool]:
         if not isinstance(applied, dict):
             raise ApiProblem(400, "the applied configuration must be an object")
@@ -779,11 +1106,10 @@ class KubernetesEmulator(Emulator):
         stored = self.objects.get((kind.plural, namespace, name))
         if stored is None:
             self._check_namespace_exists(namespace)
-            # Creating through apply is authorized as "create" as well as "patch".
-            self._authorize(user, "create", kind, namespace, name)
-            if meta.get("resourceVersion"):
-                raise _not_found(kind, name)
-            obj = _strip_system(applied, keep_meta=("name", "labels", "annotations"))
+            # Creating through apply is authorized as "create" as well as "patch", with
+            # the object's name; a resourceVersion is no precondition on a create.
+            self._authorize(identity, "create", kind, namespace, name, in_handler=True)
+            obj = _strip_system(applied, keep_meta=("name", *_USER_META))
             stored = self._insert(kind, namespace, name, obj, manager=manager, operation="Apply")
             return self._render(stored), True
         self._check_resource_version(stored, meta.get("resourceVersion"), name)
@@ -835,7 +1161,9 @@ class KubernetesEmulator(Emulator):
                 for other_key, owned in stored.managers.items():
                     if other_key != key:
                         owned.fields.discard(path)
-        stored.managers[key] = _Ownership(set(wanted), now)
+        # A no-op apply keeps its manager's timestamp (and so the whole object).
+        time = now if changed or previously is None else previously.time
+        stored.managers[key] = _Ownership(set(wanted), time)
         self._prune_ownership(stored, new)
         if changed:
             stored.obj = new
@@ -874,13 +1202,15 @@ class KubernetesEmulator(Emulator):
         if not _DNS_SUBDOMAIN.match(name) or len(name) > 253:
             raise _invalid(kind, name, "metadata.name", name, "a lowercase RFC 1123 subdomain")
         obj = _normalise(kind, copy.deepcopy(obj))
-        # The creator owns what it sent, not what the server defaulted (``type``).
+        if kind is SECRETS and operation == "Update":
+            # Defaulting happens while decoding, before the field manager compares the
+            # objects: the creator of an Update owns a defaulted ``type`` too. An
+            # applier owns only what it applied.
+            obj.setdefault("type", "Opaque")
         owned = set(_fields({k: v for k, v in obj.items() if k not in ("apiVersion", "kind")}))
         obj["apiVersion"] = kind.api_version
         obj["kind"] = kind.kind
-        user_meta = {
-            k: v for k, v in (obj.get("metadata") or {}).items() if k in ("labels", "annotations")
-        }
+        user_meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k in _USER_META}
         obj["metadata"] = {
             "name": name,
             "namespace": namespace,
@@ -972,18 +1302,12 @@ class KubernetesEmulator(Emulator):
             _validate_lease(obj, name)
 
     def _validate_secret(self, obj: dict[str, Any], old: dict[str, Any] | None, name: str) -> None:
+        """ValidateSecretUpdate / ValidateSecret: every problem found, in one 422."""
         data = obj.get("data") or {}
         if not isinstance(data, dict):
             raise ApiProblem(400, "Secret.data must be an object")
+        decoded: dict[str, bytes] = {}
         for key, value in data.items():
-            if len(key) > 253 or not _CONFIG_KEY.match(key):
-                raise _invalid(
-                    SECRETS,
-                    name,
-                    f"data[{key}]",
-                    key,
-                    "a valid config key must consist of alphanumeric characters, '-', '_' or '.'",
-                )
             if not isinstance(value, str):
                 raise ApiProblem(
                     400,
@@ -991,19 +1315,39 @@ class KubernetesEmulator(Emulator):
                     "a string",
                 )
             try:
-                base64.b64decode(value, validate=True)
+                decoded[key] = base64.b64decode(value, validate=True)
             except (binascii.Error, ValueError):
                 raise ApiProblem(
                     400,
                     'Secret in version "v1" cannot be handled as a Secret: illegal base64 data',
                 ) from None
+        errors: list[_FieldError] = []
+        secret_type = obj.get("type") or "Opaque"
         if old is not None:
-            if obj.get("type", "Opaque") != old.get("type", "Opaque"):
-                raise _invalid(SECRETS, name, "type", str(obj.get("type")), "field is immutable")
-            if old.get("immutable") and obj.get("data") != old.get("data"):
-                raise _invalid(
-                    SECRETS, name, "data", "", "field is immutable when `immutable` is set"
+            if secret_type != (old.get("type") or "Opaque"):
+                errors.append(
+                    _FieldError("type", "Invalid value", secret_type, "field is immutable")
                 )
+            if old.get("immutable") and obj.get("data") != old.get("data"):
+                errors.append(
+                    _FieldError(
+                        "data", "Forbidden", None, "field is immutable when `immutable` is set"
+                    )
+                )
+        for key in sorted(decoded):
+            errors.extend(
+                _FieldError(f"data[{key}]", "Invalid value", key, message)
+                for message in _config_key_problems(key)
+            )
+        if sum(len(v) for v in decoded.values()) > MAX_SECRET_SIZE:
+            errors.append(
+                _FieldError(
+                    "data", "Too long", None, f"may not be more than {MAX_SECRET_SIZE} bytes"
+                )
+            )
+        errors.extend(_secret_type_errors(secret_type, decoded, obj))
+        if errors:
+            raise _invalid_all(SECRETS, name, errors)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -1050,6 +1394,104 @@ def _invalid(kind: ResourceKind, name: str, path: str, value: str, detail: str) 
             "causes": [{"reason": "FieldValueInvalid", "message": detail, "field": path}],
         },
     )
+
+
+@dataclass(frozen=True)
+class _FieldError:
+    """One field.Error: ``<field>: <type>[: <value>][: <detail>]``."""
+
+    field: str
+    type: str
+    value: str | None
+    detail: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.field}: {self.type}"
+        if self.value is not None:
+            text += f": {json.dumps(self.value)}"
+        return f"{text}: {self.detail}" if self.detail else text
+
+
+def _invalid_all(kind: ResourceKind, name: str, errors: list[_FieldError]) -> ApiProblem:
+    """NewInvalid: one error as is, several as ``[a, b]``."""
+    listed = str(errors[0]) if len(errors) == 1 else "[" + ", ".join(map(str, errors)) + "]"
+    qualified = f"{kind.kind}.{kind.group}" if kind.group else kind.kind
+    return ApiProblem(
+        422,
+        f'{qualified} "{name}" is invalid: {listed}',
+        details={
+            "name": name,
+            "group": kind.group,
+            "kind": kind.kind,
+            "causes": [
+                {
+                    "reason": "Field" + e.type.title().replace(" ", ""),
+                    "message": str(e).split(": ", 1)[1],
+                    "field": e.field,
+                }
+                for e in errors
+            ],
+        },
+    )
+
+
+def _config_key_problems(key: str) -> list[str]:
+    """apimachinery's IsConfigMapKey."""
+    problems = []
+    if len(key) > 253:
+        problems.append("must be no more than 253 characters")
+    if not _CONFIG_KEY.match(key):
+        problems.append(_CONFIG_KEY_MESSAGE)
+    if key == ".":
+        problems.append("must not be '.'")
+    elif key == "..":
+        problems.append("must not be '..'")
+    elif key.startswith(".."):
+        problems.append("must not start with '..'")
+    return problems
+
+
+def _secret_type_errors(
+    secret_type: str, data: Mapping[str, bytes], obj: Mapping[str, Any]
+) -> list[_FieldError]:
+    """The keys (and contents) ValidateSecret requires of each built-in type."""
+    if secret_type == "kubernetes.io/service-account-token":
+        notes = (obj.get("metadata") or {}).get("annotations") or {}
+        if not notes.get("kubernetes.io/service-account.name"):
+            return [
+                _FieldError(
+                    "metadata.annotations[kubernetes.io/service-account.name]",
+                    "Required value",
+                    None,
+                )
+            ]
+    elif secret_type in ("kubernetes.io/dockercfg", "kubernetes.io/dockerconfigjson"):
+        key = ".dockercfg" if secret_type == "kubernetes.io/dockercfg" else ".dockerconfigjson"
+        if key not in data:
+            return [_FieldError(f"data[{key}]", "Required value", None)]
+        try:
+            if not isinstance(json.loads(data[key]), dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            return [
+                _FieldError(f"data[{key}]", "Invalid value", "<secret contents redacted>", str(exc))
+            ]
+    elif secret_type == "kubernetes.io/basic-auth":
+        if "username" not in data and "password" not in data:
+            return [
+                _FieldError("data[username]", "Required value", None),
+                _FieldError("data[password]", "Required value", None),
+            ]
+    elif secret_type == "kubernetes.io/ssh-auth":
+        if not data.get("ssh-privatekey"):
+            return [_FieldError("data[ssh-privatekey]", "Required value", None)]
+    elif secret_type == "kubernetes.io/tls":
+        return [
+            _FieldError(f"data[{key}]", "Required value", None)
+            for key in ("tls.crt", "tls.key")
+            if key not in data
+        ]
+    return []
 
 
 def _qualified_name_problem(key: str) -> str | None:
@@ -1139,6 +1581,7 @@ def _strip_system(obj: dict[str, Any], *, keep_meta: tuple[str, ...] = ()) -> di
 
 
 def _system_meta(obj: dict[str, Any]) -> dict[str, Any]:
+    """The metadata only the server sets (name, uid, resourceVersion, ...)."""
     meta = obj["metadata"]
     return {
         k: meta[k]
@@ -1209,7 +1652,7 @@ def _merge_patch(target: Any, patch: Any) -> Any:
 def _comparable(obj: Mapping[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in obj.items() if k != "metadata"}
     meta = obj.get("metadata") or {}
-    out["metadata"] = {k: meta.get(k) for k in ("labels", "annotations") if meta.get(k)}
+    out["metadata"] = {k: meta.get(k) for k in _USER_META if meta.get(k)}
     for key in ("data",):
         if not out.get(key):
             out.pop(key, None)

@@ -12,10 +12,20 @@ server-side apply removes every field a manager applied before and omits now, so
 jobs applying different keys under one manager name would delete each other's key
 on every refresh.
 
+One writer, even across a failover: every apply carries the ``resourceVersion``
+this process last saw of the Secret as a precondition, so a write from a replica
+that stopped leading while its request was on the way fails (409) instead of
+overwriting what the new leader wrote. A 409 is re-read and retried a few times, but
+only while `may_write()` (the leader check) still holds: it is asked immediately
+before every request that writes. (An absent Secret is created without one: the API
+has no create-only apply.)
+
 Failures raise `KubernetesSinkError` (a `SinkError`) and leave the Secret as it was:
 an apply is atomic on the API server. 403 names the verb, resource and namespace to
-grant; a missing namespace is flagged ``config_level``; 409 is re-read and retried a
-few times; 5xx, 429 and timeouts surface for the scheduler to back off.
+grant; a missing namespace is flagged ``config_level``; an answer with
+``Retry-After`` (API Priority and Fairness throttling, 429) is retried after that
+long, within a small budget, as client-go does; 5xx, 429 and timeouts surface for
+the scheduler to back off.
 
 `KubeClients` builds and shares the lightkube clients (one per kubeconfig/context,
 plus in-cluster), also used by the leader elector. In-cluster it re-reads the
@@ -31,7 +41,7 @@ import contextlib
 import hashlib
 import os
 import re
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,8 +56,9 @@ from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Secret
 from lightkube.types import PatchType
 
+from refresher.clock import Clock, SystemClock
 from refresher.config import KubernetesSinkConfig
-from refresher.errors import ConfigError, SinkError
+from refresher.errors import ConfigError, LeadershipLostError, SinkError
 from refresher.targets import secret_data_keys, secret_key_problem
 from refresher.token import Token, fingerprint, parse_rfc3339, rfc3339
 
@@ -60,6 +71,12 @@ MANAGED_BY_VALUE = "refresher"
 ANNOTATION_PREFIX = "refresher.io/"
 #: Attempts for one write when the API server answers 409 Conflict.
 CONFLICT_ATTEMPTS = 4
+#: One write waits out ``Retry-After`` at most this many times, and this long in all
+#: (client-go retries up to 10 times; a refresh should not hold its slot that long).
+THROTTLE_RETRIES = 3
+THROTTLE_BUDGET = 10.0
+#: A ``Retry-After`` longer than this is read as this (a hostile or broken value).
+MAX_RETRY_AFTER = 300.0
 
 _ANNOTATION_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _FORBIDDEN = re.compile(
@@ -70,7 +87,8 @@ _FORBIDDEN = re.compile(
 
 class KubernetesSinkError(SinkError):
     """A Kubernetes API call failed. `config_level` marks problems no retry fixes
-    (missing namespace, RBAC, invalid Secret); `status` is the HTTP status, if any."""
+    (missing namespace, RBAC, invalid Secret); `status` is the HTTP status, if any;
+    `retry_after` the seconds the API server asked us to wait, if it did."""
 
     def __init__(
         self,
@@ -79,11 +97,13 @@ class KubernetesSinkError(SinkError):
         status: int | None = None,
         kube_reason: str | None = None,
         config_level: bool = False,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message, sink="kubernetes")
         self.status = status
         self.kube_reason = kube_reason
         self.config_level = config_level
+        self.retry_after = retry_after
 
 
 # ---------------------------------------------------------------------------- clients
@@ -130,12 +150,20 @@ class _Entry:
     client: AsyncClient | None = None
 
 
+#: A Secret as one process addresses it: (kubeconfig, context, namespace, name).
+SecretRef = tuple[str | None, str | None, str, str]
+
+
 class KubeClients:
     """Builds and shares lightkube `AsyncClient`s, one per (kubeconfig, context).
 
     ``kubeconfig=None`` means in-cluster: ``KUBERNETES_SERVICE_HOST``/``_PORT`` and
     the service account in `service_account_dir` (token, ``ca.crt``, ``namespace``).
     Problems with either raise `ConfigError`. Close with `aclose()`.
+
+    Also shared by every sink of the process: `versions`, the ``resourceVersion``
+    last seen of each Secret (None: seen absent), the precondition of the next write;
+    and `clock`, which waits out ``Retry-After``.
     """
 
     def __init__(
@@ -144,9 +172,12 @@ class KubeClients:
         service_account_dir: str | os.PathLike[str] = SERVICE_ACCOUNT_DIR,
         timeout: float = 10.0,
         environ: Mapping[str, str] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.service_account_dir = Path(service_account_dir)
         self.timeout = timeout
+        self.clock: Clock = clock or SystemClock()
+        self.versions: dict[SecretRef, str | None] = {}
         self._environ = environ
         self._entries: dict[tuple[str | None, str | None], _Entry] = {}
 
@@ -265,10 +296,38 @@ def _use_rotating_token(client: AsyncClient, token_file: Path) -> None:
 # ---------------------------------------------------------------------------- errors
 
 
+def retry_after(response: httpx2.Response | None, details: Any = None) -> float | None:
+    """The seconds a ``Retry-After`` header (or a Status's ``retryAfterSeconds``) asks
+    for; None when absent or not a number of seconds. Capped at `MAX_RETRY_AFTER`."""
+    raw = response.headers.get("retry-after") if response is not None else None
+    if raw is None and details is not None:
+        raw = getattr(details, "retryAfterSeconds", None)
+    if raw is None:
+        return None
+    try:
+        seconds = float(str(raw).strip())
+    except ValueError:
+        return None
+    if not seconds >= 0:  # negative or NaN
+        return None
+    return min(seconds, MAX_RETRY_AFTER)
+
+
 def describe_api_error(
-    exc: ApiError, *, verb: str, resource: str, namespace: str, name: str
+    exc: ApiError,
+    *,
+    verb: str,
+    resource: str,
+    namespace: str,
+    name: str,
+    unnamed_verb: str | None = None,
 ) -> KubernetesSinkError:
-    """Turn a lightkube `ApiError` into an actionable `KubernetesSinkError`."""
+    """Turn a lightkube `ApiError` into an actionable `KubernetesSinkError`.
+
+    A 403 names the denied verb from the message; when the message names none
+    (Kubernetes <= 1.31 for the ``create`` check inside an apply: ``secrets "x" is
+    forbidden: ``), `unnamed_verb` is the verb that was refused, else `verb`.
+    """
     status = exc.status
     code = int(status.code or exc.response.status_code)
     reason = status.reason or ""
@@ -276,7 +335,7 @@ def describe_api_error(
     details = status.details
     if code == 403:
         match = _FORBIDDEN.search(message)
-        denied_verb = match.group("verb") if match else verb
+        denied_verb = match.group("verb") if match else (unnamed_verb or verb)
         denied_res = match.group("res") if match else resource
         if match and match.group("group"):
             denied_res = f"{denied_res}.{match.group('group')}"
@@ -315,28 +374,43 @@ def describe_api_error(
             kube_reason=reason,
             config_level=True,
         )
+    wait = retry_after(exc.response, details)
     if code == 429:
         return KubernetesSinkError(
-            f"the Kubernetes API is throttling requests (429): {message}",
+            f"API server throttled the request (429{_after(wait)}): {message}",
             status=code,
             kube_reason=reason,
+            retry_after=wait,
         )
     return KubernetesSinkError(
         f"Kubernetes API error {code} {reason}: {message}".rstrip(": "),
         status=code,
         kube_reason=reason,
+        retry_after=wait if code >= 500 else None,
     )
+
+
+def _after(wait: float | None) -> str:
+    return f", retry after {wait:g}s" if wait is not None else ""
 
 
 def describe_transport_error(exc: Exception, server: str) -> KubernetesSinkError:
     """Timeouts, refused connections, TLS problems, an unreadable token file."""
     if isinstance(exc, httpx2.TimeoutException):
         return KubernetesSinkError(f"the Kubernetes API at {server} did not answer in time")
-    if isinstance(exc, httpx2.HTTPStatusError):  # an answer that is not a Status (a proxy?)
+    if isinstance(exc, httpx2.HTTPStatusError):  # an answer that is not a Status
         code = exc.response.status_code
+        wait = retry_after(exc.response)
+        if code == 429:  # API Priority and Fairness answers in plain text
+            return KubernetesSinkError(
+                f"API server at {server} throttled the request (429{_after(wait)})",
+                status=code,
+                retry_after=wait,
+            )
         return KubernetesSinkError(
             f"Kubernetes API error {code} from {server} (not a Kubernetes Status response)",
             status=code,
+            retry_after=wait if code >= 500 else None,
         )
     if isinstance(exc, OSError):
         return KubernetesSinkError(
@@ -421,7 +495,11 @@ def _b64(text: str) -> str:
 
 
 class KubernetesSink:
-    """Writes a token to key `key` of a Secret (the caller expands ``{job}``/``{tenant}``)."""
+    """Writes a token to key `key` of a Secret (the caller expands ``{job}``/``{tenant}``).
+
+    `may_write`, when set (leader election), is asked immediately before every
+    request that writes; False stops the write with `LeadershipLostError`.
+    """
 
     kind = "kubernetes"
 
@@ -433,6 +511,7 @@ class KubernetesSink:
         clients: KubeClients,
         field_manager: str = FIELD_MANAGER,
         conflict_attempts: int = CONFLICT_ATTEMPTS,
+        may_write: Callable[[], bool] | None = None,
     ) -> None:
         problem = secret_key_problem(key)
         if problem is not None:
@@ -444,7 +523,14 @@ class KubernetesSink:
         self.namespace = config.namespace or clients.namespace(config.kubeconfig, config.context)
         self.field_manager = field_manager_for(key, field_manager)
         self.conflict_attempts = max(1, conflict_attempts)
+        self.may_write = may_write
         self.target = f"secret/{self.namespace}/{self.secret}#{key}"
+        self._ref: SecretRef = (
+            str(config.kubeconfig) if config.kubeconfig is not None else None,
+            config.context,
+            self.namespace,
+            self.secret,
+        )
         self._annotations = {
             suffix: annotation_key(key, suffix)
             for suffix in ("expires-at", "fingerprint", "obtained-at")
@@ -453,42 +539,59 @@ class KubernetesSink:
     # ------------------------------------------------------------ TokenSink
 
     async def write(self, token: Token) -> None:
-        """Server-side apply our keys; retries 409s; leaves the Secret as it was on error."""
+        """Server-side apply our keys, guarded by the Secret's last seen resourceVersion;
+        a 409 is re-read and retried while still allowed to write. Leaves the Secret
+        as it was on error."""
+        self._check_may_write()  # before any request, the read included
         client = self._client()
-        body = self._applied(token)
+        version = await self._version(client)
         attempt = 0
         while True:
             attempt += 1
+            self._check_may_write()
             try:
-                result = await client.apply(body, field_manager=self.field_manager, force=True)
+                result = await client.apply(
+                    self._applied(token, version), field_manager=self.field_manager, force=True
+                )
             except ApiError as exc:
-                if exc.status.code == 409 and attempt < self.conflict_attempts:
-                    # The API server merges an apply into the object it holds now, so
-                    # sending it again is the re-read: no client-side resourceVersion.
-                    log.info("secret write conflict, retrying", target=self.target, attempt=attempt)
-                    continue
                 error = describe_api_error(
                     exc,
                     verb="patch",
                     resource="secrets",
                     namespace=self.namespace,
                     name=self.secret,
+                    unnamed_verb="create",  # the only check an apply makes without naming it
                 )
                 if exc.status.code == 409:
+                    if attempt < self.conflict_attempts:
+                        log.info(
+                            "secret changed since it was read: re-reading",
+                            target=self.target,
+                            attempt=attempt,
+                        )
+                        version = await self._read_version(client)
+                        continue
                     error = KubernetesSinkError(
                         f"still conflicting after {attempt} attempts: {error}",
                         status=409,
                         kube_reason=error.kube_reason,
                     )
+                if await self._waited_out(error, attempt):
+                    continue
                 raise self._wrap(error) from None
             except (httpx2.HTTPError, OSError) as exc:
-                raise self._wrap(describe_transport_error(exc, self._server())) from None
+                error = describe_transport_error(exc, self._server())
+                if await self._waited_out(error, attempt):
+                    continue
+                raise self._wrap(error) from None
             metadata = getattr(result, "metadata", None)
+            version = getattr(metadata, "resourceVersion", None)
+            self.clients.versions[self._ref] = version
             log.debug(
                 "secret key written",
                 target=self.target,
                 fingerprint=token.fingerprint(),
-                resource_version=getattr(metadata, "resourceVersion", None),
+                resource_version=version,
                 attempts=attempt,
             )
             return
@@ -506,6 +609,8 @@ class KubernetesSink:
                     exc, verb="get", resource="secrets", namespace=self.namespace, name=self.secret
                 )
                 log.warning("cannot read back secret", target=self.target, error=str(error))
+            else:
+                self.clients.versions[self._ref] = None
             return None
         except SinkError as exc:
             log.warning("cannot read back secret", target=self.target, error=str(exc))
@@ -514,7 +619,9 @@ class KubernetesSink:
             error = describe_transport_error(exc, self._server())
             log.warning("cannot read back secret", target=self.target, error=str(error))
             return None
-        annotations = secret.metadata.annotations if secret.metadata is not None else None
+        metadata = secret.metadata
+        self.clients.versions[self._ref] = metadata.resourceVersion if metadata else None
+        annotations = metadata.annotations if metadata is not None else None
         token = token_from_secret(secret.data, annotations, self.key)
         if token is not None:
             log.debug(
@@ -526,38 +633,109 @@ class KubernetesSink:
         return token
 
     async def remove(self) -> None:
-        """Delete our keys and annotations (a JSON merge patch); the Secret stays."""
+        """Delete our keys and annotations (a JSON merge patch, guarded by the last seen
+        resourceVersion like a write); the Secret stays."""
+        self._check_may_write()
         client = self._client()
-        patch: dict[str, Any] = {
-            "metadata": {"annotations": dict.fromkeys(self._annotations.values())},
-            "data": dict.fromkeys(self._data_keys()),
-        }
-        try:
-            await client.patch(
-                Secret,
-                self.secret,
-                patch,
-                namespace=self.namespace,
-                patch_type=PatchType.MERGE,
-                field_manager=self.field_manager,
+        version = await self._version(client)
+        attempt = 0
+        while True:
+            attempt += 1
+            if version is None:
+                return  # no Secret, nothing of ours in it
+            self._check_may_write()
+            patch: dict[str, Any] = {
+                "metadata": {
+                    "resourceVersion": version,
+                    "annotations": dict.fromkeys(self._annotations.values()),
+                },
+                "data": dict.fromkeys(self._data_keys()),
+            }
+            try:
+                result = await client.patch(
+                    Secret,
+                    self.secret,
+                    patch,
+                    namespace=self.namespace,
+                    patch_type=PatchType.MERGE,
+                    field_manager=self.field_manager,
+                )
+            except ApiError as exc:
+                code = exc.status.code
+                if code == 404:
+                    self.clients.versions[self._ref] = None
+                    return
+                if code == 409 and attempt < self.conflict_attempts:
+                    version = await self._read_version(client)
+                    continue
+                raise self._wrap(
+                    describe_api_error(
+                        exc,
+                        verb="patch",
+                        resource="secrets",
+                        namespace=self.namespace,
+                        name=self.secret,
+                    )
+                ) from None
+            except (httpx2.HTTPError, OSError) as exc:
+                raise self._wrap(describe_transport_error(exc, self._server())) from None
+            metadata = getattr(result, "metadata", None)
+            self.clients.versions[self._ref] = getattr(metadata, "resourceVersion", None)
+            log.info("secret key removed", target=self.target)
+            return
+
+    # ------------------------------------------------------------ helpers
+
+    def _check_may_write(self) -> None:
+        if self.may_write is not None and not self.may_write():
+            raise LeadershipLostError(
+                f"cannot write {self.target}: this replica is no longer the leader "
+                "(write not sent; the leader writes instead)",
+                sink=self.kind,
             )
+
+    async def _version(self, client: AsyncClient) -> str | None:
+        """The Secret's resourceVersion as last seen by this process (read it if never)."""
+        if self._ref in self.clients.versions:
+            return self.clients.versions[self._ref]
+        return await self._read_version(client)
+
+    async def _read_version(self, client: AsyncClient) -> str | None:
+        """Read the Secret's resourceVersion now (None: it does not exist)."""
+        try:
+            secret = await client.get(Secret, self.secret, namespace=self.namespace)
         except ApiError as exc:
-            if exc.status.code == 404:
-                return
+            if exc.status.code == 404 and not (
+                exc.status.details is not None and exc.status.details.kind == "namespaces"
+            ):
+                self.clients.versions[self._ref] = None
+                return None
             raise self._wrap(
                 describe_api_error(
-                    exc,
-                    verb="patch",
-                    resource="secrets",
-                    namespace=self.namespace,
-                    name=self.secret,
+                    exc, verb="get", resource="secrets", namespace=self.namespace, name=self.secret
                 )
             ) from None
         except (httpx2.HTTPError, OSError) as exc:
             raise self._wrap(describe_transport_error(exc, self._server())) from None
-        log.info("secret key removed", target=self.target)
+        version = secret.metadata.resourceVersion if secret.metadata is not None else None
+        self.clients.versions[self._ref] = version
+        return version
 
-    # ------------------------------------------------------------ helpers
+    async def _waited_out(self, error: KubernetesSinkError, attempt: int) -> bool:
+        """Wait the ``Retry-After`` the API server asked for, if the write's budget
+        allows (True: send again)."""
+        wait = error.retry_after
+        if wait is None or attempt > THROTTLE_RETRIES or wait > THROTTLE_BUDGET:
+            return False
+        log.info(
+            "kubernetes API asked to retry later: waiting",
+            target=self.target,
+            status=error.status,
+            retry_after=wait,
+        )
+        clock = self.clients.clock
+        await clock.sleep_until(clock.now() + wait)
+        return True
 
     def _client(self) -> AsyncClient:
         try:
@@ -579,12 +757,13 @@ class KubernetesSink:
             status=error.status,
             kube_reason=error.kube_reason,
             config_level=error.config_level,
+            retry_after=error.retry_after,
         )
 
     def _data_keys(self) -> list[str]:
         return list(secret_data_keys(self.key))
 
-    def _applied(self, token: Token) -> Secret:
+    def _applied(self, token: Token, version: str | None) -> Secret:
         data = {self.key: _b64(token.value)}
         if "expires_at" in self.config.extra_keys and token.expires_at is not None:
             data[f"{self.key}.expires_at"] = _b64(rfc3339(token.expires_at) or "")
@@ -600,6 +779,8 @@ class KubernetesSink:
             metadata=ObjectMeta(
                 name=self.secret,
                 namespace=self.namespace,
+                # A precondition (the API server answers 409 if the Secret changed since).
+                resourceVersion=version,
                 labels={MANAGED_BY_LABEL: MANAGED_BY_VALUE},
                 annotations=annotations,
             ),

@@ -15,13 +15,21 @@ NS = "apps"
 
 @pytest.fixture
 def kube(make_emulator: Any, clock: Any) -> Any:
+    """The API emulator, granting what the chart grants for the Secret these tests use."""
     from refresher.emulators.kubernetes import KubernetesEmulator
+    from tests.kube_rbac import install_chart_rbac
 
-    return make_emulator(KubernetesEmulator, namespaces=[NS], clock=clock)
+    emulator = make_emulator(KubernetesEmulator, namespaces=[NS], clock=clock)
+    sink = {"kind": "kubernetes", "namespace": NS, "secret": "debitura", "key": "{tenant}"}
+    install_chart_rbac(emulator, {"jobs": [{"name": "debitura", "sinks": [sink]}]})
+    return emulator
 
 
 def kubeconfig(kube: Any, tmp_path: Path, user: str = "refresher") -> Path:
-    kube.add_token(f"sa-token-{user}", user)
+    """A kubeconfig with a token of the chart's service account (`user` names the file)."""
+    from tests.kube_rbac import SERVICE_ACCOUNT
+
+    kube.add_token(f"sa-token-{user}", SERVICE_ACCOUNT)
     return kube.write_kubeconfig(
         tmp_path / f"kubeconfig-{user}", namespace=NS, token=f"sa-token-{user}", user=user
     )

@@ -30,6 +30,7 @@ from refresher.sinks.file import FileSink
 from refresher.sinks.lock import DirectoryLocks, holder_pid
 from refresher.token import Token
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, oauth2_job, wait_for
+from tests.kube_rbac import SERVICE_ACCOUNT, install_chart_rbac
 
 SECOND_ID, SECOND_SECRET = "second-client", "second-client-secret-value"
 #: The exact sentence an operator sees.
@@ -514,14 +515,14 @@ def kube(make_emulator: Any, clock: Any) -> KubernetesEmulator:
 def replica_config(
     oauth2: Any, kube: KubernetesEmulator, tmp_path: Path, identity: str, sink_dir: Path
 ) -> dict[str, Any]:
-    kube.add_token(f"sa-token-{identity}", identity)
+    kube.add_token(f"sa-token-{identity}", SERVICE_ACCOUNT)
     kubeconfig = kube.write_kubeconfig(
         tmp_path / f"kubeconfig-{identity}",
         namespace=NS,
         token=f"sa-token-{identity}",
         user=identity,
     )
-    return {
+    config = {
         "jobs": [
             oauth2_job(
                 oauth2, tmp_path, sinks=[{"kind": "file", "path": str(sink_dir / "api.token")}]
@@ -535,6 +536,8 @@ def replica_config(
             "kubeconfig": str(kubeconfig),
         },
     }
+    install_chart_rbac(kube, config)  # the Lease rules the chart grants
+    return config
 
 
 async def advance_to(clock: Any, moment: float, leader: Any) -> None:
