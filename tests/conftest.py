@@ -22,7 +22,7 @@ import pytest
 from refresher.clock import ManualClock
 from refresher.config import load_settings
 from refresher.daemon import Daemon
-from refresher.emulators.base import Emulator
+from refresher.demo.base import Emulator
 from refresher.logging import Redactor, configure_logging, secret_forms
 
 CLIENT_ID = "demo-client"
@@ -99,7 +99,7 @@ def make_emulator(leak_guard: LeakGuard) -> Iterator[Callable[..., Any]]:
 
 @pytest.fixture
 def oauth2_emulator(make_emulator: Callable[..., Any], clock: ManualClock) -> Any:
-    from refresher.emulators.oauth2 import OAuth2Emulator
+    from tests.emulators.oauth2 import OAuth2Emulator
 
     return make_emulator(
         OAuth2Emulator, clients={CLIENT_ID: CLIENT_SECRET}, clock=clock, token_lifetime=3600
@@ -231,7 +231,7 @@ def metric(daemon: Daemon, name: str, **labels: str) -> float | None:
 
 @pytest.fixture
 def debitura(make_emulator: Callable[..., Any], clock: ManualClock, leak_guard: LeakGuard) -> Any:
-    from refresher.emulators.debitura import DebituraEmulator
+    from refresher.demo.debitura import DebituraEmulator
 
     leak_guard.secrets.add(DEB_KEY)
     return make_emulator(DebituraEmulator, api_keys={DEB_KEY}, clock=clock)

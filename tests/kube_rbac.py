@@ -20,7 +20,7 @@ from typing import Any
 
 import helm_python as helm
 
-from refresher.emulators.kubernetes import KubernetesEmulator
+from tests.emulators.kubernetes import KubernetesEmulator
 from tests.test_helm_chart import CHART, OAUTH2_PROVIDER, RELEASE, render
 
 RELEASE_NAMESPACE = "apps"

@@ -14,8 +14,8 @@ import httpx2
 import pytest
 import yaml
 
-from refresher.emulators.oauth2 import OAuth2Emulator
 from tests.conftest import CLIENT_ID, CLIENT_SECRET
+from tests.emulators.oauth2 import OAuth2Emulator
 
 
 def free_port() -> int:

@@ -21,9 +21,9 @@ import yaml
 
 from refresher.cli import main
 from refresher.clock import ManualClock, SystemClock
-from refresher.emulators.base import Fault
-from refresher.emulators.dutyclaims import DutyClaimsEmulator
-from refresher.emulators.gooclaim import GooclaimEmulator
+from refresher.demo.base import Fault
+from refresher.demo.dutyclaims import DutyClaimsEmulator
+from refresher.demo.gooclaim import GooclaimEmulator
 from refresher.scopes import missing_scopes
 from tests.conftest import drive, get_json, metric, oauth2_job, settle, wait_for
 

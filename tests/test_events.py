@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from refresher.clock import SystemClock
-from refresher.emulators.base import Fault
+from refresher.demo.base import Fault
 from refresher.sdnotify import SystemdNotifier
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, get_json, oauth2_job, wait_for
 from tests.reliability.servers import WebhookReceiver

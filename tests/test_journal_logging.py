@@ -18,9 +18,9 @@ import pytest
 import structlog
 import yaml
 
-from refresher.emulators.oauth2 import OAuth2Emulator
 from refresher.logging import Redactor, configure_logging, is_journal
 from tests.conftest import CLIENT_ID, CLIENT_SECRET
+from tests.emulators.oauth2 import OAuth2Emulator
 
 SECRET = "journal-secret-value-0123"
 

@@ -23,7 +23,6 @@ from lightkube.resources.core_v1 import Secret
 
 from refresher.clock import ManualClock
 from refresher.config import KubernetesSinkConfig, LeaderElectionConfig, RefreshConfig
-from refresher.emulators.kubernetes import KubernetesEmulator
 from refresher.errors import ConfigError, SinkError
 from refresher.leader import LeaderElector, micro_time
 from refresher.logging import Redactor
@@ -41,6 +40,7 @@ from refresher.sinks.kubernetes import (
 )
 from refresher.token import Token, rfc3339
 from tests.conftest import wait_for
+from tests.emulators.kubernetes import KubernetesEmulator
 from tests.kube_rbac import install_chart_rbac
 
 pytestmark = pytest.mark.anyio

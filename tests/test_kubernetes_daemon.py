@@ -12,8 +12,8 @@ import anyio
 import httpx2
 import pytest
 
-from refresher.emulators.kubernetes import KubernetesEmulator
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, get_json, wait_for
+from tests.emulators.kubernetes import KubernetesEmulator
 from tests.kube_rbac import SERVICE_ACCOUNT, install_chart_rbac
 
 pytestmark = pytest.mark.anyio

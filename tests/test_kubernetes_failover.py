@@ -23,8 +23,6 @@ import yaml
 
 from refresher.clock import ManualClock
 from refresher.config import LeaderElectionConfig, RefreshConfig
-from refresher.emulators.kubernetes import KubernetesEmulator
-from refresher.emulators.oauth2 import OAuth2Emulator
 from refresher.errors import ConfigError, LeadershipLostError, NotActiveError
 from refresher.leader import LeaderElector
 from refresher.logging import Redactor
@@ -34,6 +32,8 @@ from refresher.server import create_app
 from refresher.sinks.kubernetes import KubeClients
 from refresher.token import Token, fingerprint
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, wait_for
+from tests.emulators.kubernetes import KubernetesEmulator
+from tests.emulators.oauth2 import OAuth2Emulator
 from tests.kube_rbac import SERVICE_ACCOUNT, install_chart_rbac
 from tests.test_kubernetes import (  # noqa: F401
     NS,

@@ -266,7 +266,7 @@ def test_status_exits_2_on_a_usage_error() -> None:
 
 
 def test_status_exits_0_when_every_job_is_valid(tmp_path: Path, leak_guard: Any) -> None:
-    from refresher.emulators.oauth2 import OAuth2Emulator
+    from tests.emulators.oauth2 import OAuth2Emulator
 
     with OAuth2Emulator(clients={CLIENT_ID: CLIENT_SECRET}, token_lifetime=3600) as emulator:
         leak_guard.emulators.append(emulator)

@@ -32,11 +32,11 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from refresher.emulators.base import Fault
-from refresher.emulators.debitura import DebituraEmulator
-from refresher.emulators.kubernetes import KubernetesEmulator
-from refresher.emulators.oauth2 import OAuth2Emulator
+from refresher.demo.base import Fault
+from refresher.demo.debitura import DebituraEmulator
 from tests.conftest import CLIENT_ID, CLIENT_SECRET
+from tests.emulators.kubernetes import KubernetesEmulator
+from tests.emulators.oauth2 import OAuth2Emulator
 
 ROOT = Path(__file__).resolve().parent.parent
 WITH_A_BUG = ROOT / "tests" / "monitoring" / "refresher_with_a_bug.py"

@@ -15,10 +15,10 @@ import jwt
 import pytest
 
 from refresher.cli import main
-from refresher.emulators.base import Fault
-from refresher.emulators.debitura import DebituraEmulator
-from refresher.emulators.dutyclaims import DutyClaimsEmulator
-from refresher.emulators.gooclaim import GooclaimEmulator
+from refresher.demo.base import Fault
+from refresher.demo.debitura import DebituraEmulator
+from refresher.demo.dutyclaims import DutyClaimsEmulator
+from refresher.demo.gooclaim import GooclaimEmulator
 from tests.conftest import DEB_KEY, deb_job, drive, get_json, metric, settle, wait_for
 
 pytestmark = pytest.mark.anyio

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from refresher.emulators.base import Fault
+from refresher.demo.base import Fault
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, get_json, metric, oauth2_job, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -293,7 +293,7 @@ async def test_sink_failure_retries_the_write_without_re_minting(start_daemon, o
 
 
 async def test_tenant_labels_only_when_enabled(start_daemon, make_emulator, clock, tmp_path, leak_guard) -> None:
-    from refresher.emulators.debitura import DebituraEmulator
+    from refresher.demo.debitura import DebituraEmulator
 
     emu = make_emulator(DebituraEmulator, api_keys={"label-test-key"}, clock=clock)
     leak_guard.secrets.add("label-test-key")

@@ -109,7 +109,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from refresher.clock import ManualClock
     from refresher.config import load_settings
     from refresher.daemon import Daemon
-    from refresher.emulators.gooclaim import GooclaimEmulator
+    from refresher.demo.gooclaim import GooclaimEmulator
 
     jobs, limit = args.jobs, args.limit
     clock = ManualClock(start=math.floor(time.time()))

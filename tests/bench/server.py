@@ -231,7 +231,7 @@ def _wait_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
 
 def serve_emulator(lifetime: float) -> None:
     """The project's OAuth2Emulator (uvicorn + Starlette), same credentials."""
-    from refresher.emulators.oauth2 import OAuth2Emulator
+    from tests.emulators.oauth2 import OAuth2Emulator
 
     emulator = OAuth2Emulator(clients={CLIENT_ID: CLIENT_SECRET}, token_lifetime=lifetime)
     emulator.start()

@@ -16,7 +16,7 @@ NS = "apps"
 @pytest.fixture
 def kube(make_emulator: Any, clock: Any) -> Any:
     """The API emulator, granting what the chart grants for the Secret these tests use."""
-    from refresher.emulators.kubernetes import KubernetesEmulator
+    from tests.emulators.kubernetes import KubernetesEmulator
     from tests.kube_rbac import install_chart_rbac
 
     emulator = make_emulator(KubernetesEmulator, namespaces=[NS], clock=clock)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from refresher.emulators.base import Fault
+from refresher.demo.base import Fault
 from refresher.token import MAX_LIFETIME
 from tests.conftest import get_json, metric, oauth2_job, wait_for
 from tests.hostile.conftest import alive

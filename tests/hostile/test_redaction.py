@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 from refresher.cli import main
-from refresher.emulators.base import Fault
+from refresher.demo.base import Fault
 from refresher.logging import Redactor
 from tests.conftest import (
     CLIENT_ID,

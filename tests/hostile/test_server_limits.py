@@ -33,7 +33,6 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from refresher.emulators.oauth2 import OAuth2Emulator
 from refresher.errors import ListenError
 from refresher.server import (
     BASE_RESERVE,
@@ -45,6 +44,7 @@ from refresher.server import (
     nofile_needed,
 )
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, LeakGuard
+from tests.emulators.oauth2 import OAuth2Emulator
 
 # Runs its arguments as a command under the given RLIMIT_NOFILE (soft = hard): set
 # before exec, so the daemon never holds more, and without preexec_fn in a threaded test.

@@ -23,13 +23,13 @@ import pytest
 import yaml
 
 from refresher.config import FileSinkConfig
-from refresher.emulators.kubernetes import KubernetesEmulator
-from refresher.emulators.oauth2 import OAuth2Emulator
 from refresher.errors import Refusal, SinkError, SinkOwnedError
 from refresher.sinks.file import FileSink
 from refresher.sinks.lock import DirectoryLocks, holder_pid
 from refresher.token import Token
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, oauth2_job, wait_for
+from tests.emulators.kubernetes import KubernetesEmulator
+from tests.emulators.oauth2 import OAuth2Emulator
 from tests.kube_rbac import SERVICE_ACCOUNT, install_chart_rbac
 
 SECOND_ID, SECOND_SECRET = "second-client", "second-client-secret-value"

@@ -110,7 +110,6 @@ async def test_bug_in_read_back_at_start_mints_instead(start_daemon, oauth2_emul
 
     monkeypatch.setattr(FileSink, "read_back", broken)
     async with start_daemon(two_jobs(oauth2_emulator, tmp_path)) as daemon:
-        jobs = daemon.scheduler.jobs
         await wait_for(lambda: all_minted(daemon))
         assert metric(daemon, "refresher_internal_errors_total", component="read_back") == 2
         assert alive(daemon)
@@ -139,7 +138,7 @@ async def test_bug_in_a_notification_hook_keeps_the_written_token(
 
 
 async def test_bug_in_expiry_handling(start_daemon, oauth2_emulator, clock, tmp_path, monkeypatch) -> None:
-    from refresher.emulators.base import Fault
+    from refresher.demo.base import Fault
     from refresher.sinks.file import FileSink
 
     async def broken(self: FileSink) -> None:
@@ -236,7 +235,7 @@ def test_backoff_never_overflows() -> None:
 async def test_a_thousand_failures_in_a_row_keep_the_job_retrying(
     start_daemon, oauth2_emulator, clock, tmp_path
 ) -> None:
-    from refresher.emulators.base import Fault
+    from refresher.demo.base import Fault
 
     config = two_jobs(oauth2_emulator, tmp_path)
     config["refresh"] = RefreshConfig(backoff=BackoffConfig(initial=0.001, max=0.01)).model_dump()

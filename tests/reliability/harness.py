@@ -43,7 +43,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from refresher.clock import ManualClock
-from refresher.emulators.base import Emulator, Fault
+from refresher.demo.base import Emulator, Fault
 from refresher.server import create_app
 
 # ------------------------------------------------------------------ results table

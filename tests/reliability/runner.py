@@ -14,11 +14,11 @@ import anyio
 import jwt
 import pytest
 
-from refresher.emulators.debitura import DebituraEmulator
-from refresher.emulators.dutyclaims import DutyClaimsEmulator
-from refresher.emulators.gooclaim import GooclaimEmulator
-from refresher.emulators.oauth2 import OAuth2Emulator
+from refresher.demo.debitura import DebituraEmulator
+from refresher.demo.dutyclaims import DutyClaimsEmulator
+from refresher.demo.gooclaim import GooclaimEmulator
 from tests.conftest import CLIENT_ID, CLIENT_SECRET
+from tests.emulators.oauth2 import OAuth2Emulator
 from tests.reliability.harness import (
     INVARIANTS,
     Ctx,

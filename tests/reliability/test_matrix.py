@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import pytest
 
-from refresher.emulators.base import Fault
+from refresher.demo.base import Fault
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, wait_for
 from tests.reliability.harness import Ctx, Scenario, backoff_budget
 from tests.reliability.runner import Env, run_scenario

@@ -35,9 +35,9 @@ import jwt
 import pytest
 import yaml
 
-from refresher.emulators.base import Fault
-from refresher.emulators.oauth2 import OAuth2Emulator
+from refresher.demo.base import Fault
 from tests.conftest import CLIENT_ID, CLIENT_SECRET
+from tests.emulators.oauth2 import OAuth2Emulator
 from tests.reliability.harness import (
     INVARIANTS,
     Observer,

@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from refresher.config import DUTYCLAIMS_SCOPES
-from refresher.emulators.base import Emulator, problem, read_body
+from refresher.demo.base import Emulator, problem, read_body
 from refresher.token import fingerprint
 
 

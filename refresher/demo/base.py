@@ -6,28 +6,21 @@ key material and JWT signing, a sliding-window rate limiter, and a small control
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import secrets
-import shutil
 import socket
-import tempfile
 import threading
 import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, Self
 
 import jwt
 import uvicorn
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -174,14 +167,8 @@ class Emulator:
         token_lifetime: float = 3600.0,
         host: str = "127.0.0.1",
         port: int = 0,
-        tls: bool = False,
     ) -> None:
         self.clock = clock or SystemClock()
-        #: Serve HTTPS with a throw-away CA (`ca_pem`, written to `ca_file` on start).
-        self.tls = tls
-        self.ca_pem: bytes | None = None
-        self.ca_file: Path | None = None
-        self._tls_dir: Path | None = None
         self.token_lifetime = token_lifetime
         self.host = host
         self.port = port
@@ -209,26 +196,18 @@ class Emulator:
         ]
         return Starlette(routes=self.routes() + control)
 
+    scheme = "http"
+
     @property
     def url(self) -> str:
-        scheme = "https" if self.tls else "http"
-        return f"{scheme}://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
-    def _tls_options(self) -> dict[str, Any]:
-        """uvicorn TLS settings with a fresh CA and server certificate for `host`."""
-        if not self.tls:
-            return {}
-        self._tls_dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-emulator-tls-"))
-        ca_pem, cert_pem, key_pem = _tls_material(self.host)
-        self.ca_pem = ca_pem
-        self.ca_file = self._tls_dir / "ca.crt"
-        self.ca_file.write_bytes(ca_pem)
-        (self._tls_dir / "tls.crt").write_bytes(cert_pem)
-        (self._tls_dir / "tls.key").write_bytes(key_pem)
-        return {
-            "ssl_certfile": str(self._tls_dir / "tls.crt"),
-            "ssl_keyfile": str(self._tls_dir / "tls.key"),
-        }
+    def server_options(self) -> dict[str, Any]:
+        """Extra uvicorn settings (a subclass serving HTTPS adds its certificate)."""
+        return {}
+
+    def cleanup(self) -> None:
+        """Called once the server stopped (a subclass removes what it wrote)."""
 
     def start(self) -> Self:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -243,7 +222,7 @@ class Emulator:
             access_log=False,
             lifespan="off",
             timeout_keep_alive=30,
-            **self._tls_options(),
+            **self.server_options(),
         )
         server = uvicorn.Server(config)
         self._server = server
@@ -268,9 +247,7 @@ class Emulator:
             self._thread.join(timeout=10)
         self._thread = None
         self._server = None
-        if self._tls_dir is not None:
-            shutil.rmtree(self._tls_dir, ignore_errors=True)
-            self._tls_dir = None
+        self.cleanup()
 
     def __enter__(self) -> Self:
         return self.start()
@@ -430,68 +407,3 @@ async def read_body(request: Request) -> tuple[bytes, Any]:
 
         parsed = dict(parse_qsl(body.decode(errors="replace"), keep_blank_values=True))
     return body, parsed
-
-
-def _tls_material(host: str) -> tuple[bytes, bytes, bytes]:
-    """A throw-away CA and a server certificate for `host` (PEM: ca, cert, key)."""
-    now = datetime.now(UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "refresher-emulator-ca")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = [
-        x509.DNSName("localhost"),
-        x509.DNSName("kubernetes.default.svc"),
-    ]
-    try:
-        names.append(x509.IPAddress(ipaddress.ip_address(host)))
-    except ValueError:
-        names.append(x509.DNSName(host))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    key_pem = key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return ca_cert.public_bytes(pem), cert.public_bytes(pem), key_pem

@@ -22,10 +22,10 @@ from lightkube.resources.core_v1 import Secret
 
 from refresher.cli import main
 from refresher.config import load_settings
-from refresher.emulators.kubernetes import KubernetesEmulator
 from refresher.errors import ConfigError
 from refresher.leader import LeaderElector
 from refresher.sinks.kubernetes import KubeClients, KubernetesSinkError
+from tests.emulators.kubernetes import KubernetesEmulator
 from tests.kube_rbac import SERVICE_ACCOUNT, install_chart_rbac
 from tests.test_kubernetes import (  # noqa: F401
     CHART_CONFIG,

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from refresher.emulators.base import Emulator, problem, read_body
+from refresher.demo.base import Emulator, problem, read_body
 from refresher.token import fingerprint
 
 _CREDITOR_NS = uuid.UUID("6f1c1b52-3f7e-4c55-9a43-0d3c6c1f7a10")

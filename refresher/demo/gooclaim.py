@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from refresher.emulators.base import Emulator, WindowLimiter, problem, read_body
+from refresher.demo.base import Emulator, WindowLimiter, problem, read_body
 
 
 def _b64(data: bytes) -> str:

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from refresher.emulators.base import Emulator, problem, read_body
+from refresher.demo.base import Emulator, problem, read_body
 
 
 class OAuth2Emulator(Emulator):

@@ -15,10 +15,10 @@ from typing import Any
 import anyio
 
 from refresher.config import load_settings
-from refresher.emulators.base import Emulator
-from refresher.emulators.debitura import DebituraEmulator
-from refresher.emulators.dutyclaims import DutyClaimsEmulator
-from refresher.emulators.gooclaim import GooclaimEmulator
+from refresher.demo.base import Emulator
+from refresher.demo.debitura import DebituraEmulator
+from refresher.demo.dutyclaims import DutyClaimsEmulator
+from refresher.demo.gooclaim import GooclaimEmulator
 from refresher.errors import ListenError, SinkOwnedError
 from refresher.logging import Redactor, configure_logging
 
