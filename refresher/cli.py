@@ -89,12 +89,10 @@ def config_warnings(settings: Settings) -> list[str]:
     """What is valid but probably not meant: loose token file modes, sink directories
     that do not exist yet, ``tenants_file`` lines the daemon will skip, Gooclaim tokens
     whose signature nobody verifies, deprecated keys."""
-    from refresher.config import (
-        DebituraProviderConfig,
-        DutyClaimsProviderConfig,
-        FileSinkConfig,
-        GooclaimProviderConfig,
-    )
+    from refresher.config import FileSinkConfig
+    from refresher.providers.debitura import DebituraProviderConfig
+    from refresher.providers.dutyclaims import DutyClaimsProviderConfig
+    from refresher.providers.gooclaim import GooclaimProviderConfig
     from refresher.targets import template_directory
 
     warnings = []

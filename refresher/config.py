@@ -8,26 +8,17 @@ or a number of seconds. Unknown keys are errors.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import unicodedata
-from collections import Counter
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    AfterValidator,
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
-    SecretStr,
     ValidationError,
     WithJsonSchema,
     field_validator,
@@ -41,564 +32,25 @@ from pydantic_settings import (
 )
 
 from refresher.errors import ConfigError
+from refresher.fields import (
+    Duration,
+    Model,
+    PositiveDuration,
+    existing_file,
+    files_unchecked,
+    http_url,
+)
+from refresher.providers.debitura import DebituraProviderConfig
+from refresher.providers.dutyclaims import DutyClaimsProviderConfig
+from refresher.providers.gooclaim import GooclaimProviderConfig
+from refresher.providers.oauth2 import OAuth2ProviderConfig
 from refresher.targets import (
     TargetClaims,
     TargetError,
-    check_tenant,
     expand_key,
     expand_path,
     secret_data_keys,
-    tenant_problem,
 )
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(raw: object) -> float:
-    """``90s``, ``5m``, ``1h30m``, ``250ms`` or a plain number of seconds → seconds."""
-    if isinstance(raw, bool):
-        raise ValueError("expected a duration like 90s, 5m or 1h")
-    if isinstance(raw, (int, float)):
-        return float(raw)
-    if not isinstance(raw, str):
-        raise ValueError("expected a duration like 90s, 5m or 1h")
-    text = raw.strip().replace(" ", "")
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    pos, total = 0, 0.0
-    for match in _DURATION.finditer(text):
-        if match.start() != pos:
-            break
-        total += float(match.group(1)) * _UNITS[match.group(2)]
-        pos = match.end()
-    if pos != len(text) or not text:
-        raise ValueError(f"invalid duration {raw!r}: use e.g. 90s, 5m, 1h30m")
-    return total
-
-
-#: What `parse_duration` accepts, for the JSON schema (values.schema.json) only.
-DURATION_PATTERN = r"^\s*([0-9]+(\.[0-9]+)?|([0-9]+(\.[0-9]+)?\s*(ms|s|m|h|d)\s*)+)\s*$"
-
-
-def _duration_schema(*, positive: bool) -> WithJsonSchema:
-    bound = {"exclusiveMinimum": 0} if positive else {"minimum": 0}
-    return WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "number", **bound},
-                {"type": "string", "pattern": DURATION_PATTERN},
-            ],
-            "description": "a duration: 90s, 5m, 1h30m, 250ms or a number of seconds",
-        }
-    )
-
-
-Duration = Annotated[
-    float, BeforeValidator(parse_duration), Field(ge=0), _duration_schema(positive=False)
-]
-PositiveDuration = Annotated[
-    float, BeforeValidator(parse_duration), Field(gt=0), _duration_schema(positive=True)
-]
-
-
-class Model(BaseModel):
-    """Base for every config section: frozen, unknown keys rejected."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-#: False while validating without the files a config names (`refresher check --no-files`).
-_checking_files: ContextVar[bool] = ContextVar("checking_files", default=True)
-
-
-@contextmanager
-def files_unchecked() -> Iterator[None]:
-    """Validate without requiring the files a config names to exist (GitOps, CI)."""
-    token = _checking_files.set(False)
-    try:
-        yield
-    finally:
-        _checking_files.reset(token)
-
-
-def _existing_file(path: Path | None) -> Path | None:
-    if path is None or not _checking_files.get():
-        return path
-    if not path.exists():
-        raise ValueError("file not found")
-    if not path.is_file():
-        raise ValueError("not a regular file")
-    if not os.access(path, os.R_OK):
-        raise ValueError("file not readable")
-    return path
-
-
-class SecretSource:
-    """Where a secret comes from. `read()` goes back to the source every time."""
-
-    def __init__(
-        self,
-        *,
-        name: str,
-        inline: SecretStr | None = None,
-        file: Path | None = None,
-        env: str | None = None,
-    ) -> None:
-        self.name = name
-        self.inline = inline
-        self.file = file
-        self.env = env
-
-    def read(self) -> str:
-        """Current value; a file's content loses its trailing line breaks (CRLF too).
-
-        Raises `ConfigError` naming the source when the secret is missing, empty,
-        not UTF-8 or holds a control character (it would break a header or a line).
-        """
-        if self.file is not None:
-            where = f"{self.name}_file {self.file}"
-            try:
-                data = self.file.read_bytes()
-            except OSError as exc:
-                raise ConfigError([f"{where}: cannot read ({exc.strerror or exc})"]) from None
-            try:
-                text = data.decode()
-            except UnicodeDecodeError as exc:
-                raise ConfigError([f"{where}: not valid UTF-8 (byte {exc.start + 1})"]) from None
-            value = text.rstrip("\r\n")
-        elif self.env is not None:
-            where = f"{self.name}_env ${self.env}"
-            found = os.environ.get(self.env)
-            if found is None:
-                raise ConfigError([f"{self.name}_env: environment variable {self.env} is not set"])
-            value = found
-        else:
-            assert self.inline is not None
-            where = self.name
-            value = self.inline.get_secret_value()
-        problem = secret_problem(value)
-        if problem is not None:
-            raise ConfigError([f"{where}: {problem}"])
-        return value
-
-    def __repr__(self) -> str:
-        where = self.file or (f"${self.env}" if self.env else "inline")
-        return f"SecretSource({self.name} from {where})"
-
-
-def _secret_fields(model: BaseModel, name: str, *, required: bool) -> None:
-    given = [
-        f for f in (name, f"{name}_file", f"{name}_env") if getattr(model, f, None) is not None
-    ]
-    if len(given) > 1:
-        raise ValueError(f"set only one of {', '.join(given)}")
-    if required and not given:
-        raise ValueError(f"one of {name}, {name}_file or {name}_env is required")
-    env = getattr(model, f"{name}_env", None)
-    if env is not None and env not in os.environ:
-        raise ValueError(f"{name}_env: environment variable {env} is not set")
-    source = secret_source(model, name)
-    # A file that is missing or unreadable is reported by its own field's check.
-    if source is not None and (source.file is None or os.access(source.file, os.R_OK)):
-        try:
-            source.read()
-        except ConfigError as exc:
-            raise ValueError(exc.errors[0]) from None
-
-
-def secret_problem(value: str) -> str | None:
-    """Why `value` cannot be a secret, or None: empty, surrogates, control characters."""
-    if not value:
-        return "is empty"
-    for index, char in enumerate(value):
-        if "\ud800" <= char <= "\udfff" or unicodedata.category(char) == "Cc":
-            return (
-                f"contains a control or invalid character at position {index + 1} "
-                "(a line break inside the secret?)"
-            )
-    return None
-
-
-def secret_source(model: BaseModel, name: str) -> SecretSource | None:
-    """The `SecretSource` behind ``name`` / ``name_file`` / ``name_env`` on `model`."""
-    inline = getattr(model, name, None)
-    file = getattr(model, f"{name}_file", None)
-    env = getattr(model, f"{name}_env", None)
-    if inline is None and file is None and env is None:
-        return None
-    return SecretSource(name=name, inline=inline, file=file, env=env)
-
-
-# ---------------------------------------------------------------------------- providers
-
-
-class ClientSecretFields(Model):
-    """``client_secret`` from inline, ``client_secret_file`` or ``client_secret_env``."""
-
-    client_secret: SecretStr | None = None
-    client_secret_file: Path | None = None
-    client_secret_env: str | None = None
-
-    _check_client_secret_file = field_validator("client_secret_file")(_existing_file)
-
-
-class HTTPProviderConfig(Model):
-    """Settings every HTTP provider shares."""
-
-    timeout: PositiveDuration = 10.0
-    ca_file: Path | None = None
-    requests_per_minute: int | None = Field(default=None, gt=0)
-    max_concurrency: int | None = Field(default=None, gt=0)
-    assume_lifetime: PositiveDuration | None = None
-
-    _check_ca = field_validator("ca_file")(_existing_file)
-
-
-class OAuth2ProviderConfig(HTTPProviderConfig, ClientSecretFields):
-    """Generic OAuth2 client-credentials grant (RFC 6749 §4.4)."""
-
-    kind: Literal["oauth2"]
-    token_url: str
-    client_id: str
-    scopes: list[str] = Field(default_factory=list)
-    audience: str | None = None
-    body: Literal["form", "json"] = "form"
-    client_auth: Literal["body", "basic"] = "body"
-    headers: dict[str, str] = Field(default_factory=dict)
-    #: A grant lacking a requested scope fails (reason ``scope_missing``) instead of a warning.
-    require_scopes: bool = False
-
-    @field_validator("token_url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        return _http_url(value)
-
-    @field_validator("scopes")
-    @classmethod
-    def _scope_tokens(cls, scopes: list[str]) -> list[str]:
-        return _scope_tokens(scopes)
-
-    @model_validator(mode="after")
-    def _one_secret(self) -> OAuth2ProviderConfig:
-        _secret_fields(self, "client_secret", required=True)
-        _require_needs_scopes(self.require_scopes, self.scopes, "scopes")
-        return self
-
-
-#: RFC 6749 §3.3 scope-token: printable ASCII except space, ``"`` and ``\``.
-_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,200}")
-
-
-def _scope_tokens(scopes: list[str]) -> list[str]:
-    bad = [s for s in scopes if not _SCOPE_TOKEN.fullmatch(s)]
-    if bad:
-        raise ValueError(
-            f"{bad[0]!r} is not a scope token (RFC 6749 §3.3: printable ASCII, no space, "
-            "quote or backslash)"
-        )
-    dupes = sorted(s for s, n in Counter(scopes).items() if n > 1)
-    if dupes:
-        raise ValueError(f"duplicate scope(s) {', '.join(map(repr, dupes))}")
-    return scopes
-
-
-def _require_needs_scopes(require: bool, scopes: list[str], field: str) -> None:
-    if require and not scopes:
-        raise ValueError(f"require_scopes needs {field}: there is nothing to require")
-
-
-def _http_url(value: str) -> str:
-    if not re.match(r"^https?://[^/\s]+", value):
-        raise ValueError("must be an http:// or https:// URL")
-    return value.rstrip("/")
-
-
-#: DutyClaims' documented scope vocabulary (seeds/000: "Current scope vocabulary").
-DUTYCLAIMS_SCOPES = frozenset(
-    {
-        "partner.read",
-        "partner.manage",
-        "clients.read",
-        "clients.write",
-        "authority.read",
-        "authority.write",
-        "revenue.read",
-        "webhooks.read",
-        "webhooks.write",
-        "diligence.read",
-        "diligence.submit",
-        "financing.request",
-        "litigation.enroll",
-        "notifications.read",
-        "notifications.write",
-    }
-)
-DUTYCLAIMS_LIVE_PREFIX = "dcp_live_"
-#: The documented probe of a managed credential (seeds/000: ``curl …/v1/clients -H
-#: "Authorization: Bearer dcp_live_…"``).
-DUTYCLAIMS_PROBE_PATH = "/v1/clients"
-_PROBE_PATH = re.compile(r"/[\x21-\x7e]{0,500}")
-
-
-def _peek_secret(model: BaseModel, name: str) -> str | None:
-    """The secret's current value if it can be read at config time (for sanity checks)."""
-    source = secret_source(model, name)
-    if source is None:
-        return None
-    try:
-        return source.read()
-    except (OSError, ConfigError):
-        return None
-
-
-class PartnerProviderConfig(HTTPProviderConfig):
-    """A partner API at `base_url` (each partner sets its production URL as default)."""
-
-    base_url: str
-
-    @field_validator("base_url", check_fields=False)
-    @classmethod
-    def _url(cls, value: str) -> str:
-        return _http_url(value)
-
-
-class DutyClaimsProviderConfig(PartnerProviderConfig, ClientSecretFields):
-    """DutyClaims: managed credentials in production, OAuth2 client credentials in sandbox."""
-
-    kind: Literal["dutyclaims"]
-    mode: Literal["sandbox", "managed"]
-    base_url: str = "https://api.dutyclaims.com"
-    # sandbox
-    client_id: str | None = None
-    scopes: list[str] = Field(default_factory=list)
-    #: A grant lacking a requested scope fails (reason ``scope_missing``) instead of a warning.
-    require_scopes: bool = False
-    #: Deprecated, ignored: the contract's sandbox token endpoint *is* on api.dutyclaims.com.
-    sandbox_on_production_host: bool | None = Field(
-        default=None,
-        json_schema_extra={
-            "deprecated": True,
-            "description": "deprecated and ignored: sandbox OAuth on api.dutyclaims.com is "
-            "accepted (it is the contract's sandbox token endpoint)",
-        },
-    )
-    # managed
-    credential: SecretStr | None = None
-    credential_file: Path | None = None
-    credential_env: str | None = None
-    header: Literal["authorization", "x-api-key"] = "authorization"
-    #: Check the managed credential with an authenticated GET every `probe_interval`.
-    probe: bool = True
-    probe_interval: PositiveDuration = 900.0
-    probe_path: str = DUTYCLAIMS_PROBE_PATH
-    #: How the probe sends the credential; the contract documents X-API-Key only for the
-    #: routes that say so, so it is set together with `probe_path`.
-    probe_header: Literal["authorization", "x-api-key"] = "authorization"
-
-    _check_files = field_validator("credential_file")(_existing_file)
-
-    @field_validator("scopes")
-    @classmethod
-    def _known_scopes(cls, scopes: list[str]) -> list[str]:
-        unknown = [s for s in scopes if s not in DUTYCLAIMS_SCOPES]
-        if unknown:
-            raise ValueError(
-                f"unknown DutyClaims scope(s) {', '.join(map(repr, unknown))}; "
-                f"documented: {', '.join(sorted(DUTYCLAIMS_SCOPES))}"
-            )
-        return _scope_tokens(scopes)
-
-    @field_validator("probe_path")
-    @classmethod
-    def _path(cls, value: str) -> str:
-        if not _PROBE_PATH.fullmatch(value) or "#" in value or value.startswith("//"):
-            raise ValueError(
-                "must be a path on base_url starting with '/' (a query is allowed), "
-                "printable ASCII without spaces or '#'"
-            )
-        return value
-
-    @property
-    def environment(self) -> str:
-        """The contract's two worlds: sandbox OAuth, production managed credentials."""
-        return "sandbox" if self.mode == "sandbox" else "production"
-
-    @model_validator(mode="after")
-    def _mode_fields(self) -> DutyClaimsProviderConfig:
-        probe_fields = {"probe", "probe_interval", "probe_path", "probe_header"}
-        if self.mode == "sandbox":
-            if self.client_id is None:
-                raise ValueError("mode sandbox needs client_id")
-            _secret_fields(self, "client_secret", required=True)
-            if any(
-                getattr(self, f) is not None
-                for f in ("credential", "credential_file", "credential_env")
-            ):
-                raise ValueError(
-                    "credential* is for mode managed; sandbox uses client_id/client_secret"
-                )
-            if probe_fields & self.model_fields_set:
-                raise ValueError("probe* is for mode managed: a sandbox token has an expiry")
-            secret = _peek_secret(self, "client_secret") or ""
-            if secret.startswith(DUTYCLAIMS_LIVE_PREFIX):
-                raise ValueError(
-                    "a production managed credential (dcp_live_...) is configured as a sandbox "
-                    "client secret; production uses mode: managed (sandbox OAuth is not a "
-                    "production flow)"
-                )
-            _require_needs_scopes(self.require_scopes, self.scopes, "scopes")
-        else:
-            _secret_fields(self, "credential", required=True)
-            if self.client_id is not None or self.scopes or self.require_scopes:
-                raise ValueError(
-                    "client_id/scopes/require_scopes are for mode sandbox; managed publishes "
-                    "a credential"
-                )
-            if ("probe_path" in self.model_fields_set) != ("probe_header" in self.model_fields_set):
-                raise ValueError(
-                    "set probe_path and probe_header together: the contract says which header "
-                    "each route takes (Authorization: Bearer for /v1/clients; X-API-Key only "
-                    "where a route documents it, e.g. /v1/claims/status)"
-                )
-        return self
-
-
-class DebituraProviderConfig(PartnerProviderConfig):
-    """Debitura: an API key (``XApiKey``) mints one HS256 JWT per ``externalTenantId``."""
-
-    kind: Literal["debitura"]
-    base_url: str = "https://referral-api.debitura.com"
-    api_key: SecretStr | None = None
-    api_key_file: Path | None = None
-    api_key_env: str | None = None
-    tenants: list[Annotated[str, AfterValidator(check_tenant)]] = Field(default_factory=list)
-    tenants_file: Path | None = None
-    max_concurrency: int | None = Field(default=16, gt=0)
-
-    _check_files = field_validator("api_key_file", "tenants_file")(_existing_file)
-
-    @field_validator("tenants")
-    @classmethod
-    def _unique(cls, tenants: list[str]) -> list[str]:
-        dupes = sorted(t for t, n in Counter(tenants).items() if n > 1)
-        if dupes:
-            shown = ", ".join(map(repr, dupes[:10])) + (" ..." if len(dupes) > 10 else "")
-            raise ValueError(f"duplicate tenant(s) {shown}")
-        return tenants
-
-    @model_validator(mode="after")
-    def _sources(self) -> DebituraProviderConfig:
-        _secret_fields(self, "api_key", required=True)
-        if not self.tenants and self.tenants_file is None:
-            raise ValueError("one of tenants or tenants_file is required")
-        if self.tenants and self.tenants_file is not None:
-            raise ValueError("set only one of tenants, tenants_file")
-        return self
-
-    def tenant_lines(self) -> TenantLines:
-        """Configured tenants; a ``tenants_file`` is read now (see `read_tenants_file`)."""
-        if self.tenants_file is None:
-            return TenantLines(tenants=list(self.tenants), rejected=[])
-        return read_tenants_file(self.tenants_file)
-
-
-#: A tenants file is a list of ids, not a database: refuse to read more than this.
-MAX_TENANTS_FILE_BYTES = 32 << 20
-
-
-@dataclass(frozen=True)
-class TenantLines:
-    """The usable tenants of a tenant list, and one message per refused line."""
-
-    tenants: list[str]
-    rejected: list[str]
-
-
-def read_tenants_file(path: Path) -> TenantLines:
-    """One tenant per line, ``#`` starts a comment, surrounding blanks ignored,
-    duplicates kept once. A bad line (not UTF-8, a control character, too long) is
-    skipped and reported; the others stay usable. Raises `OSError` when the file
-    cannot be read at all (the caller keeps what it had)."""
-    with path.open("rb") as file:
-        data = file.read(MAX_TENANTS_FILE_BYTES + 1)
-    if len(data) > MAX_TENANTS_FILE_BYTES:
-        raise OSError(errno.EFBIG, f"larger than {MAX_TENANTS_FILE_BYTES >> 20} MiB")
-    seen: dict[str, None] = {}
-    rejected: list[str] = []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        try:
-            line = raw.removesuffix(b"\r").decode()
-        except UnicodeDecodeError as exc:
-            rejected.append(f"{path} line {number}: not valid UTF-8 (byte {exc.start + 1})")
-            continue
-        tenant = line.split("#", 1)[0].strip(" \t")
-        if not tenant:
-            continue
-        problem = tenant_problem(tenant)
-        if problem is not None:
-            rejected.append(f"{path} line {number}: tenant {problem}")
-            continue
-        seen[tenant] = None
-    return TenantLines(tenants=list(seen), rejected=rejected)
-
-
-class GooclaimProviderConfig(PartnerProviderConfig, ClientSecretFields):
-    """Gooclaim: JSON client credentials → RS256 machine JWT (1 h), 60 requests/min."""
-
-    kind: Literal["gooclaim"]
-    base_url: str = "https://api.gooclaim.com"
-    client_id: str
-    issuer: str | None = None
-    audience: str = "gooclaim-api"
-    public_key_file: Path | None = None
-    jwks_url: str | None = None
-    tenant_id: str | None = None
-    introspect: bool = False
-    requests_per_minute: int | None = Field(default=60, gt=0)
-    #: Per ``client_id``: shared by every job with this client id and base_url.
-    introspect_requests_per_minute: int = Field(default=600, gt=0)
-    #: Gooclaim grants what onboarding set up (no ``scope`` is requested): compare with this.
-    expected_scopes: list[str] = Field(default_factory=list)
-    #: A token lacking an expected scope fails (reason ``scope_missing``) instead of a warning.
-    require_scopes: bool = False
-
-    @field_validator("expected_scopes")
-    @classmethod
-    def _scope_tokens(cls, scopes: list[str]) -> list[str]:
-        return _scope_tokens(scopes)
-
-    @field_validator("jwks_url")
-    @classmethod
-    def _jwks_http(cls, value: str | None) -> str | None:
-        return None if value is None else _http_url(value)
-
-    _check_files = field_validator("public_key_file")(_existing_file)
-
-    @field_validator("public_key_file")
-    @classmethod
-    def _pem(cls, value: Path | None) -> Path | None:
-        if value is None or not _checking_files.get():
-            return value
-        if b"-----BEGIN" not in value.read_bytes()[:4096]:
-            raise ValueError("not a PEM public key")
-        return value
-
-    @model_validator(mode="after")
-    def _verification(self) -> GooclaimProviderConfig:
-        _secret_fields(self, "client_secret", required=True)
-        if self.public_key_file is not None and self.jwks_url is not None:
-            raise ValueError("set only one of public_key_file, jwks_url")
-        if (self.public_key_file or self.jwks_url) and not self.issuer:
-            raise ValueError(
-                "issuer is required to verify tokens (the contract says verify aud and iss; "
-                "use the issuer your Gooclaim onboarding names)"
-            )
-        _require_needs_scopes(self.require_scopes, self.expected_scopes, "expected_scopes")
-        return self
-
 
 ProviderConfig = Annotated[
     OAuth2ProviderConfig
@@ -683,7 +135,7 @@ class KubernetesSinkConfig(Model):
     kubeconfig: Path | None = None  # default: in-cluster service account
     context: str | None = None
 
-    _check_kubeconfig = field_validator("kubeconfig")(_existing_file)
+    _check_kubeconfig = field_validator("kubeconfig")(existing_file)
 
     @field_validator("key")
     @classmethod
@@ -779,12 +231,12 @@ class WebhookNotifierConfig(Model):
     retries: int = Field(default=3, ge=0, le=10)
     retry_backoff: PositiveDuration = 0.5
 
-    _check_secret = field_validator("secret_file")(_existing_file)
+    _check_secret = field_validator("secret_file")(existing_file)
 
     @field_validator("url")
     @classmethod
     def _http(cls, value: str) -> str:
-        return _http_url(value)
+        return http_url(value)
 
 
 NotifierConfig = Annotated[
@@ -846,7 +298,7 @@ class ServerConfig(Model):
     max_connections: int = Field(default=256, ge=1, le=65536)
     header_timeout: PositiveDuration = 10.0
 
-    _check_tokens = field_validator("admin_token_file", "consumer_token_file")(_existing_file)
+    _check_tokens = field_validator("admin_token_file", "consumer_token_file")(existing_file)
 
     @field_validator("listen")
     @classmethod
@@ -897,7 +349,7 @@ class LeaderElectionConfig(Model):
     kubeconfig: Path | None = None
     context: str | None = None
 
-    _check_kubeconfig = field_validator("kubeconfig")(_existing_file)
+    _check_kubeconfig = field_validator("kubeconfig")(existing_file)
 
     @model_validator(mode="after")
     def _ordered(self) -> LeaderElectionConfig:

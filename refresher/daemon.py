@@ -31,7 +31,7 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from refresher.clock import Clock, SystemClock
-from refresher.config import DebituraProviderConfig, JobConfig, Settings, load_settings
+from refresher.config import JobConfig, Settings, load_settings
 from refresher.errors import ConfigError, LeadershipLostError, Refusal, SinkError, SinkOwnedError
 from refresher.jobs import build_provider, build_runtimes
 from refresher.leader import LeaderElector
@@ -39,6 +39,7 @@ from refresher.logging import Redactor
 from refresher.metrics import Metrics
 from refresher.notify import Notifier, TokenWritten, build_notifier
 from refresher.providers.base import HTTPClients, TokenProvider
+from refresher.providers.debitura import DebituraProviderConfig
 from refresher.scheduler import JobKey, JobRuntime, Scheduler
 from refresher.sdnotify import SystemdNotifier
 from refresher.server import (

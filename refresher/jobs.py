@@ -7,21 +7,11 @@ from pathlib import Path
 import structlog
 
 from refresher.clock import Clock
-from refresher.config import (
-    DebituraProviderConfig,
-    DutyClaimsProviderConfig,
-    FileSinkConfig,
-    GooclaimProviderConfig,
-    JobConfig,
-    OAuth2ProviderConfig,
-    SinkConfig,
-)
+from refresher.config import FileSinkConfig, JobConfig, SinkConfig
 from refresher.errors import ConfigError
+from refresher.providers import PROVIDERS
 from refresher.providers.base import HTTPClients, TokenProvider
-from refresher.providers.debitura import DebituraProvider
-from refresher.providers.dutyclaims import DutyClaimsProvider
-from refresher.providers.gooclaim import GooclaimProvider
-from refresher.providers.oauth2 import OAuth2Provider
+from refresher.providers.debitura import DebituraProviderConfig
 from refresher.scheduler import JobRuntime
 from refresher.sinks.base import TokenSink
 from refresher.sinks.file import FileSink
@@ -32,36 +22,14 @@ log = structlog.get_logger("refresher.jobs")
 
 
 def build_provider(job: JobConfig, *, clients: HTTPClients, clock: Clock) -> TokenProvider:
-    """The provider implementation for a job's ``provider.kind``."""
-    config = job.provider
-    if isinstance(config, OAuth2ProviderConfig):
-        return OAuth2Provider(config, clients=clients, clock=clock)
-    if isinstance(config, DutyClaimsProviderConfig):
-        _dutyclaims_notes(job.name, config)
-        return DutyClaimsProvider(config, clients=clients, clock=clock)
-    if isinstance(config, DebituraProviderConfig):
-        return DebituraProvider(config, clients=clients, clock=clock)
-    if isinstance(config, GooclaimProviderConfig):
-        return GooclaimProvider(config, clients=clients, clock=clock)
-    raise ConfigError([f"jobs.{job.name}.provider.kind: unsupported kind {config.kind!r}"])
-
-
-def _dutyclaims_notes(job: str, config: DutyClaimsProviderConfig) -> None:
-    """What the contract wants said when a DutyClaims job starts."""
-    if config.sandbox_on_production_host is not None:
-        log.warning(
-            "sandbox_on_production_host is deprecated and ignored: the sandbox token "
-            "endpoint is on api.dutyclaims.com; remove the key",
-            job=job,
-        )
-    if config.mode == "sandbox":
-        log.info(
-            "DutyClaims sandbox job: sandbox OAuth is no proof of production access "
-            "(production uses managed credentials)",
-            job=job,
-            environment="sandbox",
-            base_url=config.base_url,
-        )
+    """The provider implementation for a job's ``provider.kind`` (`PROVIDERS`)."""
+    provider_class = PROVIDERS.get(type(job.provider))
+    if provider_class is None:
+        kind = job.provider.kind
+        raise ConfigError([f"jobs.{job.name}.provider.kind: unsupported kind {kind!r}"])
+    provider = provider_class(job.provider, clients=clients, clock=clock)
+    provider.starting(job.name)
+    return provider
 
 
 def tenants_of(job: JobConfig) -> list[str | None]:

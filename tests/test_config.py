@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from refresher.cli import main
-from refresher.config import load_settings, parse_duration
+from refresher.config import load_settings
+from refresher.fields import parse_duration
 
 
 def write(tmp_path: Path, data: object) -> Path:
@@ -233,7 +234,7 @@ def test_env_overrides_yaml(tmp_path, monkeypatch) -> None:
 
 
 def test_secret_file_is_stripped_of_trailing_newlines_and_reread(tmp_path) -> None:
-    from refresher.config import secret_source
+    from refresher.fields import secret_source
 
     settings = load_settings(write(tmp_path, {"jobs": [good_job(tmp_path)]}))
     source = secret_source(settings.jobs[0].provider, "client_secret")

@@ -1672,7 +1672,7 @@ def test_chart_readme_values_table_is_current(tmp_path: Path) -> None:
     "text", ["90s", "1h30m", "250ms", "1.5h", "5", " 5m ", "5 m", "2d", "0", "0s", "10.5"]
 )
 def test_duration_schema_accepts_what_the_daemon_parses(text: str) -> None:
-    from refresher.config import DURATION_PATTERN, parse_duration
+    from refresher.fields import DURATION_PATTERN, parse_duration
 
     assert parse_duration(text) >= 0
     assert re.fullmatch(DURATION_PATTERN, text)
@@ -1680,7 +1680,7 @@ def test_duration_schema_accepts_what_the_daemon_parses(text: str) -> None:
 
 @pytest.mark.parametrize("text", ["soon", "5x", "-5m", "", "m", "5mm", "1h-30m", "ten seconds"])
 def test_duration_schema_refuses_what_the_daemon_refuses(text: str) -> None:
-    from refresher.config import DURATION_PATTERN, parse_duration
+    from refresher.fields import DURATION_PATTERN, parse_duration
 
     with pytest.raises(ValueError):
         if parse_duration(text) < 0:

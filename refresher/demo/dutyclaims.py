@@ -23,8 +23,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from refresher.config import DUTYCLAIMS_SCOPES
 from refresher.demo.base import Emulator, problem, read_body
+from refresher.providers.dutyclaims import DUTYCLAIMS_SCOPES
 from refresher.token import fingerprint
 
 

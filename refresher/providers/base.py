@@ -15,12 +15,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import httpx2
 
 from refresher.clock import Clock
-from refresher.config import HTTPProviderConfig, SecretSource
 from refresher.errors import (
     BadResponseError,
     ConfigError,
@@ -34,6 +33,7 @@ from refresher.errors import (
     TransportError,
     UnauthorizedError,
 )
+from refresher.fields import HTTPProviderConfig, SecretSource
 from refresher.ratelimit import SlidingWindowLimiter
 from refresher.scopes import check_scopes
 from refresher.token import Token
@@ -92,6 +92,16 @@ class TokenProvider(Protocol):
     async def fetch(self, tenant: str | None) -> Token:
         """Mint a new token."""
         ...
+
+    def starting(self, job: str) -> None:
+        """Called once when the job using this provider starts (or is rebuilt)."""
+        ...
+
+
+class ProviderClass(Protocol):
+    """How `refresher.providers.PROVIDERS` builds a provider from its config section."""
+
+    def __call__(self, config: Any, *, clients: HTTPClients, clock: Clock) -> TokenProvider: ...
 
 
 class HTTPClients:
@@ -305,8 +315,12 @@ def require_str(data: Mapping[str, Any], key: str, what: str) -> str:
     return value
 
 
-class HTTPProvider:
-    """Shared plumbing for providers that mint over HTTP.
+ConfigT = TypeVar("ConfigT", bound=HTTPProviderConfig)
+
+
+class HTTPProvider(Generic[ConfigT]):
+    """Shared plumbing for providers that mint over HTTP, generic over the provider's
+    own config section (`config`).
 
     Subclasses implement `fetch` using `self.post(...)` and `self.token_from(...)`.
     """
@@ -317,7 +331,7 @@ class HTTPProvider:
 
     def __init__(
         self,
-        config: HTTPProviderConfig,
+        config: ConfigT,
         *,
         base_url: str,
         clients: HTTPClients,
@@ -341,6 +355,9 @@ class HTTPProvider:
     @property
     def credential(self) -> str:
         return self._credential
+
+    def starting(self, job: str) -> None:
+        """Called once when the job that uses this provider starts (or restarts)."""
 
     @property
     def rate_limit(self) -> RateLimit | None:

@@ -23,13 +23,24 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
+from pydantic import Field, field_validator, model_validator
 
 from refresher.clock import Clock
-from refresher.config import GooclaimProviderConfig, secret_source
 from refresher.errors import BadResponseError, RateLimitedError
+from refresher.fields import (
+    ClientSecretFields,
+    PartnerProviderConfig,
+    checking_files,
+    existing_file,
+    http_url,
+    require_needs_scopes,
+    scope_tokens,
+    secret_fields,
+    secret_source,
+)
 from refresher.jwtverify import JWKSCache, JWTVerifier, KeySource, PublicKeyFile, shown
 from refresher.providers.base import HTTPClients, HTTPProvider, raise_for_status, request
 from refresher.token import Token
@@ -43,7 +54,62 @@ INTROSPECT_ATTEMPTS = 3
 INTROSPECT_MAX_WAIT = 60.0
 
 
-class GooclaimProvider(HTTPProvider):
+class GooclaimProviderConfig(PartnerProviderConfig, ClientSecretFields):
+    """Gooclaim: JSON client credentials → RS256 machine JWT (1 h), 60 requests/min."""
+
+    kind: Literal["gooclaim"]
+    base_url: str = "https://api.gooclaim.com"
+    client_id: str
+    issuer: str | None = None
+    audience: str = "gooclaim-api"
+    public_key_file: Path | None = None
+    jwks_url: str | None = None
+    tenant_id: str | None = None
+    introspect: bool = False
+    requests_per_minute: int | None = Field(default=60, gt=0)
+    #: Per ``client_id``: shared by every job with this client id and base_url.
+    introspect_requests_per_minute: int = Field(default=600, gt=0)
+    #: Gooclaim grants what onboarding set up (no ``scope`` is requested): compare with this.
+    expected_scopes: list[str] = Field(default_factory=list)
+    #: A token lacking an expected scope fails (reason ``scope_missing``) instead of a warning.
+    require_scopes: bool = False
+
+    @field_validator("expected_scopes")
+    @classmethod
+    def _check_scopes(cls, scopes: list[str]) -> list[str]:
+        return scope_tokens(scopes)
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _jwks_http(cls, value: str | None) -> str | None:
+        return None if value is None else http_url(value)
+
+    _check_files = field_validator("public_key_file")(existing_file)
+
+    @field_validator("public_key_file")
+    @classmethod
+    def _pem(cls, value: Path | None) -> Path | None:
+        if value is None or not checking_files.get():
+            return value
+        if b"-----BEGIN" not in value.read_bytes()[:4096]:
+            raise ValueError("not a PEM public key")
+        return value
+
+    @model_validator(mode="after")
+    def _verification(self) -> GooclaimProviderConfig:
+        secret_fields(self, "client_secret", required=True)
+        if self.public_key_file is not None and self.jwks_url is not None:
+            raise ValueError("set only one of public_key_file, jwks_url")
+        if (self.public_key_file or self.jwks_url) and not self.issuer:
+            raise ValueError(
+                "issuer is required to verify tokens (the contract says verify aud and iss; "
+                "use the issuer your Gooclaim onboarding names)"
+            )
+        require_needs_scopes(self.require_scopes, self.expected_scopes, "expected_scopes")
+        return self
+
+
+class GooclaimProvider(HTTPProvider[GooclaimProviderConfig]):
     kind = "gooclaim"
     token_path = "/v1/auth/token"
     introspect_path = "/v1/auth/introspect"
@@ -60,7 +126,6 @@ class GooclaimProvider(HTTPProvider):
             rate_limit_key=config.client_id,
             default_requests_per_minute=60,
         )
-        self.gooclaim = config
         keys: KeySource | None = None
         if config.public_key_file is not None:
             keys = PublicKeyFile(config.public_key_file)
@@ -84,11 +149,11 @@ class GooclaimProvider(HTTPProvider):
 
     def watched_files(self) -> list[Path]:
         """A new signing key retries failed verifications at once."""
-        key_file = self.gooclaim.public_key_file
+        key_file = self.config.public_key_file
         return [key_file] if key_file is not None else []
 
     async def fetch(self, tenant: str | None) -> Token:
-        cfg = self.gooclaim
+        cfg = self.config
         started = self.clock.now()
         body = await self.post(
             self.token_path,
@@ -118,7 +183,7 @@ class GooclaimProvider(HTTPProvider):
 
     def _check_identity(self, claims: Mapping[str, Any]) -> None:
         """A machine token for our client id and (when configured) our tenant."""
-        cfg = self.gooclaim
+        cfg = self.config
         if claims.get("sub") != cfg.client_id:
             raise BadResponseError(
                 f"Gooclaim token sub {shown(claims.get('sub'))} is not the client_id "
@@ -131,7 +196,7 @@ class GooclaimProvider(HTTPProvider):
             raise BadResponseError(f"Gooclaim token tenant_id {shown(tenant)} != {cfg.tenant_id!r}")
 
     async def _fetch_jwks(self) -> dict[str, Any]:
-        url = self.gooclaim.jwks_url
+        url = self.config.jwks_url
         assert url is not None
         response = await request(self.client, "GET", url, clock=self.clock)
         raise_for_status(response, "Gooclaim JWKS request")
@@ -178,7 +243,7 @@ class GooclaimProvider(HTTPProvider):
     ) -> None:
         if body.get("active") is not True:
             raise BadResponseError("Gooclaim introspection says the token is not active")
-        expected = self.gooclaim.tenant_id or claims.get("tenant_id")
+        expected = self.config.tenant_id or claims.get("tenant_id")
         if body.get("tenant_id") != expected:
             raise BadResponseError(
                 f"Gooclaim introspection tenant_id {shown(body.get('tenant_id'))} != {expected!r}"

@@ -40,8 +40,6 @@ import copy
 import json
 import re
 import secrets
-import shutil
-import tempfile
 import threading
 import uuid
 from collections.abc import Iterable, Mapping
@@ -58,6 +56,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from refresher.demo.base import Emulator, RecordedRequest
+from tests.emulators.tls import ServesTLS
 
 Path_ = tuple[str, ...]
 
@@ -296,7 +295,7 @@ def _apf_rejection(fault: KubeFault) -> Response:
     )
 
 
-class KubernetesEmulator(Emulator):
+class KubernetesEmulator(ServesTLS, Emulator):
     """A tiny kube-apiserver. Namespaces come from `namespaces` (``default`` if None).
 
     A bearer token (``token``, random by default) is accepted for the user
@@ -319,15 +318,9 @@ class KubernetesEmulator(Emulator):
         user: str | None = None,
         rbac: bool = True,
         version: str = "1.33",
-        tls: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        #: Serve HTTPS with a throw-away CA (`ca_pem`, written to `ca_file` on start).
-        self.tls = tls
-        self.ca_pem: bytes | None = None
-        self.ca_file: Path | None = None
-        self._tls_dir: Path | None = None
         self.namespaces: set[str] = set(namespaces if namespaces is not None else ["default"])
         self.objects: dict[tuple[str, str, str], _Stored] = {}
         self.kube_faults: list[KubeFault] = []
@@ -628,31 +621,6 @@ class KubernetesEmulator(Emulator):
                 and (resource is None or _resource_of(r.path) == resource)
                 and (status is None or r.status == status)
             ]
-
-    @property
-    def scheme(self) -> str:  # type: ignore[override]
-        return "https" if self.tls else "http"
-
-    def server_options(self) -> dict[str, Any]:
-        """HTTPS with a fresh CA (trustme) and a certificate for the emulator's host
-        and the in-cluster name."""
-        if not self.tls:
-            return {}
-        import trustme
-
-        ca = trustme.CA()
-        certificate = ca.issue_cert(self.host, "localhost", "kubernetes.default.svc")
-        self._tls_dir = Path(tempfile.mkdtemp(prefix="kubernetes-emulator-tls-"))
-        self.ca_pem = ca.cert_pem.bytes()
-        self.ca_file = self._tls_dir / "ca.crt"
-        ca.cert_pem.write_to_path(str(self.ca_file))
-        certificate.private_key_and_cert_chain_pem.write_to_path(str(self._tls_dir / "tls.pem"))
-        return {"ssl_certfile": str(self._tls_dir / "tls.pem")}
-
-    def cleanup(self) -> None:
-        if self._tls_dir is not None:
-            shutil.rmtree(self._tls_dir, ignore_errors=True)
-            self._tls_dir = None
 
     def write_kubeconfig(
         self,

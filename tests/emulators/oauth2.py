@@ -14,9 +14,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from refresher.demo.base import Emulator, problem, read_body
+from tests.emulators.tls import ServesTLS
 
 
-class OAuth2Emulator(Emulator):
+class OAuth2Emulator(ServesTLS, Emulator):
     """Client credentials → RS256 JWT; `clients` maps client id → secret."""
 
     name = "oauth2"

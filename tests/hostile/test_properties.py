@@ -19,9 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from refresher.clock import ManualClock
-from refresher.config import FileSinkConfig, OAuth2ProviderConfig
+from refresher.config import FileSinkConfig
 from refresher.errors import ProviderError
 from refresher.providers.base import HTTPClients, HTTPProvider, Response, raise_for_status
+from refresher.providers.oauth2 import OAuth2ProviderConfig
 from refresher.sinks.file import parse, render
 from refresher.targets import TargetError, expand_key, expand_path, path_segment, tenant_problem
 

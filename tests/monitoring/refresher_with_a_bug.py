@@ -21,7 +21,7 @@ _fetch = OAuth2Provider.fetch
 
 
 async def _fetch_with_a_bug(self: Any, tenant: str | None) -> Token:
-    if self.oauth.audience == BUG_AUDIENCE:
+    if self.config.audience == BUG_AUDIENCE:
         raise RuntimeError("deliberate bug (tests/monitoring/refresher_with_a_bug.py)")
     return await _fetch(self, tenant)
 

@@ -20,9 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from refresher.clock import ManualClock
-from refresher.config import OAuth2ProviderConfig, load_settings
+from refresher.config import load_settings
 from refresher.errors import ConfigError, ProviderError
 from refresher.providers.base import HTTPClients, HTTPProvider, Response, raise_for_status
+from refresher.providers.oauth2 import OAuth2ProviderConfig
 
 NOW = 1_800_000_000.0
 
