@@ -34,6 +34,7 @@ from refresher.clock import Clock, SystemClock
 from refresher.config import JobConfig, Settings, load_settings
 from refresher.errors import ConfigError, LeadershipLostError, Refusal, SinkError, SinkOwnedError
 from refresher.jobs import build_provider, build_runtimes
+from refresher.kube import KubeClients
 from refresher.leader import LeaderElector
 from refresher.logging import Redactor
 from refresher.metrics import Metrics
@@ -55,7 +56,7 @@ from refresher.server import (
     token_reader,
 )
 from refresher.sinks.file import FileSink
-from refresher.sinks.kubernetes import KubeClients, KubernetesSink
+from refresher.sinks.kubernetes import KubernetesSink
 from refresher.sinks.lock import DirectoryLocks
 from refresher.targets import TargetClaims, TargetError, describe_owner
 from refresher.token import Token, rfc3339

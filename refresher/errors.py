@@ -5,7 +5,7 @@
     ├── ListenError                 the HTTP listener cannot bind its address
     ├── ProviderError               a token request failed (carries `reason`)
     │   ├── TransportError          connection refused/reset, TLS, DNS     reason=transport
-    │   │   └── TimeoutError        no answer in time                       reason=timeout
+    │   │   └── ProviderTimeoutError no answer in time                     reason=timeout
     │   ├── ServerError             5xx                                     reason=server_error
     │   ├── RateLimitedError        429, carries retry_after seconds        reason=rate_limited
     │   ├── UnauthorizedError       401: credential rejected                reason=unauthorized
@@ -20,7 +20,12 @@
     │                               (missing, empty, not UTF-8)
     ├── SinkError                   a sink could not store the token       reason=sink
     │   ├── SinkOwnedError          another process holds the lock of a file-sink directory
-    │   └── LeadershipLostError     a write not sent: this replica stopped leading
+    │   ├── LeadershipLostError     a write not sent: this replica stopped leading
+    │   └── KubernetesSinkError     a Secret sink's API call failed (also a KubernetesAPIError)
+    ├── KubernetesAPIError          a Kubernetes API call failed (status, retry_after,
+    │   │                           config_level: no retry fixes it)
+    │   └── LeaderElectionError     the Lease could not be read or written
+    ├── NotifyError                 a notifier could not deliver its notification
     ├── TooSoonError                a forced refresh over its budget (429)
     └── NotActiveError              a forced refresh on a replica that does not refresh
                                     (a follower under leader election, or stopping) (503)
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 class RefresherError(Exception):
@@ -102,7 +108,7 @@ class TransportError(ProviderError):
     reason = "transport"
 
 
-class TimeoutError(TransportError):
+class ProviderTimeoutError(TransportError):
     """The provider did not answer within the configured timeout."""
 
     reason = "timeout"
@@ -231,3 +237,49 @@ class NotActiveError(RefresherError):
         self.leader = leader
         where = f": the leader is {leader}" if leader else ""
         super().__init__(f"this replica is not refreshing{where}")
+
+
+class KubernetesAPIError(RefresherError):
+    """A Kubernetes API call failed. `config_level` marks problems no retry fixes
+    (missing namespace, RBAC, an invalid object); `status` is the HTTP status, if any;
+    `retry_after` the seconds the API server asked us to wait, if it did."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        kube_reason: str | None = None,
+        config_level: bool = False,
+        retry_after: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(message, **kwargs)
+        self.status = status
+        self.kube_reason = kube_reason
+        self.config_level = config_level
+        self.retry_after = retry_after
+
+    def details(self) -> dict[str, Any]:
+        """The fields to carry over when this error is re-raised with more context."""
+        return {
+            "status": self.status,
+            "kube_reason": self.kube_reason,
+            "config_level": self.config_level,
+            "retry_after": self.retry_after,
+        }
+
+
+class KubernetesSinkError(KubernetesAPIError, SinkError):
+    """A Secret sink could not write or remove its key; the Secret is as it was."""
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message, sink="kubernetes", **details)
+
+
+class LeaderElectionError(KubernetesAPIError):
+    """The Lease could not be read or written."""
+
+
+class NotifyError(RefresherError):
+    """A notifier could not deliver its notification."""

@@ -9,13 +9,14 @@ import structlog
 from refresher.clock import Clock
 from refresher.config import FileSinkConfig, JobConfig, SinkConfig
 from refresher.errors import ConfigError
+from refresher.kube import KubeClients
 from refresher.providers import PROVIDERS
 from refresher.providers.base import HTTPClients, TokenProvider
 from refresher.providers.debitura import DebituraProviderConfig
 from refresher.scheduler import JobRuntime
 from refresher.sinks.base import TokenSink
 from refresher.sinks.file import FileSink
-from refresher.sinks.kubernetes import KubeClients, KubernetesSink
+from refresher.sinks.kubernetes import KubernetesSink
 from refresher.targets import expand_key, expand_path
 
 log = structlog.get_logger("refresher.jobs")

@@ -53,13 +53,8 @@ from lightkube.resources.coordination_v1 import Lease
 
 from refresher.clock import Clock
 from refresher.config import LEADER_JITTER_FACTOR, LeaderElectionConfig
-from refresher.errors import ConfigError
-from refresher.sinks.kubernetes import (
-    KubeClients,
-    KubernetesSinkError,
-    describe_api_error,
-    describe_transport_error,
-)
+from refresher.errors import ConfigError, KubernetesAPIError, LeaderElectionError
+from refresher.kube import KubeClients, api_error, transport_error
 
 log = structlog.get_logger("refresher.leader")
 
@@ -265,7 +260,7 @@ class LeaderElector:
                     except ApiError as exc:
                         if exc.status.code != 409 or attempt == 2:
                             raise
-        except (ApiError, httpx2.HTTPError, OSError, TimeoutError, KubernetesSinkError) as exc:
+        except (ApiError, httpx2.HTTPError, OSError, TimeoutError, LeaderElectionError) as exc:
             log.warning(
                 "cannot release the leader lease; followers take over when it expires",
                 lease=self._lease_ref(),
@@ -313,7 +308,7 @@ class LeaderElector:
         try:
             with anyio.fail_after(self.renew_deadline):
                 acquired, lost_to = await self._try_acquire_or_renew(now)
-        except (ApiError, httpx2.HTTPError, OSError, TimeoutError, KubernetesSinkError) as exc:
+        except (ApiError, httpx2.HTTPError, OSError, TimeoutError, LeaderElectionError) as exc:
             acquired = False
             error = self._error(exc, "update" if self._leading else "get")
             if error.retry_after is not None:
@@ -465,7 +460,7 @@ class LeaderElector:
         try:
             return self.clients.client(self.config.kubeconfig, self.config.context)
         except ConfigError as exc:
-            raise KubernetesSinkError(str(exc), config_level=True) from None
+            raise LeaderElectionError(str(exc), config_level=True) from None
 
     def _duration_seconds(self) -> int:
         return max(1, math.ceil(self.lease_duration))
@@ -478,11 +473,11 @@ class LeaderElector:
     def _lease_ref(self) -> str:
         return f"{self.namespace}/{self.lease_name}"
 
-    def _error(self, exc: BaseException, verb: str) -> KubernetesSinkError:
-        if isinstance(exc, KubernetesSinkError):
+    def _error(self, exc: BaseException, verb: str) -> KubernetesAPIError:
+        if isinstance(exc, KubernetesAPIError):
             return exc
         if isinstance(exc, ApiError):
-            return describe_api_error(
+            return api_error(
                 exc,
                 verb=verb,
                 resource="leases",
@@ -490,7 +485,7 @@ class LeaderElector:
                 name=self.lease_name,
             )
         if isinstance(exc, TimeoutError):
-            return KubernetesSinkError(
+            return LeaderElectionError(
                 "the Kubernetes API did not answer within the renew deadline"
             )
         if isinstance(exc, (httpx2.HTTPError, OSError)):
@@ -498,8 +493,8 @@ class LeaderElector:
                 server = self.clients.server(self.config.kubeconfig, self.config.context)
             except ConfigError:
                 server = "(unknown)"
-            return describe_transport_error(exc, server)
-        return KubernetesSinkError(str(exc))
+            return transport_error(exc, server)
+        return LeaderElectionError(str(exc))
 
     def _describe(self, exc: BaseException, verb: str) -> str:
         return str(self._error(exc, verb))

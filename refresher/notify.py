@@ -32,11 +32,7 @@ from refresher.config import (
     SignalNotifierConfig,
     WebhookNotifierConfig,
 )
-from refresher.errors import RefresherError
-
-
-class NotifyError(RefresherError):
-    """A notifier could not deliver its notification."""
+from refresher.errors import NotifyError
 
 
 @dataclass(frozen=True)

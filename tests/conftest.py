@@ -25,6 +25,9 @@ from refresher.daemon import Daemon
 from refresher.demo.base import Emulator
 from refresher.logging import Redactor, configure_logging, secret_forms
 
+#: Kubernetes emulator fixtures (kube, kubeconfig, clients, make_token) for every test.
+pytest_plugins = ["tests.kube_support"]
+
 CLIENT_ID = "demo-client"
 CLIENT_SECRET = "s3cr3t-client-secret-value"
 DEB_KEY = "debitura-api-key-value-123"

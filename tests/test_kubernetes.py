@@ -1,146 +1,43 @@
-"""Kubernetes Secret sink and Lease leader election, through lightkube against the
-loopback API emulator (real HTTP, real kubeconfig / in-cluster config, no mocks)."""
+"""The Kubernetes Secret sink, through lightkube against the loopback API emulator
+(real HTTP, real kubeconfig / in-cluster config, no mocks)."""
 
 from __future__ import annotations
 
 import base64
-import random
 import secrets
-import threading
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
-import anyio
-import jwt
 import pytest
 import yaml
-from lightkube import ApiError, AsyncClient, KubeConfig
-from lightkube.models.coordination_v1 import LeaseSpec
+from lightkube import AsyncClient, KubeConfig
 from lightkube.models.meta_v1 import ObjectMeta
-from lightkube.resources.coordination_v1 import Lease
 from lightkube.resources.core_v1 import Secret
 
-from refresher.clock import ManualClock
-from refresher.config import KubernetesSinkConfig, LeaderElectionConfig, RefreshConfig
-from refresher.errors import ConfigError, SinkError
-from refresher.leader import LeaderElector, micro_time
+from refresher.config import KubernetesSinkConfig, RefreshConfig
+from refresher.errors import ConfigError, KubernetesSinkError, SinkError
+from refresher.kube import KubeClients, ServiceAccountTokenAuth
 from refresher.logging import Redactor
 from refresher.metrics import Metrics
 from refresher.scheduler import JobRuntime, Scheduler
 from refresher.sinks.base import TokenSink
 from refresher.sinks.kubernetes import (
     CONFLICT_ATTEMPTS,
-    KubeClients,
     KubernetesSink,
-    KubernetesSinkError,
-    ServiceAccountTokenAuth,
     annotation_key,
     token_from_secret,
 )
 from refresher.token import Token, rfc3339
-from tests.conftest import wait_for
 from tests.emulators.kubernetes import KubernetesEmulator
 from tests.kube_rbac import install_chart_rbac
+from tests.kube_support import (
+    CHART_CONFIG,
+    NS,
+    SECRET,
+    sink,
+    stored,
+)
 
 pytestmark = pytest.mark.anyio
-
-NS = "apps"
-SECRET = "partner-tokens"
-#: What these tests deploy, as the chart sees it: the Secrets they write or read and
-#: the Lease. The emulator grants exactly the chart's Role for it (tests/kube_rbac.py).
-CHART_CONFIG: dict[str, Any] = {
-    "jobs": [
-        {
-            "name": "tokens",
-            "sinks": [
-                {"kind": "kubernetes", "secret": SECRET},
-                {"kind": "kubernetes", "secret": "absent"},
-            ],
-        }
-    ],
-    "leader_election": {"enabled": True, "lease_name": "refresher", "namespace": NS},
-}
-
-
-class NoJitter(random.Random):
-    """Followers retry every retry period exactly (timing assertions stay exact)."""
-
-    def random(self) -> float:
-        return 0.0
-
-
-# ---------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_emulator_threads() -> Any:
-    yield
-    alive = [t.name for t in threading.enumerate() if t.name == "kubernetes-emulator"]
-    assert not alive, f"emulator threads left running: {alive}"
-
-
-@pytest.fixture
-def kube(make_emulator: Callable[..., Any], clock: ManualClock) -> KubernetesEmulator:
-    emulator: KubernetesEmulator = make_emulator(
-        KubernetesEmulator, namespaces=[NS, "default"], clock=clock
-    )
-    install_chart_rbac(emulator, CHART_CONFIG)
-    return emulator
-
-
-@pytest.fixture
-def admin_kubeconfig(kube: KubernetesEmulator, tmp_path: Path) -> Path:
-    """Another tool with cluster-admin rights (kubectl, a test's own client)."""
-    return kube.write_kubeconfig(
-        tmp_path / "admin-kubeconfig", namespace=NS, token=kube.admin_token, user="admin"
-    )
-
-
-@pytest.fixture
-def kubeconfig(kube: KubernetesEmulator, tmp_path: Path) -> Path:
-    return kube.write_kubeconfig(tmp_path / "kubeconfig", namespace=NS)
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[KubeClients]:
-    shared = KubeClients(environ={})  # never pick up a real in-cluster environment
-    yield shared
-    await shared.aclose()
-
-
-def sink(
-    kubeconfig: Path, clients: KubeClients, key: str = "gooclaim", **config: Any
-) -> KubernetesSink:
-    config = {"secret": SECRET, **config}
-    spec = KubernetesSinkConfig(kind="kubernetes", kubeconfig=kubeconfig, **config)
-    return KubernetesSink(spec, key, clients=clients)
-
-
-@pytest.fixture
-def make_token(clock: ManualClock, leak_guard: Any) -> Callable[..., Token]:
-    def make(
-        *, lifetime: float = 3600.0, jwt_exp: float | None = None, kind: str = "Bearer"
-    ) -> Token:
-        now = clock.now()
-        if jwt_exp is not None:
-            value = jwt.encode(
-                {"sub": "svc", "iat": int(now), "exp": int(jwt_exp), "jti": secrets.token_hex(8)},
-                "k" * 32,
-                algorithm="HS256",
-            )
-        else:
-            value = f"opaque-{secrets.token_urlsafe(24)}"
-        leak_guard.secrets.add(value)
-        return Token(value=value, token_type=kind, obtained_at=now, expires_at=now + lifetime)
-
-    return make
-
-
-def stored(kube: KubernetesEmulator) -> dict[str, Any]:
-    secret = kube.secret(NS, SECRET)
-    assert secret is not None
-    return secret
 
 
 # ---------------------------------------------------------------------------- the sink
@@ -553,315 +450,3 @@ def test_token_auth_rereads_the_file_when_it_changes(tmp_path: Path) -> None:
     assert next(auth.auth_flow(request)).headers["Authorization"] == "Bearer one"
     path.write_text("two-longer\n")
     assert next(auth.auth_flow(request)).headers["Authorization"] == "Bearer two-longer"
-
-
-# ---------------------------------------------------------------------------- emulator protocol
-
-
-async def test_emulator_speaks_status_errors_and_resource_versions(
-    kube, kubeconfig, admin_kubeconfig
-) -> None:
-    async with AsyncClient(KubeConfig.from_file(admin_kubeconfig)) as client:
-        with pytest.raises(ApiError) as missing:
-            await client.get(Secret, "nothing", namespace=NS)
-        assert missing.value.status.code == 404
-        assert missing.value.status.reason == "NotFound"
-        assert missing.value.status.message == 'secrets "nothing" not found'
-
-        created = await client.create(
-            Secret(metadata=ObjectMeta(name="s"), stringData={"a": "1"}), namespace=NS
-        )
-        assert created.data == {"a": base64.b64encode(b"1").decode()}
-        with pytest.raises(ApiError) as exists:
-            await client.create(Secret(metadata=ObjectMeta(name="s")), namespace=NS)
-        assert exists.value.status.reason == "AlreadyExists"
-
-        fresh = await client.get(Secret, "s", namespace=NS)
-        fresh.data = {"a": base64.b64encode(b"2").decode()}
-        await client.replace(fresh)
-        with pytest.raises(ApiError) as stale:
-            await client.replace(fresh)  # same (now stale) resourceVersion
-        assert stale.value.status.code == 409
-
-        # Server-side apply conflicts with another manager's field unless forced.
-        with pytest.raises(ApiError) as conflict:
-            await client.apply(
-                Secret(metadata=ObjectMeta(name="s"), data={"a": base64.b64encode(b"3").decode()}),
-                namespace=NS,
-                field_manager="other",
-            )
-        assert conflict.value.status.code == 409
-        assert "Apply failed with 1 conflict" in (conflict.value.status.message or "")
-
-    bad = kube.write_kubeconfig(kubeconfig.parent / "bad", namespace=NS, token="wrong")
-    async with AsyncClient(KubeConfig.from_file(bad)) as client:
-        with pytest.raises(ApiError) as unauthorized:
-            await client.get(Secret, "s", namespace=NS)
-        assert unauthorized.value.status.code == 401
-
-
-async def test_emulator_rejects_lease_times_without_microseconds(kube, kubeconfig, clock) -> None:
-    from datetime import UTC, datetime
-
-    whole_second = datetime.fromtimestamp(int(clock.now()), UTC)
-    async with AsyncClient(KubeConfig.from_file(kubeconfig)) as client:
-        # What lightkube sends for a datetime with zero microseconds: the real API
-        # server's RFC3339Micro parser refuses it, hence refresher.leader.micro_time.
-        with pytest.raises(ApiError) as caught:
-            await client.create(
-                Lease(metadata=ObjectMeta(name="l"), spec=LeaseSpec(renewTime=whole_second)),
-                namespace=NS,
-            )
-        assert caught.value.status.code == 400
-        ok = await client.create(
-            Lease(metadata=ObjectMeta(name="l"), spec=LeaseSpec(renewTime=micro_time(clock.now()))),
-            namespace=NS,
-        )
-        assert ok.spec is not None and ok.spec.renewTime == whole_second
-
-
-# ---------------------------------------------------------------------------- leader election
-
-
-class Replica:
-    """One elector in its own cancel scope (cancel = kill -9 of the pod)."""
-
-    def __init__(self, elector: LeaderElector, clock: ManualClock) -> None:
-        self.elector = elector
-        self.clock = clock
-        self.changes: list[tuple[float, bool]] = []
-        self.scope = anyio.CancelScope()
-        elector.on_change = lambda leading: self.changes.append((clock.now(), leading))
-
-    async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-        try:
-            with self.scope:
-                await self.elector.run(task_status=task_status)
-        finally:
-            self.done = True
-
-    done = False
-
-    def idle(self) -> bool:
-        until = self.elector.waiting_until
-        if self.done or self.scope.cancel_called:
-            return self.done  # killed or released: idle once run() has returned
-        return until is not None and until > self.clock.now()
-
-
-def elector(kubeconfig: Path, clients: KubeClients, clock: ManualClock, identity: str) -> Replica:
-    config = LeaderElectionConfig(enabled=True, kubeconfig=kubeconfig, identity=identity)
-    return Replica(LeaderElector(config, clients=clients, clock=clock, rng=NoJitter()), clock)
-
-
-async def settle(replicas: list[Replica]) -> None:
-    await wait_for(lambda: all(r.idle() for r in replicas), what="electors idle")
-
-
-async def advance(clock: ManualClock, replicas: list[Replica], seconds: float) -> None:
-    """Move time in 0.5 s steps, letting every elector finish its HTTP calls each step."""
-    target = clock.now() + seconds
-    while clock.now() < target:
-        await clock.advance(min(0.5, target - clock.now()))
-        await settle(replicas)
-
-
-def leaders(replicas: list[Replica]) -> list[str]:
-    return [r.elector.identity for r in replicas if r.elector.is_leader()]
-
-
-async def test_two_electors_exactly_one_leader(kube, kubeconfig, clients, clock) -> None:
-    a, b = (
-        elector(kubeconfig, clients, clock, "pod-a"),
-        elector(kubeconfig, clients, clock, "pod-b"),
-    )
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(a.run)
-        tg.start_soon(b.run)  # racing for the same absent Lease
-        await settle([a, b])
-        for _ in range(40):  # 20 s of renewals
-            assert len(leaders([a, b])) == 1
-            await advance(clock, [a, b], 0.5)
-        winner = leaders([a, b])[0]
-        lease = kube.lease(NS, "refresher")
-        assert lease is not None
-        assert lease["spec"]["holderIdentity"] == winner
-        assert lease["spec"]["leaseDurationSeconds"] == 15
-        assert lease["spec"]["leaseTransitions"] == 0
-        assert {r.elector.holder for r in (a, b)} == {winner}
-        tg.cancel_scope.cancel()
-
-
-async def test_killed_leader_is_replaced_after_the_lease_expires(
-    kube, kubeconfig, clients, clock
-) -> None:
-    a, b = (
-        elector(kubeconfig, clients, clock, "pod-a"),
-        elector(kubeconfig, clients, clock, "pod-b"),
-    )
-    async with anyio.create_task_group() as tg:
-        await tg.start(a.run)
-        await tg.start(b.run)
-        assert leaders([a, b]) == ["pod-a"]
-        await advance(clock, [a, b], 5)
-        last_renew = kube.lease(NS, "refresher")["spec"]["renewTime"]
-        renewed_at = lease_seconds(last_renew)
-
-        a.scope.cancel()  # the pod is killed: no release
-        await settle([a, b])
-        assert not a.elector.is_leader()
-        assert a.changes[-1][1] is False
-
-        # The follower counts the lease from when it saw the last renewal (within one
-        # retry period of it), and notices expiry at its next retry.
-        while not b.elector.is_leader():
-            assert clock.now() <= renewed_at + 2 + 15 + 2, "follower did not take over in time"
-            await advance(clock, [a, b], 0.5)
-        took_over = b.changes[-1]
-        assert took_over[1] is True
-        assert renewed_at + 15 < took_over[0] <= renewed_at + 2 + 15 + 2
-        lease = kube.lease(NS, "refresher")
-        assert lease["spec"]["holderIdentity"] == "pod-b"
-        assert lease["spec"]["leaseTransitions"] == 1
-        tg.cancel_scope.cancel()
-
-
-def lease_seconds(micro: str) -> float:
-    """A Lease's MicroTime string → Unix seconds."""
-    from datetime import datetime
-
-    return datetime.fromisoformat(micro.replace("Z", "+00:00")).timestamp()
-
-
-async def test_failing_renewals_stop_leadership_at_the_renew_deadline(
-    kube, kubeconfig, clients, clock
-) -> None:
-    a, b = (
-        elector(kubeconfig, clients, clock, "pod-a"),
-        elector(kubeconfig, clients, clock, "pod-b"),
-    )
-    async with anyio.create_task_group() as tg:
-        await tg.start(a.run)
-        await tg.start(b.run)
-        await advance(clock, [a, b], 4)
-        assert leaders([a, b]) == ["pod-a"]
-        renewed_at = lease_seconds(kube.lease(NS, "refresher")["spec"]["renewTime"])
-
-        kube.fail(500, count=10_000, resource="leases")
-        while clock.now() < renewed_at + 10:
-            assert leaders([a, b]) == ["pod-a"]
-            await advance(clock, [a, b], 0.5)
-        # Exactly at last renew + renew deadline: nobody claims leadership.
-        assert clock.now() == renewed_at + 10
-        assert leaders([a, b]) == []
-        assert a.changes[-1] == (renewed_at + 10, False)
-
-        kube.clear_faults()
-        await advance(clock, [a, b], 2)
-        assert len(leaders([a, b])) == 1  # pod-a renews its own, unexpired lease
-        tg.cancel_scope.cancel()
-
-
-async def test_a_hanging_renew_does_not_extend_leadership(kube, kubeconfig, clients, clock) -> None:
-    a = elector(kubeconfig, clients, clock, "pod-a")
-    async with anyio.create_task_group() as tg:
-        await tg.start(a.run)
-        renewed_at = clock.now()
-        assert a.elector.is_leader()
-        kube.slow(0.3, verb="get", resource="leases")
-        await clock.advance(2)  # next renew starts and hangs (in real time)
-        await wait_for(lambda: a.elector.waiting_until is None)
-        await clock.advance(8)  # the renew deadline passes while the call is in flight
-        assert not a.elector.is_leader()
-        assert a.changes[-1] == (renewed_at + 10, False)
-        # The late answer did commit a renew stamped with its start (renewed_at + 2),
-        # and the next round renews at once: a claim again, but only ever within
-        # renew_deadline of the renewTime the Lease holds (followers wait 15 s).
-        await settle([a])
-        record = lease_seconds(kube.lease(NS, "refresher")["spec"]["renewTime"])
-        assert record >= renewed_at + 2
-        assert a.elector.is_leader() and clock.now() < record + 10
-        tg.cancel_scope.cancel()
-
-
-async def test_release_hands_over_at_the_next_retry(kube, kubeconfig, clients, clock) -> None:
-    a, b = (
-        elector(kubeconfig, clients, clock, "pod-a"),
-        elector(kubeconfig, clients, clock, "pod-b"),
-    )
-    async with anyio.create_task_group() as tg:
-        await tg.start(a.run)
-        await tg.start(b.run)
-        await advance(clock, [a, b], 3)
-        released_at = clock.now()
-        kube.conflict(verb="update", resource="leases")  # a renew raced the release
-        await a.elector.release()
-        assert not a.elector.is_leader()
-        assert kube.lease(NS, "refresher")["spec"]["holderIdentity"] == ""
-        await advance(clock, [a, b], 2)
-        assert leaders([a, b]) == ["pod-b"]
-        assert b.changes[-1][0] <= released_at + 2
-        assert kube.lease(NS, "refresher")["spec"]["leaseTransitions"] == 1
-        tg.cancel_scope.cancel()
-
-
-async def test_another_holder_on_the_lease_makes_the_leader_step_down(
-    kube, kubeconfig, clients, clock
-) -> None:
-    a = elector(kubeconfig, clients, clock, "pod-a")
-    async with anyio.create_task_group() as tg:
-        await tg.start(a.run)
-        async with AsyncClient(KubeConfig.from_file(kubeconfig)) as other:
-            lease = await other.get(Lease, "refresher", namespace=NS)
-            assert lease.spec is not None
-            lease.spec.holderIdentity = "intruder"
-            lease.spec.renewTime = micro_time(clock.now())
-            # lightkube re-encodes the datetime it decoded without the fraction, which
-            # the API server (and the emulator) reject: always send MicroTime strings.
-            lease.spec.acquireTime = micro_time(clock.now())
-            await other.replace(lease)
-        await advance(clock, [a], 2)
-        assert not a.elector.is_leader()
-        assert a.elector.holder == "intruder"
-        tg.cancel_scope.cancel()
-
-
-async def test_forbidden_lease_access_is_logged_with_the_rbac_fix(
-    kube, kubeconfig, clients, clock, leak_guard
-) -> None:
-    kube.forbid("get", "leases")
-    a = elector(kubeconfig, clients, clock, "pod-a")
-    async with anyio.create_task_group() as tg:
-        await tg.start(a.run)
-        await advance(clock, [a], 4)
-        assert not a.elector.is_leader()
-        tg.cancel_scope.cancel()
-    events = leak_guard.events("leader election failed")
-    assert len(events) == 1  # logged once, not every retry
-    assert (
-        'RBAC: grant "get" on leases.coordination.k8s.io "refresher" in namespace "apps"'
-        in (events[0]["error"])
-    )
-
-
-async def test_release_before_run_returns_at_once(kube, kubeconfig, clients, clock) -> None:
-    a = elector(kubeconfig, clients, clock, "pod-a")
-    await a.elector.release()
-    async with anyio.create_task_group() as tg:
-        await tg.start(a.run)  # returns: a released elector never campaigns
-    assert not a.elector.is_leader()
-    assert kube.lease(NS, "refresher") is None
-
-
-async def test_emulator_answers_unknown_paths_with_a_status(kube) -> None:
-    import httpx2
-
-    async with httpx2.AsyncClient(
-        base_url=kube.url, headers={"Authorization": f"Bearer {kube.token}"}
-    ) as http:
-        response = await http.get("/api/v1/namespaces/apps/configmaps/x")
-        namespace = await http.get("/api/v1/namespaces/nope")
-    assert response.status_code == 404
-    assert response.headers["content-type"] == "application/json"  # lightkube needs exactly this
-    assert response.json()["kind"] == "Status" and response.json()["reason"] == "NotFound"
-    assert namespace.json()["details"] == {"name": "nope", "kind": "namespaces"}

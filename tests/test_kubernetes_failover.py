@@ -3,7 +3,7 @@ deadline (in process and with SIGSTOP on a real process), a stale leader's write
 flight, client-go's retry jitter, and a scheduler that refuses forced refreshes when
 it does not refresh. Every test runs against the API emulator with the chart's RBAC."""
 
-# ruff: noqa: F811  (the shared fixtures are imported from test_kubernetes by name)
+
 from __future__ import annotations
 
 import json
@@ -24,33 +24,19 @@ import yaml
 from refresher.clock import ManualClock
 from refresher.config import LeaderElectionConfig, RefreshConfig
 from refresher.errors import ConfigError, LeadershipLostError, NotActiveError
+from refresher.kube import KubeClients
 from refresher.leader import LeaderElector
 from refresher.logging import Redactor
 from refresher.metrics import Metrics
 from refresher.scheduler import JobRuntime, Scheduler
 from refresher.server import create_app
-from refresher.sinks.kubernetes import KubeClients
 from refresher.token import Token, fingerprint
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, wait_for
 from tests.emulators.kubernetes import KubernetesEmulator
 from tests.emulators.oauth2 import OAuth2Emulator
 from tests.kube_rbac import SERVICE_ACCOUNT, install_chart_rbac
-from tests.test_kubernetes import (  # noqa: F401
-    NS,
-    SECRET,
-    NoJitter,
-    Replica,
-    advance,
-    clients,
-    kube,
-    kubeconfig,
-    leaders,
-    lease_seconds,
-    make_token,
-    no_leftover_emulator_threads,
-    settle,
-    sink,
-)
+from tests.kube_support import NS, SECRET, NoJitter, sink
+from tests.test_leader import Replica, advance, leaders, settle
 
 pytestmark = pytest.mark.anyio
 

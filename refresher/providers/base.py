@@ -26,10 +26,10 @@ from refresher.errors import (
     ForbiddenError,
     Problem,
     ProviderError,
+    ProviderTimeoutError,
     RateLimitedError,
     SecretUnusableError,
     ServerError,
-    TimeoutError,
     TransportError,
     UnauthorizedError,
 )
@@ -192,7 +192,7 @@ async def request(
     json_body: Any = None,
     auth: tuple[str, str] | None = None,
 ) -> Response:
-    """Send one request; transport failures become `TransportError`/`TimeoutError`.
+    """Send one request; transport failures become `TransportError`/`ProviderTimeoutError`.
 
     The body is read up to `MAX_BODY_BYTES`: a provider that streams megabytes gets
     a `BadResponseError`, not our memory. HTTP error statuses are *not* raised here,
@@ -219,7 +219,8 @@ async def request(
                 chunks.append(chunk)
             return Response(response.status_code, response.headers, b"".join(chunks), clock.now())
     except httpx2.TimeoutException as exc:
-        raise TimeoutError(f"{method} {_path(url)}: timed out ({type(exc).__name__})") from None
+        what = f"{method} {_path(url)}: timed out ({type(exc).__name__})"
+        raise ProviderTimeoutError(what) from None
     except httpx2.TransportError as exc:
         raise TransportError(f"{method} {_path(url)}: {_describe_transport(exc)}") from None
 

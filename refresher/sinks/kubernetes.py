@@ -39,32 +39,30 @@ import base64
 import binascii
 import contextlib
 import hashlib
-import os
 import re
-from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx2
 import structlog
-import yaml
-from lightkube import ApiError, AsyncClient, KubeConfig, SingleConfig
-from lightkube import ConfigError as LightkubeConfigError
-from lightkube.config.models import Cluster, User
+from lightkube import ApiError, AsyncClient
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Secret
 from lightkube.types import PatchType
 
-from refresher.clock import Clock, SystemClock
 from refresher.config import KubernetesSinkConfig
-from refresher.errors import ConfigError, LeadershipLostError, SinkError
+from refresher.errors import (
+    ConfigError,
+    KubernetesAPIError,
+    KubernetesSinkError,
+    LeadershipLostError,
+)
+from refresher.kube import KubeClients, SecretRef, api_error, transport_error
 from refresher.targets import secret_data_keys, secret_key_problem
 from refresher.token import Token, fingerprint, parse_rfc3339, rfc3339
 
 log = structlog.get_logger("refresher.sinks.kubernetes")
 
-SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 FIELD_MANAGER = "refresher"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY_VALUE = "refresher"
@@ -75,351 +73,8 @@ CONFLICT_ATTEMPTS = 4
 #: (client-go retries up to 10 times; a refresh should not hold its slot that long).
 THROTTLE_RETRIES = 3
 THROTTLE_BUDGET = 10.0
-#: A ``Retry-After`` longer than this is read as this (a hostile or broken value).
-MAX_RETRY_AFTER = 300.0
 
 _ANNOTATION_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
-_FORBIDDEN = re.compile(
-    r'User "(?P<user>[^"]*)" cannot (?P<verb>\S+) resource "(?P<res>[^"]+)"'
-    r'(?: in API group "(?P<group>[^"]*)")?'
-)
-
-
-class KubernetesSinkError(SinkError):
-    """A Kubernetes API call failed. `config_level` marks problems no retry fixes
-    (missing namespace, RBAC, invalid Secret); `status` is the HTTP status, if any;
-    `retry_after` the seconds the API server asked us to wait, if it did."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None = None,
-        kube_reason: str | None = None,
-        config_level: bool = False,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message, sink="kubernetes")
-        self.status = status
-        self.kube_reason = kube_reason
-        self.config_level = config_level
-        self.retry_after = retry_after
-
-
-# ---------------------------------------------------------------------------- clients
-
-
-class ServiceAccountTokenAuth(httpx2.Auth):
-    """Bearer token read from a file the kubelet rotates.
-
-    The file is stat'ed on every request and re-read when it changed (the kubelet
-    swaps a symlink, so inode and mtime move), and once more after a 401 in case the
-    change landed between stat and send. Nothing is cached past a rotation.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self._signature: tuple[int, int, int] | None = None
-        self._header: str | None = None
-
-    def _bearer(self, *, force: bool = False) -> str:
-        st = self.path.stat()
-        signature = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if force or self._header is None or signature != self._signature:
-            self._header = f"Bearer {self.path.read_text().strip()}"
-            self._signature = signature
-        return self._header
-
-    def auth_flow(
-        self, request: httpx2.Request
-    ) -> Generator[httpx2.Request, httpx2.Response, None]:
-        header = self._bearer()
-        request.headers["Authorization"] = header
-        response = yield request
-        if response.status_code == 401:
-            fresh = self._bearer(force=True)
-            if fresh != header:
-                request.headers["Authorization"] = fresh
-                yield request
-
-
-@dataclass
-class _Entry:
-    config: SingleConfig
-    token_file: Path | None
-    client: AsyncClient | None = None
-
-
-#: A Secret as one process addresses it: (kubeconfig, context, namespace, name).
-SecretRef = tuple[str | None, str | None, str, str]
-
-
-class KubeClients:
-    """Builds and shares lightkube `AsyncClient`s, one per (kubeconfig, context).
-
-    ``kubeconfig=None`` means in-cluster: ``KUBERNETES_SERVICE_HOST``/``_PORT`` and
-    the service account in `service_account_dir` (token, ``ca.crt``, ``namespace``).
-    Problems with either raise `ConfigError`. Close with `aclose()`.
-
-    Also shared by every sink of the process: `versions`, the ``resourceVersion``
-    last seen of each Secret (None: seen absent), the precondition of the next write;
-    and `clock`, which waits out ``Retry-After``.
-    """
-
-    def __init__(
-        self,
-        *,
-        service_account_dir: str | os.PathLike[str] = SERVICE_ACCOUNT_DIR,
-        timeout: float = 10.0,
-        environ: Mapping[str, str] | None = None,
-        clock: Clock | None = None,
-    ) -> None:
-        self.service_account_dir = Path(service_account_dir)
-        self.timeout = timeout
-        self.clock: Clock = clock or SystemClock()
-        self.versions: dict[SecretRef, str | None] = {}
-        self._environ = environ
-        self._entries: dict[tuple[str | None, str | None], _Entry] = {}
-
-    def _env(self) -> Mapping[str, str]:
-        return self._environ if self._environ is not None else os.environ
-
-    def _entry(self, kubeconfig: Path | None, context: str | None) -> _Entry:
-        key = (str(kubeconfig) if kubeconfig is not None else None, context)
-        entry = self._entries.get(key)
-        if entry is None:
-            if kubeconfig is None:
-                entry = self._in_cluster(context)
-            else:
-                entry = _Entry(config=_load_kubeconfig(kubeconfig, context), token_file=None)
-            self._entries[key] = entry
-        return entry
-
-    def _in_cluster(self, context: str | None) -> _Entry:
-        env = self._env()
-        host = env.get("KUBERNETES_SERVICE_HOST")
-        port = env.get("KUBERNETES_SERVICE_PORT")
-        if not host or not port:
-            raise ConfigError(
-                [
-                    "kubernetes: not running in a cluster (KUBERNETES_SERVICE_HOST/PORT unset) "
-                    "and no kubeconfig configured: set kubeconfig (and optionally context)"
-                ]
-            )
-        if context is not None:
-            raise ConfigError(["kubernetes: context needs kubeconfig (in-cluster has no contexts)"])
-        account = self.service_account_dir
-        token_file = account / "token"
-        ca_file = account / "ca.crt"
-        for required in (token_file, ca_file):
-            if not os.access(required, os.R_OK):
-                raise ConfigError(
-                    [f"kubernetes: in-cluster service account file {required} is missing"]
-                )
-        try:
-            namespace = (account / "namespace").read_text().strip() or None
-        except OSError:
-            namespace = None
-        if ":" in host:
-            host = f"[{host}]"
-        config = KubeConfig.from_one(
-            cluster=Cluster(server=f"https://{host}:{port}", certificate_auth=str(ca_file)),
-            user=User(token_file=str(token_file)),
-            namespace=namespace,
-            context_name="in-cluster",
-        ).get()
-        assert config is not None  # from_one always sets the current context
-        return _Entry(config=config, token_file=token_file)
-
-    def config(self, kubeconfig: Path | None = None, context: str | None = None) -> SingleConfig:
-        """The resolved cluster/user/namespace for this source."""
-        return self._entry(kubeconfig, context).config
-
-    def namespace(self, kubeconfig: Path | None = None, context: str | None = None) -> str:
-        """The default namespace: the pod's (in-cluster) or the context's (kubeconfig)."""
-        return str(self.config(kubeconfig, context).namespace)
-
-    def server(self, kubeconfig: Path | None = None, context: str | None = None) -> str:
-        return str(self.config(kubeconfig, context).cluster.server)
-
-    def client(self, kubeconfig: Path | None = None, context: str | None = None) -> AsyncClient:
-        """The shared client for this source (built on first use)."""
-        entry = self._entry(kubeconfig, context)
-        if entry.client is None:
-            try:
-                client = AsyncClient(
-                    entry.config, timeout=httpx2.Timeout(self.timeout), field_manager=None
-                )
-            except (LightkubeConfigError, OSError, ValueError) as exc:
-                raise ConfigError([f"kubernetes: cannot build a client: {exc}"]) from None
-            if entry.token_file is not None:
-                _use_rotating_token(client, entry.token_file)
-            entry.client = client
-        return entry.client
-
-    async def aclose(self) -> None:
-        entries = list(self._entries.values())
-        self._entries.clear()
-        for entry in entries:
-            if entry.client is not None:
-                with contextlib.suppress(Exception):
-                    await entry.client.close()
-
-
-def _load_kubeconfig(path: Path, context: str | None) -> SingleConfig:
-    try:
-        config = KubeConfig.from_file(path).get(context)
-    except (LightkubeConfigError, OSError, yaml.YAMLError, KeyError, TypeError) as exc:
-        detail = f"unknown cluster or user {exc}" if isinstance(exc, KeyError) else str(exc)
-        raise ConfigError([f"kubernetes: kubeconfig {path}: {detail}"]) from None
-    except Exception as exc:  # msgspec validation of malformed entries
-        raise ConfigError([f"kubernetes: kubeconfig {path}: {exc}"]) from None
-    if config is None:  # pragma: no cover - get() without default raises instead
-        raise ConfigError([f"kubernetes: kubeconfig {path}: no current context"])
-    return config
-
-
-def _use_rotating_token(client: AsyncClient, token_file: Path) -> None:
-    # lightkube's own BearerTokenFileAuth reads the token once and re-reads only after
-    # a 401; swap in an auth that follows every rotation of the file.
-    http = getattr(getattr(client, "_client", None), "_client", None)
-    if isinstance(http, httpx2.AsyncClient):
-        http.auth = ServiceAccountTokenAuth(token_file)
-    else:  # pragma: no cover - a lightkube layout change
-        log.warning(
-            "cannot install the rotating service-account token auth; lightkube re-reads the "
-            "token only after a 401",
-            lightkube_client=type(client).__name__,
-        )
-
-
-# ---------------------------------------------------------------------------- errors
-
-
-def retry_after(response: httpx2.Response | None, details: Any = None) -> float | None:
-    """The seconds a ``Retry-After`` header (or a Status's ``retryAfterSeconds``) asks
-    for; None when absent or not a number of seconds. Capped at `MAX_RETRY_AFTER`."""
-    raw = response.headers.get("retry-after") if response is not None else None
-    if raw is None and details is not None:
-        raw = getattr(details, "retryAfterSeconds", None)
-    if raw is None:
-        return None
-    try:
-        seconds = float(str(raw).strip())
-    except ValueError:
-        return None
-    if not seconds >= 0:  # negative or NaN
-        return None
-    return min(seconds, MAX_RETRY_AFTER)
-
-
-def describe_api_error(
-    exc: ApiError,
-    *,
-    verb: str,
-    resource: str,
-    namespace: str,
-    name: str,
-    unnamed_verb: str | None = None,
-) -> KubernetesSinkError:
-    """Turn a lightkube `ApiError` into an actionable `KubernetesSinkError`.
-
-    A 403 names the denied verb from the message; when the message names none
-    (Kubernetes <= 1.31 for the ``create`` check inside an apply: ``secrets "x" is
-    forbidden: ``), `unnamed_verb` is the verb that was refused, else `verb`.
-    """
-    status = exc.status
-    code = int(status.code or exc.response.status_code)
-    reason = status.reason or ""
-    message = status.message or ""
-    details = status.details
-    if code == 403:
-        match = _FORBIDDEN.search(message)
-        denied_verb = match.group("verb") if match else (unnamed_verb or verb)
-        denied_res = match.group("res") if match else resource
-        if match and match.group("group"):
-            denied_res = f"{denied_res}.{match.group('group')}"
-        who = f" to {match.group('user')}" if match and match.group("user") else ""
-        return KubernetesSinkError(
-            f'RBAC: grant "{denied_verb}" on {denied_res} "{name}" in namespace "{namespace}"{who}',
-            status=code,
-            kube_reason=reason,
-            config_level=True,
-        )
-    if code == 404 and details is not None and details.kind == "namespaces":
-        return KubernetesSinkError(
-            f'namespace "{namespace}" does not exist: create it or fix the sink\'s namespace',
-            status=code,
-            kube_reason=reason,
-            config_level=True,
-        )
-    if code == 404:
-        return KubernetesSinkError(
-            f'{resource} "{name}" not found in namespace "{namespace}"',
-            status=code,
-            kube_reason=reason,
-        )
-    if code == 401:
-        return KubernetesSinkError(
-            "the Kubernetes API rejected refresher's credentials (401): check the "
-            "service-account token or the kubeconfig user",
-            status=code,
-            kube_reason=reason,
-            config_level=True,
-        )
-    if code in (400, 422):
-        return KubernetesSinkError(
-            f"the Kubernetes API rejected the {resource} ({code} {reason}): {message}",
-            status=code,
-            kube_reason=reason,
-            config_level=True,
-        )
-    wait = retry_after(exc.response, details)
-    if code == 429:
-        return KubernetesSinkError(
-            f"API server throttled the request (429{_after(wait)}): {message}",
-            status=code,
-            kube_reason=reason,
-            retry_after=wait,
-        )
-    return KubernetesSinkError(
-        f"Kubernetes API error {code} {reason}: {message}".rstrip(": "),
-        status=code,
-        kube_reason=reason,
-        retry_after=wait if code >= 500 else None,
-    )
-
-
-def _after(wait: float | None) -> str:
-    return f", retry after {wait:g}s" if wait is not None else ""
-
-
-def describe_transport_error(exc: Exception, server: str) -> KubernetesSinkError:
-    """Timeouts, refused connections, TLS problems, an unreadable token file."""
-    if isinstance(exc, httpx2.TimeoutException):
-        return KubernetesSinkError(f"the Kubernetes API at {server} did not answer in time")
-    if isinstance(exc, httpx2.HTTPStatusError):  # an answer that is not a Status
-        code = exc.response.status_code
-        wait = retry_after(exc.response)
-        if code == 429:  # API Priority and Fairness answers in plain text
-            return KubernetesSinkError(
-                f"API server at {server} throttled the request (429{_after(wait)})",
-                status=code,
-                retry_after=wait,
-            )
-        return KubernetesSinkError(
-            f"Kubernetes API error {code} from {server} (not a Kubernetes Status response)",
-            status=code,
-            retry_after=wait if code >= 500 else None,
-        )
-    if isinstance(exc, OSError):
-        return KubernetesSinkError(
-            f"cannot read the Kubernetes credentials: {exc.strerror or exc}",
-            config_level=True,
-        )
-    return KubernetesSinkError(
-        f"cannot reach the Kubernetes API at {server}: {type(exc).__name__}: {exc}"
-    )
 
 
 # ---------------------------------------------------------------------------- the sink
@@ -554,7 +209,7 @@ class KubernetesSink:
                     self._applied(token, version), field_manager=self.field_manager, force=True
                 )
             except ApiError as exc:
-                error = describe_api_error(
+                error = api_error(
                     exc,
                     verb="patch",
                     resource="secrets",
@@ -580,7 +235,7 @@ class KubernetesSink:
                     continue
                 raise self._wrap(error) from None
             except (httpx2.HTTPError, OSError) as exc:
-                error = describe_transport_error(exc, self._server())
+                error = transport_error(exc, self._server())
                 if await self._waited_out(error, attempt):
                     continue
                 raise self._wrap(error) from None
@@ -605,18 +260,18 @@ class KubernetesSink:
             if exc.status.code != 404 or (
                 exc.status.details is not None and exc.status.details.kind == "namespaces"
             ):
-                error = describe_api_error(
+                error = api_error(
                     exc, verb="get", resource="secrets", namespace=self.namespace, name=self.secret
                 )
                 log.warning("cannot read back secret", target=self.target, error=str(error))
             else:
                 self.clients.versions[self._ref] = None
             return None
-        except SinkError as exc:
+        except KubernetesAPIError as exc:
             log.warning("cannot read back secret", target=self.target, error=str(exc))
             return None
         except (httpx2.HTTPError, OSError) as exc:
-            error = describe_transport_error(exc, self._server())
+            error = transport_error(exc, self._server())
             log.warning("cannot read back secret", target=self.target, error=str(error))
             return None
         metadata = secret.metadata
@@ -669,7 +324,7 @@ class KubernetesSink:
                     version = await self._read_version(client)
                     continue
                 raise self._wrap(
-                    describe_api_error(
+                    api_error(
                         exc,
                         verb="patch",
                         resource="secrets",
@@ -678,7 +333,7 @@ class KubernetesSink:
                     )
                 ) from None
             except (httpx2.HTTPError, OSError) as exc:
-                raise self._wrap(describe_transport_error(exc, self._server())) from None
+                raise self._wrap(transport_error(exc, self._server())) from None
             metadata = getattr(result, "metadata", None)
             self.clients.versions[self._ref] = getattr(metadata, "resourceVersion", None)
             log.info("secret key removed", target=self.target)
@@ -711,17 +366,17 @@ class KubernetesSink:
                 self.clients.versions[self._ref] = None
                 return None
             raise self._wrap(
-                describe_api_error(
+                api_error(
                     exc, verb="get", resource="secrets", namespace=self.namespace, name=self.secret
                 )
             ) from None
         except (httpx2.HTTPError, OSError) as exc:
-            raise self._wrap(describe_transport_error(exc, self._server())) from None
+            raise self._wrap(transport_error(exc, self._server())) from None
         version = secret.metadata.resourceVersion if secret.metadata is not None else None
         self.clients.versions[self._ref] = version
         return version
 
-    async def _waited_out(self, error: KubernetesSinkError, attempt: int) -> bool:
+    async def _waited_out(self, error: KubernetesAPIError, attempt: int) -> bool:
         """Wait the ``Retry-After`` the API server asked for, if the write's budget
         allows (True: send again)."""
         wait = error.retry_after
@@ -751,14 +406,8 @@ class KubernetesSink:
         except ConfigError:
             return "(unknown)"
 
-    def _wrap(self, error: KubernetesSinkError) -> KubernetesSinkError:
-        return KubernetesSinkError(
-            f"cannot write {self.target}: {error}",
-            status=error.status,
-            kube_reason=error.kube_reason,
-            config_level=error.config_level,
-            retry_after=error.retry_after,
-        )
+    def _wrap(self, error: KubernetesAPIError) -> KubernetesSinkError:
+        return KubernetesSinkError(f"cannot write {self.target}: {error}", **error.details())
 
     def _data_keys(self) -> list[str]:
         return list(secret_data_keys(self.key))

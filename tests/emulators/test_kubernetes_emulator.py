@@ -1,4 +1,4 @@
-# ruff: noqa: F811  (the shared fixtures are imported from test_kubernetes by name)
+
 """The API emulator held to the API server's rules, and the code held to the chart's
 RBAC. Each test is one rule of docs/kubernetes-emulator.md, which names its source in
 the apiserver, apimachinery or client-go code."""
@@ -22,26 +22,13 @@ from lightkube.resources.core_v1 import Secret
 
 from refresher.cli import main
 from refresher.config import load_settings
-from refresher.errors import ConfigError
-from refresher.leader import LeaderElector
-from refresher.sinks.kubernetes import KubeClients, KubernetesSinkError
+from refresher.errors import ConfigError, KubernetesSinkError
+from refresher.kube import KubeClients
+from refresher.leader import LeaderElector, micro_time
 from tests.emulators.kubernetes import KubernetesEmulator
 from tests.kube_rbac import SERVICE_ACCOUNT, install_chart_rbac
-from tests.test_kubernetes import (  # noqa: F401
-    CHART_CONFIG,
-    NS,
-    SECRET,
-    NoJitter,
-    Replica,
-    admin_kubeconfig,
-    advance,
-    clients,
-    kube,
-    kubeconfig,
-    make_token,
-    no_leftover_emulator_threads,
-    sink,
-)
+from tests.kube_support import CHART_CONFIG, NS, SECRET, NoJitter, sink
+from tests.test_leader import Replica, advance
 
 pytestmark = pytest.mark.anyio
 
@@ -512,3 +499,84 @@ async def wait_until(predicate: Any, timeout: float = 5.0) -> None:
     with anyio.fail_after(timeout):
         while not predicate():
             await anyio.sleep(0.005)
+
+
+# ---------------------------------------------------------------------------- emulator protocol
+
+
+async def test_emulator_speaks_status_errors_and_resource_versions(
+    kube, kubeconfig, admin_kubeconfig
+) -> None:
+    async with AsyncClient(KubeConfig.from_file(admin_kubeconfig)) as client:
+        with pytest.raises(ApiError) as missing:
+            await client.get(Secret, "nothing", namespace=NS)
+        assert missing.value.status.code == 404
+        assert missing.value.status.reason == "NotFound"
+        assert missing.value.status.message == 'secrets "nothing" not found'
+
+        created = await client.create(
+            Secret(metadata=ObjectMeta(name="s"), stringData={"a": "1"}), namespace=NS
+        )
+        assert created.data == {"a": base64.b64encode(b"1").decode()}
+        with pytest.raises(ApiError) as exists:
+            await client.create(Secret(metadata=ObjectMeta(name="s")), namespace=NS)
+        assert exists.value.status.reason == "AlreadyExists"
+
+        fresh = await client.get(Secret, "s", namespace=NS)
+        fresh.data = {"a": base64.b64encode(b"2").decode()}
+        await client.replace(fresh)
+        with pytest.raises(ApiError) as stale:
+            await client.replace(fresh)  # same (now stale) resourceVersion
+        assert stale.value.status.code == 409
+
+        # Server-side apply conflicts with another manager's field unless forced.
+        with pytest.raises(ApiError) as conflict:
+            await client.apply(
+                Secret(metadata=ObjectMeta(name="s"), data={"a": base64.b64encode(b"3").decode()}),
+                namespace=NS,
+                field_manager="other",
+            )
+        assert conflict.value.status.code == 409
+        assert "Apply failed with 1 conflict" in (conflict.value.status.message or "")
+
+    bad = kube.write_kubeconfig(kubeconfig.parent / "bad", namespace=NS, token="wrong")
+    async with AsyncClient(KubeConfig.from_file(bad)) as client:
+        with pytest.raises(ApiError) as unauthorized:
+            await client.get(Secret, "s", namespace=NS)
+        assert unauthorized.value.status.code == 401
+
+
+async def test_emulator_rejects_lease_times_without_microseconds(kube, kubeconfig, clock) -> None:
+    from datetime import UTC, datetime
+
+    whole_second = datetime.fromtimestamp(int(clock.now()), UTC)
+    async with AsyncClient(KubeConfig.from_file(kubeconfig)) as client:
+        # What lightkube sends for a datetime with zero microseconds: the real API
+        # server's RFC3339Micro parser refuses it, hence refresher.leader.micro_time.
+        with pytest.raises(ApiError) as caught:
+            await client.create(
+                Lease(metadata=ObjectMeta(name="l"), spec=LeaseSpec(renewTime=whole_second)),
+                namespace=NS,
+            )
+        assert caught.value.status.code == 400
+        ok = await client.create(
+            Lease(metadata=ObjectMeta(name="l"), spec=LeaseSpec(renewTime=micro_time(clock.now()))),
+            namespace=NS,
+        )
+        assert ok.spec is not None and ok.spec.renewTime == whole_second
+
+
+
+
+async def test_emulator_answers_unknown_paths_with_a_status(kube) -> None:
+    import httpx2
+
+    async with httpx2.AsyncClient(
+        base_url=kube.url, headers={"Authorization": f"Bearer {kube.token}"}
+    ) as http:
+        response = await http.get("/api/v1/namespaces/apps/configmaps/x")
+        namespace = await http.get("/api/v1/namespaces/nope")
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/json"  # lightkube needs exactly this
+    assert response.json()["kind"] == "Status" and response.json()["reason"] == "NotFound"
+    assert namespace.json()["details"] == {"name": "nope", "kind": "namespaces"}
