@@ -93,8 +93,7 @@ def test_a_broken_link_anchor_or_orphan_page_fails_the_build(tmp_path: Path) -> 
     shutil.copy(ROOT / "CHANGELOG.md", project)
     page = project / "docs" / "getting-started.md"
     page.write_text(
-        page.read_text()
-        + "\n[gone](no-such-page.md) and [typo](runbooks.md#refresherdwon)\n"
+        page.read_text() + "\n[gone](no-such-page.md) and [typo](runbooks.md#refresherdwon)\n"
     )
     (project / "docs" / "orphan.md").write_text("# Not in the nav\n")
     result = mkdocs_build(project, tmp_path / "site")
