@@ -3,8 +3,9 @@
 * systemd/refresher.yaml.example, through the real command line;
 * every values file in helm/refresher/examples/: the chart's ConfigMap is rendered by the
   real Helm engine (as tests/test_helm_chart.py does) and its config.yaml checked;
-* every ```yaml block in README.md that is a refresher config (a whole file, a section
-  of one, or a list of jobs), and every one that is chart values (`config:` inside).
+* every ```yaml block in README.md and docs/*.md that is a refresher config (a whole
+  file, a section of one, or a list of jobs), and every one that is chart values
+  (`config:` inside).
 
 `--no-files`: the secrets, PEM keys and kubeconfigs these examples name exist only on a
 real host or in a real pod. Everything else is checked exactly as the daemon would.
@@ -29,7 +30,7 @@ from refresher.config import Settings, load_settings
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "refresher"
 SYSTEMD_EXAMPLE = ROOT / "systemd" / "refresher.yaml.example"
-README = ROOT / "README.md"
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def check_no_files(config: Path) -> subprocess.CompletedProcess[str]:
@@ -100,22 +101,26 @@ def test_chart_example_config_passes_check(
     assert result.stdout.startswith(f"config OK: {jobs} job(s)")
 
 
-# ---------------------------------------------------------------------------- README snippets
+# ---------------------------------------------------------------------------- doc snippets
 
-_FENCE = re.compile(r"^```yaml\n(?P<body>.*?)^```", re.S | re.M)
+# A yaml fence, indented or not (inside a list item); the body loses that indentation.
+_FENCE = re.compile(r"^(?P<indent>[ ]*)```yaml\n(?P<body>.*?)^(?P=indent)```", re.S | re.M)
 
 
-def readme_yaml_blocks() -> list[tuple[int, Any]]:
-    """(line number, parsed YAML) of every ```yaml block in README.md."""
-    text = README.read_text()
-    return [
-        (text[: m.start()].count("\n") + 1, yaml.safe_load(m["body"]))
-        for m in _FENCE.finditer(text)
-    ]
+def doc_yaml_blocks() -> list[tuple[str, Any]]:
+    """("path:line", parsed YAML) of every ```yaml block in README.md and docs/*.md."""
+    found = []
+    for path in DOCUMENTS:
+        text = path.read_text()
+        for m in _FENCE.finditer(text):
+            body = "".join(line.removeprefix(m["indent"]) for line in m["body"].splitlines(True))
+            where = f"{path.relative_to(ROOT)}:{text[: m.start()].count(chr(10)) + 1}"
+            found.append((where, yaml.safe_load(body)))
+    return found
 
 
 def kind_of(doc: Any) -> str:
-    """What a README yaml block is; "unknown" fails the test (classify new shapes here)."""
+    """What a doc yaml block is; "unknown" fails the test (classify new shapes here)."""
     sections = set(Settings.model_fields)
     if isinstance(doc, dict):
         if {"apiVersion", "kind"} <= doc.keys():
@@ -136,25 +141,29 @@ def kind_of(doc: Any) -> str:
     return "unknown"
 
 
-README_BLOCKS = readme_yaml_blocks()
+DOC_BLOCKS = doc_yaml_blocks()
 
 
-def test_every_readme_yaml_block_is_classified() -> None:
-    unknown = [line for line, doc in README_BLOCKS if kind_of(doc) == "unknown"]
-    assert unknown == [], f"README.md yaml blocks at lines {unknown}: teach kind_of() about them"
-    found = [kind_of(doc) for _, doc in README_BLOCKS]
-    # What the README is known to hold, so a change in classification shows up.
-    assert found.count("config") >= 2
-    assert found.count("jobs") >= 3
-    assert found.count("chart-values") >= 1
+def test_every_doc_yaml_block_is_classified() -> None:
+    unknown = [where for where, doc in DOC_BLOCKS if kind_of(doc) == "unknown"]
+    assert unknown == [], f"yaml blocks at {unknown}: teach kind_of() about them"
+    found = {where: kind_of(doc) for where, doc in DOC_BLOCKS}
+    # What the docs are known to hold, so a change in classification shows up.
+    kinds = list(found.values())
+    assert kinds.count("config") >= 4
+    assert kinds.count("jobs") >= 3
+    assert kinds.count("chart-values") >= 1
+    # The README's minimal config and the configuration reference are among them.
+    assert {found[w] for w in found if w.startswith("README.md:")} == {"config"}
+    assert "config" in {found[w] for w in found if w.startswith("docs/configuration.md:")}
 
 
 @pytest.mark.parametrize(
-    ("line", "doc"),
-    [(line, doc) for line, doc in README_BLOCKS if kind_of(doc) in {"config", "jobs"}],
-    ids=lambda v: f"README.md:{v}" if isinstance(v, int) else "",
+    ("where", "doc"),
+    [(where, doc) for where, doc in DOC_BLOCKS if kind_of(doc) in {"config", "jobs"}],
+    ids=lambda v: v if isinstance(v, str) else "",
 )
-def test_readme_config_snippet_is_valid(line: int, doc: Any) -> None:
+def test_doc_config_snippet_is_valid(where: str, doc: Any) -> None:
     data = {"jobs": doc} if kind_of(doc) == "jobs" else doc
     settings = load_settings(data=data, check_files=False)
     if kind_of(doc) == "jobs":
@@ -162,12 +171,12 @@ def test_readme_config_snippet_is_valid(line: int, doc: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    ("line", "doc"),
-    [(line, doc) for line, doc in README_BLOCKS if kind_of(doc) == "chart-values"],
-    ids=lambda v: f"README.md:{v}" if isinstance(v, int) else "",
+    ("where", "doc"),
+    [(where, doc) for where, doc in DOC_BLOCKS if kind_of(doc) == "chart-values"],
+    ids=lambda v: v if isinstance(v, str) else "",
 )
-def test_readme_chart_values_render_a_valid_config(
-    chart: helm.Chart, line: int, doc: Any, tmp_path: Path
+def test_doc_chart_values_render_a_valid_config(
+    chart: helm.Chart, where: str, doc: Any, tmp_path: Path
 ) -> None:
     values = {"credentials": {"existingSecret": "partner-creds"}, **doc}
     result = check_no_files(rendered_config(chart, values, tmp_path))

@@ -794,7 +794,7 @@ def test_rendered_down_alert_with_promtool(chart: helm.Chart, tmp_path: Path) ->
         "for 5 minutes. While it is unscraped no other refresher alert can fire, so token "
         "expiry is unmonitored."
     )
-    url = "https://github.com/refresher-dev/refresher/blob/main/README.md#runbook-refresherdown"
+    url = "https://github.com/refresher-dev/refresher/blob/main/docs/runbooks.md#refresherdown"
     tests = {
         "rule_files": [str(rules)],
         "evaluation_interval": "1m",
@@ -1542,10 +1542,9 @@ def test_typos_inside_config_are_refused_by_helm(
 
 
 def test_schema_accepts_every_documented_config_shape(chart: helm.Chart) -> None:
-    """The README's full config example (every field) passes the generated schema."""
-    full = yaml.safe_load(
-        re.search(r"```yaml\n(server:.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
-    )
+    """The configuration reference's full example passes the generated schema."""
+    reference = (ROOT / "docs" / "configuration.md").read_text()
+    full = yaml.safe_load(re.search(r"```yaml\n(server:.*?)```", reference, re.S).group(1))
     full["server"]["listen"] = "0.0.0.0:9464"
     chart.validate_schema(chart.merge_values({"config": full}))
 

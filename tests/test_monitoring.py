@@ -2,7 +2,8 @@
 
 * `promtool check rules` and `promtool test rules tests/monitoring/alerts_test.yaml` must pass.
 * Every alert carries severity, summary, description and a runbook_url pointing at its
-  README runbook heading (RUNBOOK_HEADINGS below is the list the README must contain).
+  heading in docs/runbooks.md (RUNBOOK_HEADINGS below is the list the page must contain;
+  tests/test_docs.py checks that the anchors exist in the built site too).
 * The promtool tests cover every alert with a firing and a silent case, and they are sharp
   enough to catch deliberately broken copies of the rules (MUTANTS).
 """
@@ -44,23 +45,27 @@ def needs_promtool(test: Any) -> Any:
     return pytest.mark.prometheus(skip(test))
 
 
-RUNBOOK_BASE = "https://github.com/refresher-dev/refresher/blob/main/README.md#"
+RUNBOOKS = ROOT / "docs" / "runbooks.md"
+RUNBOOK_BASE = "https://github.com/refresher-dev/refresher/blob/main/docs/runbooks.md#"
 
-# README.md ("Monitoring" -> "Runbook") must contain exactly these headings (any level). GitHub
-# turns "#### Runbook: RefresherDown" into the anchor #runbook-refresherdown, which is what
-# each alert's runbook_url points at.
+# docs/runbooks.md must contain these headings (any level): the alert's name. GitHub and
+# mkdocs both turn "## RefresherDown" into the anchor #refresherdown, which is what each
+# alert's runbook_url points at.
 RUNBOOK_HEADINGS = {
-    "RefresherDown": "Runbook: RefresherDown",
-    "RefresherRefreshFailing": "Runbook: RefresherRefreshFailing",
-    "RefresherTokenExpiringSoon": "Runbook: RefresherTokenExpiringSoon",
-    "RefresherTokenExpired": "Runbook: RefresherTokenExpired",
-    "RefresherRateLimited": "Runbook: RefresherRateLimited",
-    "RefresherSinkWriteFailing": "Runbook: RefresherSinkWriteFailing",
-    "RefresherNoLeader": "Runbook: RefresherNoLeader",
-    "RefresherConfigReloadRejected": "Runbook: RefresherConfigReloadRejected",
-    "RefresherInternalError": "Runbook: RefresherInternalError",
-    "RefresherTenantsRejected": "Runbook: RefresherTenantsRejected",
-    "RefresherCredentialInvalid": "Runbook: RefresherCredentialInvalid",
+    name: name
+    for name in (
+        "RefresherDown",
+        "RefresherRefreshFailing",
+        "RefresherTokenExpiringSoon",
+        "RefresherTokenExpired",
+        "RefresherRateLimited",
+        "RefresherSinkWriteFailing",
+        "RefresherNoLeader",
+        "RefresherConfigReloadRejected",
+        "RefresherInternalError",
+        "RefresherTenantsRejected",
+        "RefresherCredentialInvalid",
+    )
 }
 
 # Alerts about a whole process or deployment: their series carry no token_job/provider labels,
@@ -175,13 +180,13 @@ def test_alert_metadata(name: str) -> None:
         assert "{{ $labels.provider }}" in description
         assert "$labels.job " not in description, "`job` is the scrape job, not the token job"
     assert annotations["runbook_url"] == RUNBOOK_BASE + github_anchor(RUNBOOK_HEADINGS[name])
-    assert annotations["runbook_url"] == RUNBOOK_BASE + "runbook-" + name.lower()
+    assert annotations["runbook_url"] == RUNBOOK_BASE + name.lower()
 
 
-def test_readme_has_every_runbook_heading() -> None:
+def test_runbooks_page_has_every_runbook_heading() -> None:
     headings = {
         line.lstrip("#").strip()
-        for line in (ROOT / "README.md").read_text().splitlines()
+        for line in RUNBOOKS.read_text().splitlines()
         if line.startswith("#")
     }
     assert sorted(set(RUNBOOK_HEADINGS.values()) - headings) == []
@@ -528,10 +533,10 @@ def test_failure_reasons_cover_every_error_class() -> None:
     assert len(set(FAILURE_REASONS)) == len(FAILURE_REASONS)
 
 
-def test_readme_documents_every_failure_reason() -> None:
+def test_docs_document_every_failure_reason() -> None:
     [row] = [
         line
-        for line in (ROOT / "README.md").read_text().splitlines()
+        for line in (ROOT / "docs" / "monitoring.md").read_text().splitlines()
         if line.startswith("| `refresher_refresh_failures_total`")
     ]
     assert [r for r in FAILURE_REASONS if f"`{r}`" not in row] == []

@@ -229,7 +229,7 @@ def test_prometheus_scrapes_dashboard_queries_and_alerts(emulators, tmp_path, le
                 "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
                 "rule_files": [str(ROOT / "helm/refresher/files/alerts.yaml")],
                 "scrape_configs": [
-                    # The README's scrape config: no honor_labels.
+                    # The scrape config of docs/monitoring.md: no honor_labels.
                     {
                         "job_name": "refresher",
                         "static_configs": [

@@ -33,7 +33,7 @@ OUTPUT = Path(__file__).resolve().with_name("refresher.json")
 
 UID = "refresher-overview"
 TITLE = "Refresher"
-README_URL = "https://github.com/refresher-dev/refresher/blob/main/README.md#monitoring"
+RUNBOOKS_URL = "https://github.com/refresher-dev/refresher/blob/main/docs/runbooks.md"
 
 DATASOURCE = dashboard_model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 
@@ -190,7 +190,7 @@ def build() -> dashboard_model.Dashboard:
         .link(
             dashboard_builder.DashboardLink("Alerts and runbooks")
             .type(dashboard_model.DashboardLinkType.LINK)
-            .url(README_URL)
+            .url(RUNBOOKS_URL)
             .icon("doc")
             .target_blank(True)
         )
