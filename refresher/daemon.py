@@ -41,7 +41,8 @@ from refresher.metrics import Metrics
 from refresher.notify import Notifier, TokenWritten, build_notifier
 from refresher.providers.base import HTTPClients, TokenProvider
 from refresher.providers.debitura import DebituraProviderConfig
-from refresher.scheduler import JobKey, JobRuntime, Scheduler
+from refresher.runtime import JobKey, JobRuntime
+from refresher.scheduler import Scheduler
 from refresher.sdnotify import SystemdNotifier
 from refresher.server import (
     Access,
@@ -225,7 +226,7 @@ class Daemon:
         parked = entry is not None and entry[0] is runtime
         if parked and runtime.last_error == "sink":
             runtime.last_error = runtime.last_error_message = None
-        if runtime.inflight is None and await self.scheduler.recover(runtime):
+        if runtime.refreshing is None and await self.scheduler.recover(runtime):
             self.scheduler.reschedule(runtime, runtime.next_refresh_at)
             return True
         if parked:
@@ -708,7 +709,7 @@ class Daemon:
         self.scheduler.is_active = lambda: False
         self.watcher.stop()
         with anyio.move_on_after(SHUTDOWN_GRACE, shield=True):
-            while any(r.inflight is not None for r in list(self.scheduler.jobs.values())):
+            while any(r.refreshing is not None for r in list(self.scheduler.jobs.values())):
                 await anyio.sleep(0.01)
         if self._listener is not None:
             self._listener.close()

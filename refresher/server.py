@@ -44,7 +44,8 @@ from uvicorn.server import ServerState
 
 from refresher.errors import ListenError, NotActiveError, TooSoonError
 from refresher.metrics import Metrics
-from refresher.scheduler import Rejection, Scheduler
+from refresher.runtime import Rejection
+from refresher.scheduler import Scheduler
 from refresher.token import rfc3339
 
 log = structlog.get_logger("refresher")

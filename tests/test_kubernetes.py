@@ -18,7 +18,8 @@ from refresher.errors import ConfigError, KubernetesSinkError, SinkError
 from refresher.kube import KubeClients, ServiceAccountTokenAuth
 from refresher.logging import Redactor
 from refresher.metrics import Metrics
-from refresher.scheduler import JobRuntime, Scheduler
+from refresher.runtime import JobRuntime
+from refresher.scheduler import Scheduler
 from refresher.sinks.base import TokenSink
 from refresher.sinks.kubernetes import (
     CONFLICT_ATTEMPTS,

@@ -28,7 +28,8 @@ from refresher.kube import KubeClients
 from refresher.leader import LeaderElector
 from refresher.logging import Redactor
 from refresher.metrics import Metrics
-from refresher.scheduler import JobRuntime, Scheduler
+from refresher.runtime import JobRuntime
+from refresher.scheduler import Scheduler
 from refresher.server import create_app
 from refresher.token import Token, fingerprint
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, wait_for

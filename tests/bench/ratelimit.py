@@ -56,7 +56,7 @@ class OrderedProvider(DelegatingProvider):
         now = self._clock.now()
         runtime = rec.scheduler.jobs[(self._job, tenant)]
         rec.fetches += 1
-        rec.sent[runtime.key] = runtime.inflight
+        rec.sent[runtime.key] = runtime.refreshing
         mine = _expiry(runtime)
         if runtime.token is not None and not runtime.token.is_valid(now):
             rec.missed += 1
@@ -64,7 +64,7 @@ class OrderedProvider(DelegatingProvider):
             waiting = [
                 r
                 for r in rec.scheduler.jobs.values()
-                if r.inflight is not None and rec.sent.get(r.key) is not r.inflight
+                if r.refreshing is not None and rec.sent.get(r.key) is not r.refreshing
             ]
             if waiting:
                 rec.contended += 1
@@ -85,7 +85,7 @@ async def settle(scheduler: Any) -> None:
     with anyio.fail_after(60):
         while quiet < 3:
             await anyio.sleep(0.001)
-            quiet = quiet + 1 if scheduler.inflight == 0 else 0
+            quiet = quiet + 1 if scheduler.requests_in_flight == 0 else 0
 
 
 async def drive(clock: Any, scheduler: Any, until: Any, horizon: float) -> bool:

@@ -274,7 +274,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 now = daemon.clock.now()
                 invalid_at_end = sum(1 for r in scheduler.jobs.values() if not r.valid(now))
                 failures = sum(r.failures for r in scheduler.jobs.values())
-                peak_inflight = scheduler.peak_inflight
+                peak_inflight = scheduler.peak_requests_in_flight
             server_cpu = server.cpu() - server_cpu0
             stats = server.stats()
         fetches = recorder.first_mints + recorder.refreshes

@@ -62,7 +62,7 @@ async def test_echoed_secret_never_reaches_logs_api_or_status(
     job["provider"]["client_secret"] = secret
     async with start_daemon({"jobs": [job]}) as daemon:
         rt = daemon.scheduler.jobs[("api", None)]
-        await wait_for(lambda: rt.failures == 1 and rt.inflight is None)
+        await wait_for(lambda: rt.failures == 1 and rt.refreshing is None)
         assert rt.last_error == "unauthorized"
         status, body = await get_json(daemon, "/v1/tokens", leak_guard)
         entry = body["jobs"][0]

@@ -422,8 +422,8 @@ async def test_directory_created_later_under_another_lock_fails_its_writes_only(
             lambda: (
                 api.token is not None
                 and rt.failures == 1
-                and api.inflight is None
-                and rt.inflight is None
+                and api.refreshing is None
+                and rt.refreshing is None
             )
         )
         assert "directory does not exist" in (rt.last_error_message or "")
@@ -431,7 +431,7 @@ async def test_directory_created_later_under_another_lock_fails_its_writes_only(
         with held_by_another_process(late) as holder:
             for attempt in range(2, 5):
                 await clock.set(rt.next_refresh_at)
-                await wait_for(lambda a=attempt: rt.failures == a and rt.inflight is None)
+                await wait_for(lambda a=attempt: rt.failures == a and rt.refreshing is None)
                 assert rt.last_error == "sink"
                 assert REFUSED.format(dir=late, pid=holder.pid) in (rt.last_error_message or "")
             assert list(late.iterdir()) == []
@@ -440,11 +440,11 @@ async def test_directory_created_later_under_another_lock_fails_its_writes_only(
             # The other job keeps its schedule.
             written = changes(tmp_path / "api.token")
             await clock.set(api.next_refresh_at)
-            await wait_for(lambda: written() and api.inflight is None)
+            await wait_for(lambda: written() and api.refreshing is None)
             assert (tmp_path / "api.token").read_text().strip() == api.token.value
             assert api.last_error is None
         await clock.set(rt.next_refresh_at)
-        await wait_for(lambda: (late / "late.token").exists() and rt.inflight is None)
+        await wait_for(lambda: (late / "late.token").exists() and rt.refreshing is None)
         assert (late / "late.token").read_text().strip() == rt.token.value
         assert rt.last_error is None
 
@@ -460,7 +460,7 @@ async def test_reload_adding_a_job_in_an_owned_directory_adds_the_others(
     config_path.write_text(yaml.safe_dump(base))
     async with start_daemon(base, config_path=config_path) as daemon:
         api = daemon.scheduler.jobs[("api", None)]
-        await wait_for(lambda: api.token is not None and api.inflight is None)
+        await wait_for(lambda: api.token is not None and api.refreshing is None)
         with held_by_another_process(owned) as holder:
             config_path.write_text(
                 yaml.safe_dump(
@@ -491,9 +491,9 @@ async def test_reload_adding_a_job_in_an_owned_directory_adds_the_others(
             await wait_for(
                 lambda: (
                     fresh.token is not None
-                    and fresh.inflight is None
+                    and fresh.refreshing is None
                     and blocked.failures == 1
-                    and blocked.inflight is None
+                    and blocked.refreshing is None
                 )
             )
             assert REFUSED.format(dir=owned, pid=holder.pid) in (blocked.last_error_message or "")
@@ -602,7 +602,7 @@ async def test_leader_waits_for_a_held_directory_and_a_follower_never_exits(
             # The third process lets go: within a retry period the leader owns it and writes.
             free(holder)
             await advance_to(clock, clock.now() + 2, b)
-            await wait_for(lambda: target.exists() and rt_b.inflight is None)
+            await wait_for(lambda: target.exists() and rt_b.refreshing is None)
             assert target.read_text().strip() == rt_b.token.value
             assert oauth2_emulator.count() == 1 and rt_b.last_error is None
             assert leak_guard.events(RESUMED)

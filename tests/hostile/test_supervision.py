@@ -74,7 +74,7 @@ async def test_bug_in_a_refresh_is_that_jobs_failure_only(
         assert entry["last_error"] == "internal" and "injected" not in str(entry)
         # The job retries on its own (backoff on the injected clock) and recovers.
         await clock.advance(api.backoff + 0.01)
-        await wait_for(lambda: api.failures == 0 and api.inflight is None)
+        await wait_for(lambda: api.failures == 0 and api.refreshing is None)
         assert other.token is before and other.failures == 0
         assert alive(daemon)
 

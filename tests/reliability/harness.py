@@ -480,9 +480,9 @@ class Ctx:
 
     def _quiet(self) -> bool:
         sched = self.sched
-        if sched.inflight or self.active_writes:
+        if sched.requests_in_flight or self.active_writes:
             return False
-        if any(r.inflight is not None for r in list(sched.jobs.values())):
+        if any(r.refreshing is not None for r in list(sched.jobs.values())):
             return False
         now = self.clock.now()
         heap = sched._heap
