@@ -157,7 +157,7 @@ class Daemon:
         self.reload_rejected = 0
         self.notifiers: dict[str, list[Notifier]] = {}
         self._notify_client: httpx2.AsyncClient | None = None
-        self.scheduler.written_hooks.append(self._notifications)
+        self.scheduler.publisher.written_hooks.append(self._notifications)
 
     # ------------------------------------------------------------ leadership
 

@@ -1,4 +1,5 @@
-"""Putting a minted token where consumers read it, and saying so.
+"""Putting a minted token where consumers read it, and saying so — and, on start,
+reading back what the sinks hold so a restart re-mints only what is due.
 
 Every sink is written (each write is atomic on its own); if one fails, the token is
 kept in memory and only the failed sinks are retried, with backoff, without
@@ -45,6 +46,30 @@ class Publisher:
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         self.written_hooks: list[WrittenHook] = []
+
+    async def recover(self, runtime: JobRuntime) -> bool:
+        """Adopt the token the job's sinks already hold, if every sink agrees and it
+        is not due yet. Returns True when adopted (no mint needed now); a sink that
+        cannot be read back is a reason to mint, never to stop."""
+        try:
+            tokens = [await sink.read_back() for sink in runtime.sinks]
+        except Exception as exc:
+            self.scheduler.internal_error("read_back", exc, runtime, retry=False)
+            return False
+        first = tokens[0] if tokens else None
+        if first is None or any(t is None or t.value != first.value for t in tokens):
+            return False
+        scheduler = self.scheduler
+        now = scheduler.clock.now()
+        due = refresh_time(first, scheduler.policy, scheduler.rng)
+        if not first.is_valid(now) or due <= now:
+            return False
+        runtime.token = first
+        runtime.state = "valid"
+        runtime.next_refresh_at = due
+        scheduler.redactor.add_token(first.value)
+        scheduler.track_expiry(runtime, first)
+        return True
 
     async def publish(
         self, runtime: JobRuntime, token: Token, sinks: list[TokenSink], *, changed: bool = True

@@ -89,7 +89,7 @@ class JobRuntime:
 
 @dataclass(frozen=True)
 class Rejection:
-    """The outcome of a consumer's rejection report (`Scheduler.report_rejected`)."""
+    """The outcome of a consumer's rejection report (`Feedback.report_rejected`)."""
 
     runtime: JobRuntime
     #: A token other than the rejected one is current now (minted for this report).

@@ -14,8 +14,7 @@ import heapq
 import itertools
 import math
 import random
-import sys
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import anyio
@@ -23,7 +22,7 @@ import structlog
 from anyio.abc import TaskGroup
 
 from refresher.budgets import Budgets, urgency
-from refresher.clock import Clock, SystemClock
+from refresher.clock import Clock, sleep_or_wake
 from refresher.config import RefreshConfig
 from refresher.credentials import Gates
 from refresher.errors import (
@@ -36,10 +35,11 @@ from refresher.errors import (
 from refresher.feedback import Feedback
 from refresher.logging import Redactor
 from refresher.metrics import JobSeries, JobSnapshot, Metrics
-from refresher.policy import backoff_delay, refresh_time, retry_delay
-from refresher.publish import Publisher, WrittenHook, same_publication
-from refresher.runtime import JobKey, JobRuntime, Rejection
-from refresher.status import title
+from refresher.policy import refresh_time, retry_delay
+from refresher.publish import Publisher, same_publication
+from refresher.runtime import JobKey, JobRuntime
+from refresher.status import snapshots, title
+from refresher.supervision import Supervisor
 from refresher.token import Token
 
 log = structlog.get_logger("refresher.scheduler")
@@ -69,6 +69,7 @@ class Scheduler:
         self.gates = Gates(self)
         self.publisher = Publisher(self)
         self.feedback = Feedback(self)
+        self.supervisor = Supervisor(self)
         self._heap: list[tuple[float, int, JobKey, int]] = []
         #: (expires_at, seq, job, token value): when a token runs out unreplaced.
         self._expiries: list[tuple[float, int, JobKey, str]] = []
@@ -80,10 +81,6 @@ class Scheduler:
         self._round_cursor = 0
         self.requests_in_flight = 0
         self.peak_requests_in_flight = 0
-
-    @property
-    def written_hooks(self) -> list[WrittenHook]:
-        return self.publisher.written_hooks
 
     # ------------------------------------------------------------------ job set
 
@@ -107,27 +104,8 @@ class Scheduler:
         return runtime
 
     async def recover(self, runtime: JobRuntime) -> bool:
-        """Adopt the token the job's sinks already hold, if every sink agrees and it
-        is not due yet. Returns True when adopted (no mint needed now); a sink that
-        cannot be read back is a reason to mint, never to stop."""
-        try:
-            tokens = [await sink.read_back() for sink in runtime.sinks]
-        except Exception as exc:
-            self.internal_error("read_back", exc, runtime, retry=False)
-            return False
-        first = tokens[0] if tokens else None
-        if first is None or any(t is None or t.value != first.value for t in tokens):
-            return False
-        now = self.clock.now()
-        due = refresh_time(first, self.policy, self.rng)
-        if not first.is_valid(now) or due <= now:
-            return False
-        runtime.token = first
-        runtime.state = "valid"
-        runtime.next_refresh_at = due
-        self.redactor.add_token(first.value)
-        self.track_expiry(runtime, first)
-        return True
+        """Adopt the token the job's sinks already hold (see `Publisher.recover`)."""
+        return await self.publisher.recover(runtime)
 
     def reschedule(self, runtime: JobRuntime, moment: float | None) -> None:
         """Plan a job's next refresh at `moment` (now if None; +inf: not on the timer)."""
@@ -215,25 +193,7 @@ class Scheduler:
             self._heap[0][0] if self._heap else math.inf,
             self._expiries[0][0] if self._expiries else math.inf,
         )
-        if isinstance(self.clock, SystemClock):
-            # One cancel scope, not a task group racing two tasks: this runs once per
-            # refresh at steady state.
-            with anyio.move_on_after(deadline - self.clock.now()):
-                await self._wake.wait()
-            return
-        async with anyio.create_task_group() as race:
-
-            async def timer() -> None:
-                await self.clock.sleep_until(deadline)
-                race.cancel_scope.cancel()
-
-            async def woken() -> None:
-                await self._wake.wait()
-                race.cancel_scope.cancel()
-
-            if math.isfinite(deadline):
-                race.start_soon(timer)
-            race.start_soon(woken)
+        await sleep_or_wake(self.clock, self._wake, deadline)
 
     def wake(self) -> None:
         """Re-evaluate the timer heap now (e.g. leadership was acquired)."""
@@ -253,14 +213,6 @@ class Scheduler:
         self.first_round.set()
 
     # ------------------------------------------------------------------ one refresh
-
-    async def force(self, job: str, tenant: str | None = None) -> JobRuntime:
-        """An operator asked for a refresh (see `Feedback.force`)."""
-        return await self.feedback.force(job, tenant)
-
-    async def report_rejected(self, job: str, tenant: str | None, fingerprint: str) -> Rejection:
-        """A consumer's call was rejected with this token (see `Feedback.report_rejected`)."""
-        return await self.feedback.report_rejected(job, tenant, fingerprint)
 
     async def refresh(self, runtime: JobRuntime, *, force: bool = False) -> None:
         """Refresh one job now (single-flight: joins a refresh already running).
@@ -427,60 +379,13 @@ class Scheduler:
         *,
         retry: bool = True,
     ) -> None:
-        """A bug surfaced at a job's boundary: log it once with its traceback, count
-        it, and (with `retry`) plan the job's next attempt with backoff. Never raises:
-        this is the last line between one job's bug and the whole daemon."""
-        try:
-            self.metrics.internal_errors.labels(component).inc()
-            logger = runtime.bound_log if runtime is not None and runtime.bound_log else log
-            logger.error("internal error", component=component, exc_info=exc)
-        except Exception:
-            # The logging pipeline failed too: say only what cannot leak.
-            print(f"refresher: internal error in {component}", file=sys.stderr)
-        if runtime is None or not retry:
-            return
-        try:
-            labels = self.series(runtime).labels
-            self.metrics.refresh_total.labels(*labels, "failure").inc()
-            self.metrics.refresh_failures.labels(*labels, "internal").inc()
-            runtime.failures += 1
-            runtime.last_error = "internal"
-            runtime.last_error_message = f"internal error: {type(exc).__name__}"
-            runtime.last_error_status = None
-            runtime.last_error_title = "internal error (see the daemon's log)"
-            runtime.backoff = backoff_delay(runtime.failures, self.policy.backoff, self.rng)
-            if self.jobs.get(runtime.key) is runtime:
-                self.reschedule(runtime, self.clock.now() + runtime.backoff)
-        except Exception:
-            print(f"refresher: cannot plan a retry after an error in {component}", file=sys.stderr)
-
-    async def guarded(
-        self, component: str, work: Coroutine[Any, Any, None], runtime: JobRuntime | None = None
-    ) -> None:
-        """Run `work`; a bug in it is an internal error of `component`, not the end."""
-        try:
-            await work
-        except Exception as exc:
-            self.internal_error(component, exc, runtime, retry=False)
+        """A bug surfaced at a job's boundary (see `Supervisor.internal_error`)."""
+        self.supervisor.internal_error(component, exc, runtime, retry=retry)
 
     # ------------------------------------------------------------------ views
 
     def snapshots(self) -> Iterable[JobSnapshot]:
-        now = self.clock.now()
-        for runtime in list(self.jobs.values()):
-            token = runtime.token
-            yield JobSnapshot(
-                job=runtime.job,
-                provider=runtime.provider_kind,
-                tenant=runtime.tenant,
-                valid=runtime.valid(now)
-                or (token is not None and token.is_valid(now) and runtime.state != "invalid_link"),
-                expires_at=token.expires_at if token else None,
-                last_success_at=runtime.last_success_at,
-                backoff_seconds=runtime.backoff,
-                environment=getattr(runtime.provider, "environment", None),
-                scope_missing=len(token.missing_scopes) if token else 0,
-            )
+        return snapshots(self.jobs.values(), self.clock.now())
 
     def statuses(self) -> list[dict[str, Any]]:
         now = self.clock.now()

@@ -146,9 +146,9 @@ def create_app(
         now = scheduler.clock.now
         try:
             if rejected is None:
-                runtime = await scheduler.force(job, tenant)
+                runtime = await scheduler.feedback.force(job, tenant)
             else:
-                outcome = await scheduler.report_rejected(job, tenant, rejected)
+                outcome = await scheduler.feedback.report_rejected(job, tenant, rejected)
                 return _rejection_answer(outcome, now())
         except NotActiveError:  # leadership lost or not yet taken over, or stopping
             holder = leader() if leader is not None else None

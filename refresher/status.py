@@ -6,9 +6,10 @@ expiry, and classified failure fields only.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from refresher.metrics import JobSnapshot
 from refresher.token import rfc3339
 
 if TYPE_CHECKING:
@@ -76,3 +77,21 @@ def title(scrub: Callable[[str], str], text: str | None) -> str | None:
         return None
     shown = scrub(" ".join(text.split()))
     return shown if len(shown) <= MAX_TITLE_LENGTH else shown[: MAX_TITLE_LENGTH - 3] + "..."
+
+
+def snapshots(runtimes: Iterable[JobRuntime], now: float) -> Iterator[JobSnapshot]:
+    """What the metrics collector needs of each job at scrape time."""
+    for runtime in list(runtimes):
+        token = runtime.token
+        yield JobSnapshot(
+            job=runtime.job,
+            provider=runtime.provider_kind,
+            tenant=runtime.tenant,
+            valid=runtime.valid(now)
+            or (token is not None and token.is_valid(now) and runtime.state != "invalid_link"),
+            expires_at=token.expires_at if token else None,
+            last_success_at=runtime.last_success_at,
+            backoff_seconds=runtime.backoff,
+            environment=getattr(runtime.provider, "environment", None),
+            scope_missing=len(token.missing_scopes) if token else 0,
+        )

@@ -64,7 +64,7 @@ async def test_reports_of_the_current_token_share_one_mint(start_daemon, debitur
         await wait_for(lambda: rt.token and rt.refreshing is None)
         # An operator forced a refresh a second ago: the per-job interval must not
         # refuse the first rejection of the token that refresh produced.
-        await daemon.scheduler.force("debitura", "t-1")
+        await daemon.scheduler.feedback.force("debitura", "t-1")
         await clock.advance(1)
         rejected, mints = fp(rt), debitura.count()
         answers: list[httpx2.Response] = []

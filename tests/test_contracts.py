@@ -538,7 +538,7 @@ async def test_gooclaim_introspection_429_waits_and_keeps_the_minted_token(
         assert waiting.refreshing is not None and waiting.failures == 0
         # The token budget is not paused: a job on the same client id mints right away.
         with anyio.fail_after(5):
-            await sched.force("plain")
+            await sched.feedback.force("plain")
         assert emu.count(token_path) == 4
         # Retry-After (60 s) later the same token is introspected again and written.
         deadline = await next_sleeper(clock)

@@ -251,9 +251,9 @@ async def test_force_refuses_when_the_scheduler_is_not_active(clock) -> None:
     )
     scheduler.add(JobRuntime(job="api", tenant=None, provider=_MustNotMint(), sinks=[]))
     with pytest.raises(NotActiveError):
-        await scheduler.force("api")
+        await scheduler.feedback.force("api")
     with pytest.raises(KeyError):  # an unknown job is still a 404, not a 503
-        await scheduler.force("nope")
+        await scheduler.feedback.force("nope")
     # The HTTP layer maps it to 503 even when the leader check passed (shutting down).
     app = create_app(scheduler, Metrics(), is_leader=lambda: True, leader=lambda: "pod-a")
     transport = httpx2.ASGITransport(app=app)

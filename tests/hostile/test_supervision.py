@@ -128,8 +128,8 @@ async def test_bug_in_a_notification_hook_keeps_the_written_token(
         async def slow_bug() -> None:
             raise Bug("notifier task")
 
-        daemon.scheduler.written_hooks.append(hook)
-        daemon.scheduler.written_hooks.append(lambda runtime, token: slow_bug())
+        daemon.scheduler.publisher.written_hooks.append(hook)
+        daemon.scheduler.publisher.written_hooks.append(lambda runtime, token: slow_bug())
         api = jobs[("api", None)]
         await daemon.scheduler.refresh(api, force=True)
         await wait_for(lambda: metric(daemon, "refresher_internal_errors_total", component="notify") == 2)
