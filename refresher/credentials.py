@@ -180,9 +180,7 @@ class Gates:
                 self._planner.reschedule(runtime, None)
             resumed += 1
         if resumed:
-            log.info(
-                "credential usable again: resuming its tokens", because=reason, tokens=resumed
-            )
+            log.info("credential usable again: resuming its tokens", because=reason, tokens=resumed)
 
     def forget(self, key: JobKey) -> None:
         """A job was removed: it no longer waits, and another parked job probes."""

@@ -295,7 +295,8 @@ class Scheduler:
         self.redactor.add_token(token.value)
         if token.missing_scopes:
             runtime.bound_log.warning(
-                "grant lacks requested scopes", missing=list(token.missing_scopes),
+                "grant lacks requested scopes",
+                missing=list(token.missing_scopes),
                 granted=token.scope,
             )
         if token.warning:

@@ -42,7 +42,9 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
+from refresher.config import Settings
 from refresher.errors import ListenError, NotActiveError, TooSoonError
+from refresher.leader import LeaderElector
 from refresher.metrics import Metrics
 from refresher.runtime import Rejection
 from refresher.scheduler import Scheduler
@@ -366,6 +368,7 @@ class Listener:
         self.server = make_server(app)
         self._accepting = anyio.CancelScope()
         self._freed = anyio.Event()
+        self._stopped = anyio.Event()
         self._error_logged_at = -ACCEPT_ERROR_LOG_INTERVAL
         self._errors_unlogged = 0
 
@@ -381,14 +384,27 @@ class Listener:
                 tg.start_soon(self.server.serve, [])
                 await self.server.ready.wait()
                 tg.start_soon(self._accept_loop)
+                host, port = self.sock.getsockname()[:2]
+                log.info(
+                    "listening",
+                    address=f"{host}:{port}",
+                    max_connections=self.max_connections,
+                    header_timeout=self.header_timeout,
+                )
                 task_status.started()
         finally:
             self.sock.close()
+            self._stopped.set()
 
     def close(self) -> None:
         """Stop accepting; close idle connections and let requests in flight finish."""
         self._accepting.cancel()
         self.server.should_exit = True
+
+    async def aclose(self) -> None:
+        """`close()`, and wait until the last request in flight has been answered."""
+        self.close()
+        await self._stopped.wait()
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -522,3 +538,44 @@ class _Connection(H11Protocol):
             self.transport.abort()
         else:
             self._arm()  # the app is still working on the request (a forced refresh)
+
+
+def listen(
+    settings: Settings,
+    scheduler: Scheduler,
+    metrics: Metrics,
+    *,
+    is_leader: Callable[[], bool] | None,
+    elector: LeaderElector | None,
+) -> Listener:
+    """Bind the configured address (`ListenError` if taken) and build the app behind
+    a listener sized to the open-files limit, keeping a reserve of descriptors for
+    secrets, sinks and HTTP clients."""
+    config = settings.server
+    wanted = config.max_connections
+    reserve = fd_reserve(settings.refresh.concurrency)
+    nofile = raise_nofile_limit(nofile_needed(wanted, reserve))
+    cap = connection_cap(wanted, nofile, reserve)
+    if cap < wanted:
+        log.warning(
+            "server.max_connections lowered to fit the open files limit",
+            wanted=wanted,
+            max_connections=cap,
+            open_files_limit=nofile,
+            reserved=reserve,
+        )
+    sock = bind(config.host, config.port)
+    access = Access(
+        admin=token_reader(config.admin_token_file),
+        consumer=token_reader(config.consumer_token_file),
+        loopback=is_loopback(config.host),
+    )
+    app = create_app(
+        scheduler,
+        metrics,
+        access=access,
+        is_leader=is_leader,
+        leader=elector.leader if elector is not None else None,
+        retry_after=elector.retry_period if elector is not None else 2.0,
+    )
+    return Listener(sock, app, max_connections=cap, header_timeout=config.header_timeout)

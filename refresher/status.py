@@ -31,7 +31,8 @@ def job_status(runtime: JobRuntime, now: float) -> dict[str, Any]:
         if token and token.expires_at is not None
         else None,
         "fingerprint": token.fingerprint() if token else None,
-        "next_refresh_at": rfc3339(next_at) if next_at is not None and math.isfinite(next_at)
+        "next_refresh_at": rfc3339(next_at)
+        if next_at is not None and math.isfinite(next_at)
         else None,
         "last_success_at": rfc3339(runtime.last_success_at),
         "last_error": runtime.last_error,

@@ -252,7 +252,7 @@ async def test_sd_notify_ready_reloading_stopping(start_daemon, oauth2_emulator,
     config_path.write_text(yaml.safe_dump(config))
     notifier = SystemdNotifier(str(sock_path))
     try:
-        async with start_daemon(config, notifier=notifier, config_path=config_path) as daemon:
+        async with start_daemon(config, systemd=notifier, config_path=config_path) as daemon:
             ready = await anyio.to_thread.run_sync(receiver.recv, 4096)
             assert b"READY=1" in ready and b"STATUS=1/1 tokens valid" in ready
             assert await daemon.reload()

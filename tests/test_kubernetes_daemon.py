@@ -182,7 +182,7 @@ async def test_two_replicas_one_writer_followers_refuse_forced_refreshes_and_tak
             await anyio.sleep(0.05)
         took_over = clock.now() - killed_at
         assert took_over > 10, "took over before the old lease could have expired"
-        await wait_for(lambda: b._leading)
+        await wait_for(lambda: b.leadership.leading)
         rt_b = b.scheduler.jobs[("api", None)]
         assert rt_b.token is not None and rt_b.token.value == rt_a.token.value
         assert oauth2_emulator.count() == mints, "new leader re-minted a valid token"

@@ -572,7 +572,7 @@ async def test_leader_waits_for_a_held_directory_and_a_follower_never_exits(
     with held_by_another_process(shared) as holder:
         async with anyio.create_task_group() as tg:
             tg.start_soon(replica, "pod-a")
-            await wait_for(lambda: "pod-a" in daemons and daemons["pod-a"]._leading)
+            await wait_for(lambda: "pod-a" in daemons and daemons["pod-a"].leadership.leading)
             a = daemons["pod-a"]
             rt_a = a.scheduler.jobs[("api", None)]
             tg.start_soon(replica, "pod-b")

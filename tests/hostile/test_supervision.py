@@ -172,12 +172,12 @@ async def test_bug_in_a_watcher_callback_and_in_tenant_sync(
         await wait_for(lambda: ("debitura", "t-1") in jobs and jobs[("debitura", "t-1")].token)
         await wait_for(lambda: daemon.watcher.ready.is_set())
         # The rotation callback hits a bug ...
-        provider = daemon.providers["debitura"]
+        provider = daemon.jobs.providers["debitura"]
         monkeypatch.setattr(provider, "secrets", lambda: (_ for _ in ()).throw(Bug("secrets")))
         secret.write_text("debitura-api-key-value-123 \n".strip() + "\n\n")
         await wait_for(lambda: metric(daemon, "refresher_internal_errors_total", component="watch") == 1)
         # ... and so does the tenant sync; the watcher keeps watching through both.
-        monkeypatch.setattr(daemon, "_build_tenants", lambda *a: (_ for _ in ()).throw(Bug("tenants")))
+        monkeypatch.setattr(daemon.jobs, "_build_tenants", lambda *a: (_ for _ in ()).throw(Bug("tenants")))
         tenants.write_text("t-1\nt-2\n")
         await wait_for(lambda: metric(daemon, "refresher_internal_errors_total", component="tenants") == 1)
         monkeypatch.undo()
@@ -204,7 +204,7 @@ async def test_bug_in_a_reload_leaves_the_running_jobs(
         async def broken(job: Any) -> None:
             raise Bug("add_job")
 
-        monkeypatch.setattr(daemon, "add_job", broken)
+        monkeypatch.setattr(daemon.jobs, "add", broken)
         assert await daemon.reload() is True
         assert metric(daemon, "refresher_internal_errors_total", component="reload") == 1
         assert set(jobs) == {("api", None), ("other", None)} and alive(daemon)
