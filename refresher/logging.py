@@ -72,8 +72,8 @@ class Redactor:
 
     def __init__(self, max_tokens: int = 100_000) -> None:
         self._secrets: tuple[str, ...] = ()
-        #: hash(token) → None, oldest first. Hashes, not the tokens: 100,000 tokens of
-        #: a few hundred characters would hold ~40 MB; a collision only masks a value.
+        #: hash(token) → None, oldest first. Hashes, not the tokens: memory per token
+        #: stays small whatever its length; a collision only masks a value.
         self._tokens: OrderedDict[int, None] = OrderedDict()
         self._max_tokens = max_tokens
         self._lock = threading.Lock()

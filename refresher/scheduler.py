@@ -70,6 +70,8 @@ class Scheduler:
         self.publisher = Publisher(self)
         self.feedback = Feedback(self)
         self.supervisor = Supervisor(self)
+        #: A bug at a job's boundary: logged, counted, retried (`Supervisor`).
+        self.internal_error = self.supervisor.internal_error
         self._heap: list[tuple[float, int, JobKey, int]] = []
         #: (expires_at, seq, job, token value): when a token runs out unreplaced.
         self._expiries: list[tuple[float, int, JobKey, str]] = []
@@ -175,7 +177,7 @@ class Scheduler:
             runtime.bound_log.error(
                 "token expired without a replacement",
                 fingerprint=runtime.token.fingerprint() if runtime.token else None,
-                last_error=runtime.last_error,
+                last_error=runtime.failure_reason,
                 on_expiry=runtime.on_expiry,
             )
             if runtime.on_expiry == "remove":
@@ -318,11 +320,11 @@ class Scheduler:
         now = self.clock.now()
         labels = self.series(runtime).labels
         runtime.failures += 1
-        runtime.last_error = error.reason
-        runtime.last_error_message = str(error)
-        runtime.last_error_status = error.status
+        runtime.failure_reason = error.reason
+        runtime.failure_message = str(error)
+        runtime.failure_status = error.status
         problem_title = error.problem.title if error.problem else None
-        runtime.last_error_title = title(self.redactor.scrub, problem_title or error.summary)
+        runtime.failure_title = title(self.redactor.scrub, problem_title or error.summary)
         self.metrics.refresh_total.labels(*labels, "failure").inc()
         self.metrics.refresh_failures.labels(*labels, error.reason).inc()
         delay, capped = retry_delay(
@@ -371,17 +373,6 @@ class Scheduler:
             self.gates.close(runtime, error.reason, delay)
         else:
             self.reschedule(runtime, now + delay)
-
-    def internal_error(
-        self,
-        component: str,
-        exc: BaseException,
-        runtime: JobRuntime | None = None,
-        *,
-        retry: bool = True,
-    ) -> None:
-        """A bug surfaced at a job's boundary (see `Supervisor.internal_error`)."""
-        self.supervisor.internal_error(component, exc, runtime, retry=retry)
 
     # ------------------------------------------------------------------ views
 

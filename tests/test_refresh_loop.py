@@ -281,7 +281,7 @@ async def test_sink_failure_retries_the_write_without_re_minting(start_daemon, o
     async with start_daemon({"jobs": [job]}) as daemon:
         rt = runtime(daemon)
         await wait_for(lambda: rt.failures == 1 and rt.refreshing is None)
-        assert rt.last_error == "sink" and "directory does not exist" in rt.last_error_message
+        assert rt.failure_reason == "sink" and "directory does not exist" in rt.failure_message
         assert metric(daemon, "refresher_sink_failures_total", token_job="api", sink="file") == 1
         assert (await get_json(daemon, "/readyz"))[0] == 503
         target_dir.mkdir()
