@@ -67,7 +67,7 @@ class Publisher:
         runtime.token = first
         runtime.state = "valid"
         runtime.next_refresh_at = due
-        scheduler.redactor.add_token(first.value)
+        scheduler.redactor.add_token(first.value, runtime.key)
         scheduler.track_expiry(runtime, first)
         return True
 

@@ -103,6 +103,7 @@ class Scheduler:
         if runtime is not None:
             runtime.generation += 1
             self.gates.forget(key)
+            self.redactor.forget(key)
         return runtime
 
     async def recover(self, runtime: JobRuntime) -> bool:
@@ -294,7 +295,7 @@ class Scheduler:
         finally:
             self.requests_in_flight -= 1
         series.refresh_duration.observe(max(self.clock.now() - started, 0))
-        self.redactor.add_token(token.value)
+        self.redactor.add_token(token.value, runtime.key)
         if token.missing_scopes:
             runtime.bound_log.warning(
                 "grant lacks requested scopes",

@@ -324,6 +324,23 @@ async def test_debitura_1000_tenants_within_rate_none_missed(start_daemon, debit
     assert len(list(tmp_path.glob("tenant-*.json"))) == 1000
 
 
+async def test_token_memory_follows_the_tenants_through_refreshes_and_removal(
+    start_daemon, debitura, clock, tmp_path
+) -> None:
+    from refresher.logging import TOKENS_PER_OWNER
+
+    tenants = [f"t-{i:03d}" for i in range(40)]
+    async with start_daemon({"jobs": [deb_job(debitura, tmp_path, tenants)]}) as daemon:
+        sched, redactor = daemon.scheduler, daemon.redactor
+        await drive(clock, sched, lambda: all(r.token for r in sched.jobs.values()), horizon=clock.now() + 60)
+        # Every tenant refreshed again and again: five more tokens each, on average.
+        minted = lambda: debitura.count(status=200)  # noqa: E731
+        await drive(clock, sched, lambda: minted() >= 6 * len(tenants), horizon=clock.now() + 6 * 1800)
+        assert redactor.remembered_tokens <= TOKENS_PER_OWNER * len(sched.jobs)
+        await daemon.jobs.remove("debitura")
+        assert redactor.remembered_tokens == 0
+
+
 async def test_debitura_tenants_file_add_and_remove(start_daemon, debitura, tmp_path) -> None:
     from refresher.clock import SystemClock
 
