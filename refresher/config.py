@@ -276,6 +276,9 @@ class RefreshConfig(Model):
     refresh_at: float = Field(default=0.75, gt=0, lt=1)
     min_remaining: Duration = 300.0
     jitter: float = Field(default=0.1, ge=0, lt=0.5)
+    #: A planned refresh may leave up to this fraction of its token's lifetime early,
+    #: with others due about then, so refreshes leave in batches (0: exactly on time).
+    coalesce: float = Field(default=0.01, ge=0, le=0.05)
     backoff: BackoffConfig = BackoffConfig()
     concurrency: int = Field(default=32, gt=0)
     max_retry_after: PositiveDuration = 3600.0

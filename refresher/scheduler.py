@@ -35,7 +35,7 @@ from refresher.errors import (
 from refresher.feedback import Feedback
 from refresher.logging import Redactor
 from refresher.metrics import JobSeries, JobSnapshot, Metrics
-from refresher.policy import refresh_time, retry_delay
+from refresher.policy import early_slack, refresh_time, retry_delay
 from refresher.publish import Publisher, same_publication
 from refresher.runtime import JobKey, JobRuntime
 from refresher.status import snapshots, title
@@ -152,17 +152,35 @@ class Scheduler:
             while True:
                 now = self.clock.now()
                 if self.is_active():
-                    while self._heap and self._heap[0][0] <= now:
-                        _, _, key, generation = heapq.heappop(self._heap)
-                        runtime = self.jobs.get(key)
-                        if runtime is not None and runtime.generation == generation:
-                            tg.start_soon(self.refresh, runtime)
+                    for due in self._due(now):
+                        tg.start_soon(self.refresh, due)
                 while self._expiries and self._expiries[0][0] <= now:
                     _, _, key, value = heapq.heappop(self._expiries)
                     runtime = self.jobs.get(key)
                     if runtime is not None and runtime.token and runtime.token.value == value:
                         tg.start_soon(self._expired, runtime)
                 await self._sleep()
+
+    def _due(self, now: float) -> list[JobRuntime]:
+        """Pop the jobs due now, and those planned a little later that may leave early
+        with them (`early_slack`): one wake-up sends a batch, not one refresh each."""
+        heap, due = self._heap, []
+        while heap:
+            moment, _, key, generation = heap[0]
+            runtime = self.jobs.get(key)
+            if runtime is None or runtime.generation != generation:
+                heapq.heappop(heap)  # superseded by a later reschedule
+                continue
+            if moment > now and (
+                runtime.failures
+                or runtime.unwritten
+                or runtime.parked_at is not None
+                or moment - early_slack(runtime.token, now, self.policy) > now
+            ):
+                break
+            heapq.heappop(heap)
+            due.append(runtime)
+        return due
 
     def track_expiry(self, runtime: JobRuntime, token: Token) -> None:
         """Remember when `token` runs out, to say so if it is not replaced by then."""

@@ -144,12 +144,16 @@ def seed_tokens(
         (sink_dir / f"{tenant}.json").write_bytes(render(token, config))
 
 
-def debitura_settings(url: str, tenants: list[str], sink_dir: Path) -> Any:
+def debitura_settings(
+    url: str, tenants: list[str], sink_dir: Path, *, coalesce: float | None = None
+) -> Any:
     from refresher.config import load_settings
 
+    refresh = {} if coalesce is None else {"coalesce": coalesce}
     return load_settings(
         data={
             "server": {"listen": "127.0.0.1:0"},
+            "refresh": refresh,
             "jobs": [
                 {
                     "name": "debitura",
@@ -238,7 +242,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             requests0 = server.stats()["total"]
             cpu0 = process_cpu()
             t0 = time.time()
-            daemon = Daemon(debitura_settings(server.url, tenants, root), serve_http=False)
+            daemon = Daemon(
+                debitura_settings(server.url, tenants, root, coalesce=args.coalesce),
+                serve_http=False,
+            )
             profiler = _profiler(args.profile)
             async with daemon.running():
                 if profiler is not None:
@@ -330,6 +337,9 @@ def main() -> None:
     parser.add_argument("--raw-paced-s", type=float, default=8.0)
     parser.add_argument("--sink-root", default=None)
     parser.add_argument("--profile", default=None, help="write a pyinstrument profile here")
+    parser.add_argument(
+        "--coalesce", type=float, default=None, help="refresh.coalesce (default: the daemon's)"
+    )
     emit(anyio.run(run, parser.parse_args()))
 
 
