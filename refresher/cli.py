@@ -127,16 +127,24 @@ def describe_plan(settings: Settings) -> str:
 def config_warnings(settings: Settings) -> list[str]:
     """What is valid but probably not meant: loose token file modes, sink directories
     that do not exist yet, ``tenants_file`` lines the daemon will skip, Gooclaim tokens
-    whose signature nobody verifies, deprecated keys."""
+    whose signature nobody verifies, a ``state_dir`` a reboot empties, deprecated keys."""
     from refresher.config import FileSinkConfig
     from refresher.providers.debitura import DebituraProviderConfig
     from refresher.providers.dutyclaims import DutyClaimsProviderConfig
     from refresher.providers.gooclaim import GooclaimProviderConfig
+    from refresher.providers.oauth2 import OAuth2ProviderConfig
+    from refresher.sinks.file import memory_backed
     from refresher.targets import template_directory
 
     warnings = []
     for index, job in enumerate(settings.jobs):
         provider = job.provider
+        state_dir = provider.state_dir if isinstance(provider, OAuth2ProviderConfig) else None
+        if state_dir is not None and memory_backed(str(state_dir)):
+            warnings.append(
+                f"jobs[{index}].provider.state_dir ({job.name}): {state_dir} is on a memory "
+                "file system: a reboot loses the rotated refresh token (use /var/lib/...)"
+            )
         if isinstance(provider, GooclaimProviderConfig) and not (
             provider.public_key_file or provider.jwks_url
         ):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -19,6 +21,7 @@ import jwt
 import pytest
 import structlog
 import trustme
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -557,3 +560,26 @@ async def test_the_redactor_learns_refresh_tokens_keys_and_assertions(
     text = leak_guard.buffer.getvalue()
     assert rotated not in text and pem not in text and assertion not in text
     assert "[redacted:" in text
+
+
+def test_a_state_dir_on_tmpfs_is_warned_about(emulator, tmp_path, capsys, leak_guard) -> None:
+    from refresher.cli import main
+    from refresher.sinks.file import memory_backed
+
+    shm = Path("/dev/shm")
+    if not memory_backed(str(shm)):
+        pytest.skip("no tmpfs at /dev/shm")
+    state = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        config = {"jobs": [{"name": "api", "provider": {
+            "kind": "oauth2", "issuer": emulator.issuer, "client_id": "public-app", "client_auth": "none",
+            "grant": "refresh_token", "refresh_token_file": str(tmp_path / "rt"), "state_dir": str(state)},
+            "sinks": [{"kind": "file", "path": str(tmp_path / "api.token")}]}]}
+        (tmp_path / "rt").write_text("rt-seed-value-0123456789")
+        leak_guard.secrets.add("rt-seed-value-0123456789")
+        (tmp_path / "refresher.yaml").write_text(yaml.safe_dump(config))
+        assert main(["check", "--config", str(tmp_path / "refresher.yaml")]) == 0
+        out = capsys.readouterr().out
+        assert f"warning: jobs[0].provider.state_dir (api): {state} is on a memory file system" in out
+    finally:
+        shutil.rmtree(state)

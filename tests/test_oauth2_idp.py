@@ -17,7 +17,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
+import httpx2
 import jwt
 import pytest
 import yaml
@@ -84,6 +86,17 @@ def pem_file(key: Any, path: Path) -> Path:
         )
     )
     return path
+
+
+def requests_of(provider: OAuth2Provider) -> list[httpx2.Request]:
+    """Every request the provider's HTTP client sends from now on, as sent."""
+    seen: list[httpx2.Request] = []
+
+    async def record(request: httpx2.Request) -> None:
+        seen.append(request)
+
+    provider.client.event_hooks["request"].append(record)
+    return seen
 
 
 async def minted(provider: OAuth2Provider, leak_guard: Any) -> Token:
@@ -173,14 +186,14 @@ async def test_private_key_jwt(make, idp, tmp_path, leak_guard, client_id, signi
         client_id=client_id, client_auth="private_key_jwt", private_key_file=str(key),
         key_id=f"{client_id}-1", signing_alg=signing_alg, resource=[RESOURCE], verify=verify(),
     )
-    sent: list[str] = []
-    original = provider._client_assertion
-    provider._client_assertion = lambda endpoint: sent.append(original(endpoint)) or sent[-1]  # type: ignore[method-assign]
+    sent = requests_of(provider)
     token = await minted(provider, leak_guard)
     assert claims_of(token.value)["client_id"] == client_id
-    header = jwt.get_unverified_header(sent[0])
+    [request] = [r for r in sent if str(r.url) == idp.token_endpoint]
+    [client_assertion] = parse_qs(request.content.decode())["client_assertion"]
+    header = jwt.get_unverified_header(client_assertion)
     assert header["alg"] == expected and header["kid"] == f"{client_id}-1"
-    assertion = claims_of(sent[0])
+    assertion = claims_of(client_assertion)
     assert assertion["iss"] == assertion["sub"] == client_id
     assert assertion["aud"] == idp.token_endpoint
     assert assertion["exp"] - assertion["iat"] <= 120
@@ -197,10 +210,8 @@ async def test_private_key_jwt_with_the_issuer_as_audience(make, idp, tmp_path, 
 
 
 async def test_a_rotated_private_key_signs_the_next_assertion(make, idp, tmp_path, leak_guard) -> None:
-    """The file is re-read when it changes: the server refuses the old key once only
-    the new one is registered... here the client is registered with the RSA key, so
-    swapping in the EC key of another client must fail at once, and swapping back
-    must work again, without a new provider."""
+    """The key file is re-read whenever it changes, without a new provider: a key the
+    server does not hold for this client is refused at once, the right one works again."""
     key_file = pem_file(idp.client_keys["rsa-jwt"], tmp_path / "client.key")
     leak_guard.secrets.add(key_file.read_text().strip())
     provider = make(client_id="rsa-jwt", client_auth="private_key_jwt", private_key_file=str(key_file))

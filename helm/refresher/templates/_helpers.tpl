@@ -260,6 +260,51 @@ credentials Secret must be configured, and a generated one must hold <key>.
 {{- end }}
 
 {{/*
+Projected ServiceAccount tokens (serviceAccountTokens): the volumes, their mounts under
+/var/run/secrets/tokens/<name>/, and the check that every such path the config names
+is one of them. Called with (dict "root" $ "prefix" "<volume name prefix>").
+*/}}
+{{- define "refresher.serviceAccountTokens.dir" -}}/var/run/secrets/tokens{{- end }}
+
+{{- define "refresher.serviceAccountTokenVolumes" -}}
+{{- $prefix := .prefix -}}
+{{- range .root.Values.serviceAccountTokens }}
+- name: {{ $prefix }}sa-token-{{ .name }}
+  projected:
+    sources:
+      - serviceAccountToken:
+          path: token
+          audience: {{ .audience | quote }}
+          expirationSeconds: {{ int (.expirationSeconds | default 3600) }}
+{{- end }}
+{{- end }}
+
+{{- define "refresher.serviceAccountTokenMounts" -}}
+{{- $prefix := .prefix -}}
+{{- $dir := include "refresher.serviceAccountTokens.dir" .root -}}
+{{- range .root.Values.serviceAccountTokens }}
+- name: {{ $prefix }}sa-token-{{ .name }}
+  mountPath: {{ $dir }}/{{ .name }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "refresher.checkServiceAccountTokens" -}}
+{{- $dir := printf "%s/" (include "refresher.serviceAccountTokens.dir" .) -}}
+{{- $names := list -}}
+{{- range .Values.serviceAccountTokens -}}
+{{- $names = append $names .name -}}
+{{- end -}}
+{{- $refs := regexFindAll (printf "%s[^\"\\\\]+" (regexQuoteMeta $dir)) (toJson (.Values.config | default dict)) -1 | uniq -}}
+{{- range $refs -}}
+{{- $name := index (splitList "/" (trimPrefix $dir .)) 0 -}}
+{{- if not (has $name $names) -}}
+{{- fail (printf "config refers to %s but serviceAccountTokens has no entry named %q" . $name) -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
+
+{{/*
 sha256 of config.yaml exactly as mounted (`sha256sum` of the file agrees): the
 pod-template annotation checksum/config (standalone) and checksum/refresher-config
 (sidecar consumers) roll pods on a change.
@@ -401,6 +446,7 @@ volumeMounts:
     mountPath: /tokens
   - name: refresher-tmp
     mountPath: /tmp
+  {{- include "refresher.serviceAccountTokenMounts" (dict "root" . "prefix" "refresher-") | nindent 2 }}
   {{- with .Values.extraVolumeMounts }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -430,6 +476,7 @@ volumeMounts:
 - name: refresher-tmp
   emptyDir:
     sizeLimit: 16Mi
+{{- include "refresher.serviceAccountTokenVolumes" (dict "root" . "prefix" "refresher-") }}
 {{- with .Values.extraVolumes }}
 {{ toYaml . }}
 {{- end }}
