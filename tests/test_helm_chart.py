@@ -1781,3 +1781,28 @@ def test_a_projected_token_path_must_be_one_the_chart_mounts(chart: helm.Chart) 
 def test_schema_refuses_bad_service_account_tokens(chart: helm.Chart, entry: dict[str, Any], field: str) -> None:
     with pytest.raises(helm.HelmValuesError, match=field):
         chart.validate_schema(chart.merge_values({"serviceAccountTokens": [entry]}))
+
+
+def test_an_oauth2_state_secret_gets_exact_secret_rbac(chart: helm.Chart) -> None:
+    """Rotated refresh tokens kept in a Secret: get/patch/create on exactly its name,
+    in its namespace, and the API token mounted (the daemon talks to the API)."""
+    provider = {
+        "kind": "oauth2",
+        "issuer": "https://idp.example.com",
+        "client_id": "app",
+        "client_auth": "none",
+        "grant": "refresh_token",
+        "refresh_token_file": "/etc/refresher/credentials/refresh-token",
+        "state_secret": {"name": "refresher-state", "namespace": "apps"},
+    }
+    jobs = [{"name": "user", "provider": provider,
+             "sinks": [{"kind": "kubernetes", "secret": "user-token"}]}]
+    manifests = render(chart, {"config": {"jobs": jobs}, "credentials": {"existingSecret": "rt"}})
+    validate(manifests)
+    roles = {r["metadata"]["namespace"]: r for r in of_kind(manifests, "Role")}
+    assert set(roles) == {"apps", NAMESPACE}
+    assert roles["apps"]["rules"][0] == {
+        "apiGroups": [""], "resources": ["secrets"], "resourceNames": ["refresher-state"],
+        "verbs": ["get", "patch"]}
+    assert roles[NAMESPACE]["rules"][0]["resourceNames"] == ["user-token"]
+    assert pod_spec(manifests)["automountServiceAccountToken"] is True

@@ -41,6 +41,8 @@ from refresher.token import Token
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, wait_for
 from tests.emulators.oauth2 import ACCESS_TOKEN_TYPE, OAuth2Emulator
 from tests.emulators.tls import install_certificate
+from tests.kube_rbac import SERVICE_ACCOUNT, install_chart_rbac
+from tests.kube_support import NS, SECRET
 
 pytestmark = pytest.mark.anyio
 
@@ -537,7 +539,7 @@ async def test_a_corrupt_state_file_is_not_guessed_around(make, emulator, tmp_pa
     grant = refresh_setup(emulator, tmp_path, leak_guard)
     provider = make(client_secret=CLIENT_SECRET, **grant)
     (tmp_path / "state" / "api.refresh-token.json").write_text("{not json")
-    with pytest.raises(SecretUnusableError, match="not a refresh-token state file"):
+    with pytest.raises(SecretUnusableError, match="not a refresh-token state document"):
         await provider.fetch(None)
     assert not token_requests(emulator)
 
@@ -583,3 +585,63 @@ def test_a_state_dir_on_tmpfs_is_warned_about(emulator, tmp_path, capsys, leak_g
         assert f"warning: jobs[0].provider.state_dir (api): {state} is on a memory file system" in out
     finally:
         shutil.rmtree(state)
+
+
+# ---------------------------------------------------------------------------- state Secret
+
+
+def state_secret_job(emulator: OAuth2Emulator, kube: Any, tmp_path: Path, user: str) -> dict[str, Any]:
+    """A replica's job: refresh token rotation kept in a state Secret, as the chart
+    deploys it (its RBAC installed in the emulator)."""
+    kube.add_token(f"sa-token-{user}", SERVICE_ACCOUNT)
+    kubeconfig = kube.write_kubeconfig(tmp_path / f"kubeconfig-{user}", namespace=NS,
+                                       token=f"sa-token-{user}", user=user)
+    return {
+        "name": "api",
+        "provider": {"kind": "oauth2", "issuer": emulator.issuer, "client_id": "public-app",
+                     "client_auth": "none", "grant": "refresh_token",
+                     "refresh_token_file": str(tmp_path / "rt"),
+                     "state_secret": {"name": "refresher-state", "kubeconfig": str(kubeconfig)}},
+        "sinks": [{"kind": "kubernetes", "namespace": NS, "secret": SECRET, "key": "api",
+                   "kubeconfig": str(kubeconfig)}],
+    }
+
+
+async def test_a_state_secret_hands_the_rotation_to_the_next_leader(
+    emulator, kube, http_clients, clock, tmp_path, leak_guard
+) -> None:
+    seed = emulator.issue_refresh_token("public-app")
+    (tmp_path / "rt").write_text(seed)
+    leader = state_secret_job(emulator, kube, tmp_path, "leader")
+    install_chart_rbac(kube, {"jobs": [leader]})
+    first = OAuth2Provider(OAuth2ProviderConfig.model_validate(leader["provider"]),
+                           clients=http_clients, clock=clock)
+    first.starting("api")
+    await first.fetch(None)
+    stored = kube.secret(NS, "refresher-state")
+    assert stored is not None
+    document = json.loads(base64.b64decode(stored["data"]["api.refresh-token.json"]))
+    rotated = document["refresh_token"]
+    leak_guard.secrets.add(rotated)
+    assert rotated == emulator.issued[-2] and rotated != seed
+    # The replica that takes over (another pod, another token, no shared disk).
+    follower = state_secret_job(emulator, kube, tmp_path, "follower")
+    second = OAuth2Provider(OAuth2ProviderConfig.model_validate(follower["provider"]),
+                            clients=http_clients, clock=clock)
+    second.starting("api")
+    await second.fetch(None)
+    assert form(token_requests(emulator)[-1])["refresh_token"] == [rotated]
+    assert emulator.revoked_lines == set()
+
+
+async def test_a_state_secret_without_rbac_is_a_config_failure(
+    emulator, kube, http_clients, clock, tmp_path, leak_guard
+) -> None:
+    (tmp_path / "rt").write_text(emulator.issue_refresh_token("public-app"))
+    job = state_secret_job(emulator, kube, tmp_path, "unbound")  # no RBAC installed
+    provider = OAuth2Provider(OAuth2ProviderConfig.model_validate(job["provider"]),
+                              clients=http_clients, clock=clock)
+    provider.starting("api")
+    with pytest.raises(SecretUnusableError, match=r'cannot read state_secret apps/refresher-state.*RBAC: grant "get" on secrets'):
+        await provider.fetch(None)
+    assert not token_requests(emulator)  # nothing redeemed that could not be saved

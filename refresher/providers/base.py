@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import ssl
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -124,6 +124,11 @@ class HTTPClients:
             tuple[str, str | None, float, ClientCertificate | None], httpx2.AsyncClient
         ] = {}
         self._limiters: dict[str, SlidingWindowLimiter] = {}
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+
+    def close_with(self, close: Callable[[], Awaitable[None]]) -> None:
+        """Also call `close` when the pool closes (a provider's own API clients)."""
+        self._closers.append(close)
 
     def limiter(self, key: str, limit: int, period: float, clock: Clock) -> SlidingWindowLimiter:
         """The budget every provider naming `key` shares (e.g. Gooclaim's introspection
@@ -176,6 +181,9 @@ class HTTPClients:
         for client in self._clients.values():
             await client.aclose()
         self._clients.clear()
+        closers, self._closers = self._closers, []
+        for close in closers:
+            await close()
 
 
 def _load_certificate(context: ssl.SSLContext, certificate: ClientCertificate) -> None:

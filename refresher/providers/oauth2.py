@@ -29,7 +29,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import re
@@ -88,9 +87,17 @@ from refresher.fields import (
     secret_source,
 )
 from refresher.jwtverify import ASYMMETRIC_ALGORITHMS, LEEWAY, JWKSCache, JWTVerifier
+from refresher.kube import KubeClients
 from refresher.logging import remember_secret
 from refresher.providers.base import ClientCertificate, HTTPClients, HTTPProvider
-from refresher.state import RefreshTokenState, StoredRefreshToken, seed_digest
+from refresher.state import (
+    RefreshTokenState,
+    SecretLocation,
+    SecretRefreshTokenState,
+    StateStore,
+    StoredRefreshToken,
+    seed_digest,
+)
 from refresher.token import Token, jwt_claims, rfc3339
 
 log = structlog.get_logger("refresher.providers.oauth2")
@@ -162,6 +169,20 @@ class VerifyConfig(Model):
         return value
 
 
+class StateSecretConfig(Model):
+    """Kubernetes: keep rotated refresh tokens in this Secret (a new leader reads it)."""
+
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253)
+    #: Default: the pod's namespace (in-cluster) or the kubeconfig context's.
+    namespace: str | None = Field(
+        default=None, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63
+    )
+    kubeconfig: Path | None = None  # default: in-cluster service account
+    context: str | None = None
+
+    _check_kubeconfig = field_validator("kubeconfig")(existing_file)
+
+
 class OAuth2ProviderConfig(HTTPProviderConfig, ClientSecretFields):
     """Any OAuth 2.0 / OpenID Connect authorization server (see the module docstring)."""
 
@@ -198,6 +219,8 @@ class OAuth2ProviderConfig(HTTPProviderConfig, ClientSecretFields):
     refresh_token_file: Path | None = None
     #: ``refresh_token``: where a rotated refresh token is kept across restarts.
     state_dir: Path | None = None
+    #: ``refresh_token`` on Kubernetes: the same, in a Secret (instead of state_dir).
+    state_secret: StateSecretConfig | None = None
     #: ``jwt_bearer``: the assertion, read at every use (a projected ServiceAccount token).
     assertion_file: Path | None = None
     #: ``jwt_bearer`` signed with ``private_key_file``: claims besides iss, aud, iat,
@@ -332,6 +355,7 @@ class OAuth2ProviderConfig(HTTPProviderConfig, ClientSecretFields):
         only = {
             "refresh_token_file": ("refresh_token", self.refresh_token_file),
             "state_dir": ("refresh_token", self.state_dir),
+            "state_secret": ("refresh_token", self.state_secret),
             "assertion_file": ("jwt_bearer", self.assertion_file),
             "assertion_claims": ("jwt_bearer", self.assertion_claims or None),
             "subject_token_file": ("token_exchange", self.subject_token_file),
@@ -343,10 +367,11 @@ class OAuth2ProviderConfig(HTTPProviderConfig, ClientSecretFields):
         if grant == "refresh_token":
             if self.refresh_token_file is None:
                 raise ValueError("grant refresh_token needs refresh_token_file")
-            if self.state_dir is None:
+            if (self.state_dir is None) == (self.state_secret is None):
                 raise ValueError(
-                    "grant refresh_token needs state_dir: a rotated refresh token must "
-                    "survive a restart (systemd StateDirectory=, not the runtime directory)"
+                    "grant refresh_token needs state_dir or (on Kubernetes) state_secret, "
+                    "one of them: a rotated refresh token must survive a restart (systemd "
+                    "StateDirectory=, not the runtime directory)"
                 )
         if grant == "jwt_bearer":
             if (self.assertion_file is None) == (self.private_key_file is None):
@@ -439,8 +464,12 @@ class OAuth2Provider(HTTPProvider[OAuth2ProviderConfig]):
         )
         self.private_key = _optional(PrivateKeyFile, config.private_key_file)
         self.certificate = _optional(CertificateFile, config.certificate_file)
-        self.state = RefreshTokenState(config.state_dir, self.job) if config.state_dir else None
+        self._kube: KubeClients | None = None
+        self.state: StateStore | None = None
+        self._build_state()
         self._redeeming = anyio.Lock()
+        #: The refresh token last read or saved (for the redactor).
+        self._refresh_token: str | None = None
         #: A rotated refresh token not saved yet (the save failed): used next time.
         self._pending: StoredRefreshToken | None = None
         #: The digest of a refresh token refused with ``invalid_grant``: never sent again.
@@ -461,12 +490,26 @@ class OAuth2Provider(HTTPProvider[OAuth2ProviderConfig]):
                 algorithms=verify.algorithms,
             )
 
+    def _build_state(self) -> None:
+        cfg = self.config
+        if cfg.state_dir is not None:
+            self.state = RefreshTokenState(cfg.state_dir, self.job)
+        elif cfg.state_secret is not None:
+            if self._kube is None:
+                self._kube = KubeClients(clock=self.clock)
+                self.clients.close_with(self._kube.aclose)
+            secret = cfg.state_secret
+            location = SecretLocation(
+                secret.name, secret.namespace, secret.kubeconfig, secret.context
+            )
+            self.state = SecretRefreshTokenState(self._kube, location, self.job)
+
     def starting(self, job: str) -> None:
         self.job = job
+        self._build_state()
         state_dir = self.config.state_dir
         if state_dir is None:
             return
-        self.state = RefreshTokenState(state_dir, job)
         from refresher.sinks.file import memory_backed
 
         if memory_backed(str(state_dir)):
@@ -484,13 +527,8 @@ class OAuth2Provider(HTTPProvider[OAuth2ProviderConfig]):
         for path in (self.config.private_key_file, self.config.tls_client_key_file):
             if path is not None:
                 values.extend(_pem_forms(path))
-        if self.state is not None:
-            try:
-                stored = self.state.load()
-            except SecretUnusableError:
-                stored = None
-            if stored is not None:
-                values.append(stored.value)
+        if self._refresh_token is not None:
+            values.append(self._refresh_token)
         return values
 
     def secret_files(self) -> list[Path]:
@@ -765,7 +803,7 @@ class OAuth2Provider(HTTPProvider[OAuth2ProviderConfig]):
 
     # ------------------------------------------------------------------ refresh tokens
 
-    def _current_refresh_token(self) -> tuple[str, str]:
+    async def _current_refresh_token(self) -> tuple[str, str]:
         """The refresh token to redeem now, and the digest of the one it descends from."""
         seed = self.secret("refresh_token")
         digest = seed_digest(seed)
@@ -773,14 +811,15 @@ class OAuth2Provider(HTTPProvider[OAuth2ProviderConfig]):
         pending = self._pending
         if pending is not None and pending.seed == digest:
             return pending.value, digest
-        stored = self.state.load()
+        stored = await self.state.load()
         if stored is not None and stored.seed == digest:
+            self._refresh_token = stored.value
             remember_secret(stored.value, slot=f"{self.job}:refresh_token")
             return stored.value, digest
         return seed, digest
 
     async def _redeem(self, endpoint: str, started: float) -> Token:
-        current, seed = self._current_refresh_token()
+        current, seed = await self._current_refresh_token()
         if self._refused == seed_digest(current):
             raise SecretUnusableError(
                 "the refresh token was refused (invalid_grant) and is not sent again: put a "
@@ -807,12 +846,11 @@ class OAuth2Provider(HTTPProvider[OAuth2ProviderConfig]):
             raise BadResponseError("response has no usable 'refresh_token'")
         remember_secret(rotated, slot=f"{self.job}:refresh_token")
         self._pending = StoredRefreshToken(rotated, seed)
-        state = self.state
-        assert state is not None
-        save = functools.partial(state.save, rotated, seed=seed, now=self.clock.now())
-        await anyio.to_thread.run_sync(save)
+        self._refresh_token = rotated
+        assert self.state is not None
+        await self.state.save(rotated, seed=seed, now=self.clock.now())
         self._pending = None
-        log.info("refresh token rotated and saved", job=self.job, path=str(state.path))
+        log.info("refresh token rotated and saved", job=self.job, where=self.state.where)
 
     # ------------------------------------------------------------------ errors
 

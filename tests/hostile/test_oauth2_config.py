@@ -69,10 +69,13 @@ def errors(tmp_path: Path, **provider: Any) -> list[str]:
     return []
 
 
-def resolve(files: dict[str, str], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``"@name"`` values are the paths of the `files` fixture."""
-    return {k: files[v[1:]] if isinstance(v, str) and v.startswith("@") else v
-            for k, v in overrides.items()}
+def resolve(files: dict[str, str], overrides: Any) -> Any:
+    """``"@name"`` values (nested too) are the paths of the `files` fixture."""
+    if isinstance(overrides, dict):
+        return {k: resolve(files, v) for k, v in overrides.items()}
+    if isinstance(overrides, str) and overrides.startswith("@"):
+        return files[overrides[1:]]
+    return overrides
 
 
 NO_SECRET = {"client_secret": None}
@@ -119,6 +122,12 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("rt-no-state", {"grant": "refresh_token", "refresh_token_file": "@token"}, "grant refresh_token needs state_dir"),
     ("rt-file-unused", {"refresh_token_file": "@token"}, "refresh_token_file is only used with grant refresh_token"),
     ("state-unused", {"state_dir": "@state"}, "state_dir is only used with grant refresh_token"),
+    ("state-both", {"grant": "refresh_token", "refresh_token_file": "@token", "state_dir": "@state", "state_secret": {"name": "state"}}, "needs state_dir or (on Kubernetes) state_secret, one of them"),
+    ("state-secret-unused", {"state_secret": {"name": "state"}}, "state_secret is only used with grant refresh_token"),
+    ("state-secret-name", {"grant": "refresh_token", "refresh_token_file": "@token", "state_secret": {"name": "State_Secret"}}, "state_secret.name: String should match pattern"),
+    ("state-secret-namespace", {"grant": "refresh_token", "refresh_token_file": "@token", "state_secret": {"name": "s", "namespace": "a.b"}}, "state_secret.namespace: String should match pattern"),
+    ("state-secret-kubeconfig", {"grant": "refresh_token", "refresh_token_file": "@token", "state_secret": {"name": "s", "kubeconfig": "@missing"}}, "state_secret.kubeconfig: file not found"),
+    ("state-secret-unknown", {"grant": "refresh_token", "refresh_token_file": "@token", "state_secret": {"name": "s", "key": "x"}}, "state_secret.key: unknown key"),
     ("state-missing", {"grant": "refresh_token", "refresh_token_file": "@token", "state_dir": "@missing"}, "state_dir: not an existing directory"),
     ("state-a-file", {"grant": "refresh_token", "refresh_token_file": "@token", "state_dir": "@token"}, "state_dir: not an existing directory"),
     ("bearer-nothing", {"grant": "jwt_bearer"}, "grant jwt_bearer needs assertion_file, or private_key_file"),

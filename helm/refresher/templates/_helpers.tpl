@@ -170,14 +170,22 @@ true
 {{- end }}
 
 {{/*
-Secret names that kind=kubernetes sinks write, as JSON {"<namespace>": ["name", ...]}.
-A sink without a namespace writes into the pod's (= the release) namespace. Several
-jobs may share one Secret (each applies only its own key): names are de-duplicated.
+Secret names that kind=kubernetes sinks and oauth2 state_secrets write, as JSON
+{"<namespace>": ["name", ...]}. Without a namespace they write into the pod's (= the
+release) namespace. Several jobs may share one Secret (each applies only its own key):
+names are de-duplicated.
 */}}
 {{- define "refresher.sinkSecrets" -}}
 {{- $byNs := dict -}}
 {{- $cfg := .Values.config | default dict -}}
 {{- range $i, $job := ($cfg.jobs | default list) -}}
+{{- /* An oauth2 state_secret (rotated refresh tokens) is written like a sink's Secret. */ -}}
+{{- $state := ($job.provider | default dict).state_secret -}}
+{{- if and $state (not $state.kubeconfig) -}}
+{{- $ns := $state.namespace | default $.Release.Namespace -}}
+{{- $existing := get $byNs $ns | default list -}}
+{{- $_ := set $byNs $ns (append $existing $state.name | uniq | sortAlpha) -}}
+{{- end -}}
 {{- range $j, $sink := ($job.sinks | default list) -}}
 {{- if and (eq (toString $sink.kind) "kubernetes") (not $sink.kubeconfig) -}}
 {{- if not $sink.secret -}}
