@@ -108,11 +108,13 @@ class ProviderClass(Protocol):
 @dataclass(frozen=True)
 class ClientCertificate:
     """A TLS client certificate (RFC 8705) as read now: `digest` tells contents apart,
-    so a rotated certificate or key gets a client of its own."""
+    so a rotated certificate or key gets a client of its own; `owner` keeps one
+    provider's client from being retired under another."""
 
     cert_file: Path
     key_file: Path
     digest: str
+    owner: str
 
 
 class HTTPClients:

@@ -346,6 +346,11 @@ class OAuth2ProviderConfig(HTTPProviderConfig, ClientSecretFields):
             raise ValueError(
                 "client_auth tls_client_auth needs tls_client_cert_file and tls_client_key_file"
             )
+        if method == "none" and self.grant == "client_credentials":
+            raise ValueError(
+                "grant client_credentials needs client authentication (RFC 6749 §4.4), "
+                "not client_auth none"
+            )
         anonymous_grant = self.grant in ("jwt_bearer", "token_exchange")
         if self.client_id is None and not (method == "none" and anonymous_grant):
             raise ValueError(f"client_id is required with client_auth {method}")
@@ -597,6 +602,7 @@ class OAuth2Provider(HTTPProvider[OAuth2ProviderConfig]):
         cfg = self.config
         started = self.clock.now()
         try:
+            await self._use_certificate()
             endpoint = await self._token_endpoint()
             if cfg.grant == "refresh_token":
                 async with self._redeeming:
@@ -637,7 +643,6 @@ class OAuth2Provider(HTTPProvider[OAuth2ProviderConfig]):
             fields["resource"] = list(cfg.resource)
         if cfg.audience:
             fields["audience"] = cfg.audience
-        await self._use_certificate()
         auth = self._authenticate(fields, endpoint)
         try:
             if cfg.body == "json":
@@ -790,7 +795,9 @@ class OAuth2Provider(HTTPProvider[OAuth2ProviderConfig]):
         if self._certificate is not None and self._certificate.digest == digest:
             return
         remember_secret(key.decode(errors="replace"), slot=f"{self.job}:tls_client_key")
-        certificate = ClientCertificate(cfg.tls_client_cert_file, cfg.tls_client_key_file, digest)
+        certificate = ClientCertificate(
+            cfg.tls_client_cert_file, cfg.tls_client_key_file, digest, owner=f"{id(self):x}"
+        )
         client = self.clients.get(
             self.base_url, ca_file=cfg.ca_file, timeout=cfg.timeout, client_cert=certificate
         )

@@ -92,6 +92,7 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("empty-client-id", {"client_id": ""}, "client_id: String should have at least 1 character"),
     ("secret-missing", NO_SECRET, "one of client_secret, client_secret_file or client_secret_env"),
     ("secret-unused", {"client_auth": "none"}, "client_secret is not used with client_auth none"),
+    ("credentials-anonymous", {"client_auth": "none", **NO_SECRET}, "grant client_credentials needs client authentication"),
     ("pkjwt-no-key", {"client_auth": "private_key_jwt", **NO_SECRET}, "client_auth private_key_jwt needs private_key_file"),
     ("hmac-short", {"client_auth": "client_secret_jwt", "client_secret": "short-secret"}, "client_secret: 12 bytes is too short for HS256"),
     ("hmac-alg", {"client_auth": "client_secret_jwt", "signing_alg": "RS256"}, "signing_alg 'RS256': client_secret_jwt signs with HS256/384/512"),
