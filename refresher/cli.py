@@ -13,7 +13,7 @@ from pathlib import Path
 import anyio
 
 from refresher import __version__
-from refresher.config import Settings, load_settings
+from refresher.config import FileSinkConfig, JobConfig, Settings, load_settings
 from refresher.errors import ConfigError, ListenError, SinkOwnedError
 from refresher.logging import Redactor, configure_logging
 
@@ -128,65 +128,72 @@ def config_warnings(settings: Settings) -> list[str]:
     """What is valid but probably not meant: loose token file modes, sink directories
     that do not exist yet, ``tenants_file`` lines the daemon will skip, Gooclaim tokens
     whose signature nobody verifies, a ``state_dir`` a reboot empties, deprecated keys."""
-    from refresher.config import FileSinkConfig
+    warnings = []
+    for index, job in enumerate(settings.jobs):
+        warnings += _provider_warnings(f"jobs[{index}]", job)
+        for number, sink in enumerate(job.sinks):
+            if isinstance(sink, FileSinkConfig):
+                where = f"jobs[{index}].sinks[{number}] ({job.name})"
+                warnings += _file_sink_warnings(where, sink, job.name)
+    return warnings
+
+
+def _provider_warnings(where: str, job: JobConfig) -> list[str]:
     from refresher.providers.debitura import DebituraProviderConfig
     from refresher.providers.dutyclaims import DutyClaimsProviderConfig
     from refresher.providers.gooclaim import GooclaimProviderConfig
     from refresher.providers.oauth2 import OAuth2ProviderConfig
     from refresher.sinks.file import memory_backed
+
+    provider, warnings = job.provider, []
+    state_dir = provider.state_dir if isinstance(provider, OAuth2ProviderConfig) else None
+    if state_dir is not None and memory_backed(str(state_dir)):
+        warnings.append(
+            f"{where}.provider.state_dir ({job.name}): {state_dir} is on a memory file "
+            "system: a reboot loses the rotated refresh token (use /var/lib/...)"
+        )
+    if isinstance(provider, GooclaimProviderConfig) and not (
+        provider.public_key_file or provider.jwks_url
+    ):
+        checked = "alg, aud, exp, sub" + (", iss" if provider.issuer else "")
+        checked += ", tenant_id" if provider.tenant_id else ""
+        warnings.append(
+            f"{where}.provider ({job.name}): token signatures are NOT verified "
+            f"(no public_key_file or jwks_url); only {checked} are checked"
+        )
+    deprecated = getattr(provider, "sandbox_on_production_host", None)
+    if isinstance(provider, DutyClaimsProviderConfig) and deprecated is not None:
+        warnings.append(
+            f"{where}.provider.sandbox_on_production_host ({job.name}): deprecated "
+            "and ignored (the sandbox token endpoint is on api.dutyclaims.com); remove it"
+        )
+    if isinstance(provider, DebituraProviderConfig) and provider.tenants_file:
+        try:
+            rejected = provider.tenant_lines().rejected
+        except OSError as exc:
+            rejected = [f"{provider.tenants_file}: {exc.strerror or exc}"]
+        warnings.extend(f"{where} ({job.name}): skipped: {r}" for r in rejected)
+    return warnings
+
+
+def _file_sink_warnings(where: str, sink: FileSinkConfig, job: str) -> list[str]:
     from refresher.targets import template_directory
 
     warnings = []
-    for index, job in enumerate(settings.jobs):
-        provider = job.provider
-        state_dir = provider.state_dir if isinstance(provider, OAuth2ProviderConfig) else None
-        if state_dir is not None and memory_backed(str(state_dir)):
-            warnings.append(
-                f"jobs[{index}].provider.state_dir ({job.name}): {state_dir} is on a memory "
-                "file system: a reboot loses the rotated refresh token (use /var/lib/...)"
-            )
-        if isinstance(provider, GooclaimProviderConfig) and not (
-            provider.public_key_file or provider.jwks_url
-        ):
-            checked = "alg, aud, exp, sub" + (", iss" if provider.issuer else "")
-            checked += ", tenant_id" if provider.tenant_id else ""
-            warnings.append(
-                f"jobs[{index}].provider ({job.name}): token signatures are NOT verified "
-                f"(no public_key_file or jwks_url); only {checked} are checked"
-            )
-        if (
-            isinstance(provider, DutyClaimsProviderConfig)
-            and provider.sandbox_on_production_host is not None
-        ):
-            warnings.append(
-                f"jobs[{index}].provider.sandbox_on_production_host ({job.name}): deprecated "
-                "and ignored (the sandbox token endpoint is on api.dutyclaims.com); remove it"
-            )
-        for number, sink in enumerate(job.sinks):
-            if not isinstance(sink, FileSinkConfig):
-                continue
-            where = f"jobs[{index}].sinks[{number}] ({job.name})"
-            if sink.mode & 0o022:
-                warnings.append(
-                    f"{where}: mode {sink.mode:04o} lets other users replace the token "
-                    "file's content (use 0600 or 0640)"
-                )
-            elif sink.mode & 0o004:
-                warnings.append(f"{where}: mode {sink.mode:04o} lets every user read the token")
-            directory = template_directory(sink.path.replace("{job}", job.name)) or "."
-            if not os.path.isdir(directory):
-                warnings.append(
-                    f"{where}: directory {directory} does not exist yet (writes fail and are "
-                    "retried until it does)"
-                )
-        if isinstance(job.provider, DebituraProviderConfig) and job.provider.tenants_file:
-            try:
-                rejected = job.provider.tenant_lines().rejected
-            except OSError as exc:
-                rejected = [f"{job.provider.tenants_file}: {exc.strerror or exc}"]
-            warnings.extend(f"jobs[{index}] ({job.name}): skipped: {r}" for r in rejected)
+    if sink.mode & 0o022:
+        warnings.append(
+            f"{where}: mode {sink.mode:04o} lets other users replace the token "
+            "file's content (use 0600 or 0640)"
+        )
+    elif sink.mode & 0o004:
+        warnings.append(f"{where}: mode {sink.mode:04o} lets every user read the token")
+    directory = template_directory(sink.path.replace("{job}", job)) or "."
+    if not os.path.isdir(directory):
+        warnings.append(
+            f"{where}: directory {directory} does not exist yet (writes fail and are "
+            "retried until it does)"
+        )
     return warnings
-
 
 def _run_once(settings: Settings, *, write: bool = True) -> int:
     from refresher.daemon import Daemon

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import threading
 import time
 from typing import Protocol
@@ -91,3 +92,26 @@ class ManualClock:
         # Let the woken tasks run before the caller looks at their effects.
         for _ in range(3):
             await anyio.lowlevel.checkpoint()
+
+
+async def sleep_or_wake(clock: Clock, wake: anyio.Event, deadline: float) -> None:
+    """Sleep until `deadline` on `clock`, or until `wake` is set, whichever is first."""
+    if isinstance(clock, SystemClock):
+        # One cancel scope, not a task group racing two tasks: the scheduler sleeps
+        # like this once per refresh at steady state.
+        with anyio.move_on_after(deadline - clock.now()):
+            await wake.wait()
+        return
+    async with anyio.create_task_group() as race:
+
+        async def timer() -> None:
+            await clock.sleep_until(deadline)
+            race.cancel_scope.cancel()
+
+        async def woken() -> None:
+            await wake.wait()
+            race.cancel_scope.cancel()
+
+        if math.isfinite(deadline):
+            race.start_soon(timer)
+        race.start_soon(woken)

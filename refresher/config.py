@@ -549,24 +549,7 @@ def load_settings(
             return load_settings(path, data=data)
     raw: Any = dict(data or {})
     if path is not None:
-        file = Path(path)
-        try:
-            raw = yaml.safe_load(file.read_bytes().decode()) or {}
-        except FileNotFoundError:
-            raise ConfigError([f"{file}: config file not found"]) from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError([f"{file}: not valid UTF-8 (byte {exc.start + 1})"]) from None
-        except yaml.YAMLError as exc:
-            raise ConfigError([f"{file}: invalid YAML: {exc}"]) from None
-        except OSError as exc:
-            raise ConfigError([f"{file}: {exc.strerror}"]) from None
-        if not isinstance(raw, dict):
-            raise ConfigError([f"{file}: top level must be a mapping"])
-        if not all(isinstance(key, str) for key in raw):
-            raise ConfigError([f"{file}: top-level keys must be strings"])
-    base = Path(path).resolve().parent if path is not None else None
-    if base is not None:
-        raw = _resolve_relative_paths(raw, base)
+        raw = _resolve_relative_paths(read_yaml(Path(path)), Path(path).resolve().parent)
     try:
         return Settings(**raw)
     except ValidationError as exc:
@@ -576,6 +559,25 @@ def load_settings(
         match = re.search(r'field "([^"]+)"', str(exc))
         variable = f"REFRESHER_{match.group(1).upper()}" if match else "a REFRESHER_ variable"
         raise ConfigError([f"{variable}: not valid JSON ({exc.__cause__ or exc})"]) from None
+
+
+def read_yaml(file: Path) -> dict[str, Any]:
+    """A config file's top-level mapping; `ConfigError` naming the file otherwise."""
+    try:
+        raw = yaml.safe_load(file.read_bytes().decode()) or {}
+    except FileNotFoundError:
+        raise ConfigError([f"{file}: config file not found"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{file}: not valid UTF-8 (byte {exc.start + 1})"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{file}: invalid YAML: {exc}"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{file}: {exc.strerror}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{file}: top level must be a mapping"])
+    if not all(isinstance(key, str) for key in raw):
+        raise ConfigError([f"{file}: top-level keys must be strings"])
+    return raw
 
 
 def _resolve_relative_paths(raw: Any, base: Path) -> Any:

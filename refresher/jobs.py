@@ -13,7 +13,7 @@ from refresher.kube import KubeClients
 from refresher.providers import PROVIDERS
 from refresher.providers.base import HTTPClients, TokenProvider
 from refresher.providers.debitura import DebituraProviderConfig
-from refresher.scheduler import JobRuntime
+from refresher.runtime import JobRuntime
 from refresher.sinks.base import TokenSink
 from refresher.sinks.file import FileSink
 from refresher.sinks.kubernetes import KubernetesSink

@@ -184,8 +184,8 @@ class Metrics:
 
     def declare_job(self, job: str, provider: str) -> None:
         """Create a job's counters at 0: per job, never per tenant (with tenant labels
-        on they carry ``tenant=""``), so 10,000 tenants do not cost 10,000 x reasons
-        series. Idempotent and cheap when already done."""
+        on they carry ``tenant=""``), so the series grow with jobs, not tenants.
+        Idempotent and cheap when already done."""
         key = (job, provider)
         if key in self._declared:
             return
@@ -221,7 +221,7 @@ class Metrics:
             )
         return child
 
-    def watch(
+    def register_state(
         self,
         snapshots: Callable[[], Iterable[JobSnapshot]],
         *,
@@ -229,7 +229,7 @@ class Metrics:
     ) -> None:
         """Export the scheduler's state at scrape time (`StateCollector`). `is_leader`
         is None when leader election is off."""
-        self._state.watch(snapshots, is_leader)
+        self._state.follow(snapshots, is_leader)
 
 
 class StateCollector(Collector):
@@ -241,7 +241,7 @@ class StateCollector(Collector):
         self.snapshots: Callable[[], Iterable[JobSnapshot]] | None = None
         self.is_leader: Callable[[], bool] | None = None
 
-    def watch(
+    def follow(
         self,
         snapshots: Callable[[], Iterable[JobSnapshot]],
         is_leader: Callable[[], bool] | None,

@@ -20,11 +20,13 @@ import json
 import os
 import signal as _signal
 import subprocess
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 import httpx2
+import structlog
 
 from refresher.config import (
     CommandNotifierConfig,
@@ -33,6 +35,12 @@ from refresher.config import (
     WebhookNotifierConfig,
 )
 from refresher.errors import NotifyError
+from refresher.logging import Redactor
+from refresher.metrics import Metrics
+from refresher.runtime import JobRuntime
+from refresher.token import Token, rfc3339
+
+log = structlog.get_logger("refresher.notify")
 
 
 @dataclass(frozen=True)
@@ -196,3 +204,60 @@ def build_notifier(config: NotifierConfig, *, client: httpx2.AsyncClient) -> Not
     if isinstance(config, CommandNotifierConfig):
         return CommandNotifier(config)
     return WebhookNotifier(config, client)
+
+
+class Notifications:
+    """Every job's notifiers, and the written hook that runs them (`Publisher`):
+    concurrently, in the background, each failure logged and counted."""
+
+    def __init__(self, metrics: Metrics, redactor: Redactor) -> None:
+        self.metrics = metrics
+        self.redactor = redactor
+        self._notifiers: dict[str, list[Notifier]] = {}
+        self._client: httpx2.AsyncClient | None = None
+
+    def configure(self, job: str, configs: Sequence[NotifierConfig]) -> None:
+        """(Re)build `job`'s notifiers; none when `configs` is empty."""
+        if not configs:
+            self._notifiers.pop(job, None)
+            return
+        if self._client is None:
+            self._client = httpx2.AsyncClient(follow_redirects=False)
+        self._notifiers[job] = [build_notifier(c, client=self._client) for c in configs]
+
+    def __call__(self, runtime: JobRuntime, token: Token) -> Coroutine[Any, Any, None] | None:
+        """The job's notifications for a written token, if it has notifiers."""
+        notifiers = self._notifiers.get(runtime.job)
+        return self._notify(runtime, token, notifiers) if notifiers else None
+
+    async def _notify(self, runtime: JobRuntime, token: Token, notifiers: list[Notifier]) -> None:
+        scrub = self.redactor.scrub
+        event = TokenWritten(
+            job=runtime.job,
+            tenant=scrub(runtime.tenant) if runtime.tenant is not None else None,
+            expires_at=rfc3339(token.expires_at),
+            fingerprint=token.fingerprint(),
+            sink_paths=tuple(scrub(s.target) for s in runtime.sinks),
+        )
+        labels = self.metrics.label_values(runtime.job, runtime.provider_kind, runtime.tenant)
+
+        async def deliver(notifier: Notifier) -> None:
+            try:
+                await notifier.notify(event)
+            except Exception as exc:  # a notifier must never take the daemon down
+                self.metrics.notify_failures.labels(*labels, notifier.kind).inc()
+                log.error(
+                    "notification failed",
+                    job=runtime.job,
+                    tenant=runtime.tenant,
+                    notifier=notifier.kind,
+                    error=str(exc),
+                )
+
+        async with anyio.create_task_group() as tg:
+            for notifier in notifiers:
+                tg.start_soon(deliver, notifier)
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()

@@ -30,9 +30,10 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 
+import anyio
 import structlog
 
 __all__ = ["SystemdNotifier"]
@@ -248,3 +249,24 @@ class SystemdNotifier:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+async def keep_informed(
+    notifier: SystemdNotifier,
+    settled: anyio.Event,
+    status: Callable[[], str],
+    *,
+    ready_at_latest: float,
+) -> None:
+    """READY=1 once `settled` is set (or after `ready_at_latest` seconds at most), then
+    WATCHDOG=1 and STATUS=`status()` every watchdog interval, until cancelled."""
+    if not notifier.enabled:
+        return
+    with anyio.move_on_after(ready_at_latest):
+        await settled.wait()
+    notifier.ready(status())
+    interval = notifier.watchdog_interval() or 10.0
+    while True:
+        await anyio.sleep(interval)
+        notifier.watchdog()
+        notifier.status(status())

@@ -183,8 +183,8 @@ async def settle(scheduler: Any) -> None:
     def signature() -> tuple[int, int, int]:
         runtimes = list(scheduler.jobs.values())
         return (
-            scheduler.inflight,
-            sum(r.inflight is not None for r in runtimes),
+            scheduler.requests_in_flight,
+            sum(r.refreshing is not None for r in runtimes),
             sum(r.token is not None for r in runtimes),
         )
 
@@ -223,7 +223,7 @@ async def drive(clock: ManualClock, scheduler: Any, until: Callable[[], bool], *
             raise AssertionError(
                 f"condition not reached {horizon - clock.now():.0f}s before the horizon "
                 f"(next deadline {deadline}, timer heap {len(scheduler._heap)}, "
-                f"in flight {sum(r.inflight is not None for r in scheduler.jobs.values())})"
+                f"in flight {sum(r.refreshing is not None for r in scheduler.jobs.values())})"
             )
         await clock.set(deadline)
 

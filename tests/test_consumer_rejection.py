@@ -1,4 +1,4 @@
-"""Consumers report rejected tokens (issue 13): ``POST /v1/tokens/{job}/refresh
+"""Consumers report rejected tokens: ``POST /v1/tokens/{job}/refresh
 ?tenant=T&rejected=FP``, the partner's retry-once-on-401 rule done once for every
 consumer, and the shipped consumer example run end to end against the Debitura
 emulator's Customer API."""
@@ -46,7 +46,7 @@ def fp(runtime: Any) -> str:
 async def test_a_replaced_token_answers_at_once_without_a_mint(start_daemon, debitura, tmp_path) -> None:
     async with start_daemon({"jobs": [deb_job(debitura, tmp_path, ["t-1"])]}) as daemon:
         rt = daemon.scheduler.jobs[("debitura", "t-1")]
-        await wait_for(lambda: rt.token and rt.inflight is None)
+        await wait_for(lambda: rt.token and rt.refreshing is None)
         mints = debitura.count()
         answer = await report(daemon, "t-1", "0123456789ab")
         assert answer.status_code == 200
@@ -61,10 +61,10 @@ async def test_a_replaced_token_answers_at_once_without_a_mint(start_daemon, deb
 async def test_reports_of_the_current_token_share_one_mint(start_daemon, debitura, clock, tmp_path) -> None:
     async with start_daemon({"jobs": [deb_job(debitura, tmp_path, ["t-1"])]}) as daemon:
         rt = daemon.scheduler.jobs[("debitura", "t-1")]
-        await wait_for(lambda: rt.token and rt.inflight is None)
+        await wait_for(lambda: rt.token and rt.refreshing is None)
         # An operator forced a refresh a second ago: the per-job interval must not
         # refuse the first rejection of the token that refresh produced.
-        await daemon.scheduler.force("debitura", "t-1")
+        await daemon.scheduler.feedback.force("debitura", "t-1")
         await clock.advance(1)
         rejected, mints = fp(rt), debitura.count()
         answers: list[httpx2.Response] = []
@@ -96,7 +96,7 @@ async def test_a_rejected_answer_to_a_rejection_marks_only_that_link_invalid(
     async with start_daemon(config) as daemon:
         jobs = daemon.scheduler.jobs
         bad, good = jobs[("debitura", "t-bad")], jobs[("debitura", "t-good")]
-        await wait_for(lambda: bad.token and good.token and bad.inflight is None)
+        await wait_for(lambda: bad.token and good.token and bad.refreshing is None)
         first = await report(daemon, "t-bad", fp(bad), "admin-secret-value")
         assert first.status_code == 200 and first.json()["minted"] is True
         second = await report(daemon, "t-bad", fp(bad), "admin-secret-value")
@@ -111,7 +111,7 @@ async def test_a_rejected_answer_to_a_rejection_marks_only_that_link_invalid(
         mints = debitura.count(client="t-bad")
         good_before = good.token
         await clock.advance(3600)
-        await wait_for(lambda: good.token is not good_before and good.inflight is None)
+        await wait_for(lambda: good.token is not good_before and good.refreshing is None)
         assert debitura.count(client="t-bad") == mints
         # Further reports keep answering 409 without a mint.
         assert (await report(daemon, "t-bad", fp(bad), "admin-secret-value")).status_code == 409
@@ -141,7 +141,7 @@ async def test_who_may_report_and_who_may_force(start_daemon, debitura, tmp_path
     }
     async with start_daemon(config) as daemon:
         rt = daemon.scheduler.jobs[("debitura", "t-1")]
-        await wait_for(lambda: rt.token and rt.inflight is None)
+        await wait_for(lambda: rt.token and rt.refreshing is None)
         base = f"http://127.0.0.1:{daemon.port}"
         async with httpx2.AsyncClient(base_url=base) as client:
 
@@ -166,7 +166,7 @@ async def test_the_consumer_example_end_to_end(start_daemon, debitura, tmp_path,
     job = deb_job(debitura, tmp_path, ["t-1", "t-2", "t-unlinked"])
     async with start_daemon({"jobs": [job]}, clock=SystemClock()) as daemon:
         jobs = daemon.scheduler.jobs
-        await wait_for(lambda: all(r.token and r.inflight is None for r in jobs.values()))
+        await wait_for(lambda: all(r.token and r.refreshing is None for r in jobs.values()))
         api = example.CustomerApi(
             tokens_dir=tmp_path, customer_api=debitura.url, daemon=f"http://127.0.0.1:{daemon.port}"
         )

@@ -1,8 +1,8 @@
-"""Partner contract rules (issue 13), each against its emulator over the real wire.
+"""Partner contract rules, each against its emulator over the real wire.
 
-DutyClaims (seeds/000): the sandbox token endpoint on api.dutyclaims.com, visible
+DutyClaims: the sandbox token endpoint on api.dutyclaims.com, visible
 environments, managed credentials probed with the documented pair. Gooclaim
-(seeds/002): RS256 only, the token's sub and tenant_id, introspection shared per
+Gooclaim: RS256 only, the token's sub and tenant_id, introspection shared per
 client id and honest about ``active``/``exp``/``scope``, signing-key rotation.
 Scopes (RFC 6749 §3.3/§5.1) for every provider that requests or expects them.
 docs/contracts.md maps every seed rule to the test that proves it.
@@ -91,7 +91,7 @@ def managed_job(emu: Any, tmp_path: Path, name: str = "dc-prod", **provider: Any
 
 
 def test_dutyclaims_sandbox_on_the_contracts_host_is_accepted(tmp_path: Path, capsys: Any) -> None:
-    """seeds/000: the sandbox token endpoint is https://api.dutyclaims.com/v1/oauth/token."""
+    """The DutyClaims contract: the sandbox token endpoint is https://api.dutyclaims.com/v1/oauth/token."""
     sandbox = {"kind": "dutyclaims", "mode": "sandbox", "client_id": "dc_client_id",
                "client_secret": "dc_client_secret"}
     sink = [{"kind": "file", "path": str(tmp_path / "t.json")}]
@@ -121,7 +121,7 @@ async def test_dutyclaims_environment_is_visible_in_status_metric_and_log(
         oauth2_job(oauth2_emulator, tmp_path),
     ]
     async with start_daemon({"jobs": jobs}) as daemon:
-        await wait_for(lambda: all(r.token and r.inflight is None for r in daemon.scheduler.jobs.values()))
+        await wait_for(lambda: all(r.token and r.refreshing is None for r in daemon.scheduler.jobs.values()))
         entries = await statuses(daemon, leak_guard)
         assert entries["dc-sandbox"]["environment"] == "sandbox"
         assert entries["dc-prod"]["environment"] == "production"
@@ -149,7 +149,7 @@ async def test_dutyclaims_managed_probe_is_the_documented_pair_every_interval(
 ) -> None:
     async with start_daemon({"jobs": [managed_job(dutyclaims, tmp_path)]}) as daemon:
         rt = daemon.scheduler.jobs[("dc-prod", None)]
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
         assert (tmp_path / "dc-prod.header").read_text() == f"Authorization: Bearer {CRED}\n"
         first = dutyclaims.requests[0]
         assert (first.method, first.path, first.query) == ("GET", "/v1/clients", "")
@@ -176,7 +176,7 @@ async def test_dutyclaims_revoked_managed_credential_turns_the_job_invalid_witho
         sched = daemon.scheduler
         rt = sched.jobs[("dc-prod", None)]
         label = job_label(daemon)
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
         dutyclaims.revoke(CRED)
         await drive(clock, sched, lambda: rt.failures == 1, horizon=clock.now() + 1000)
         assert metric(daemon, "refresher_token_valid", **{label: "dc-prod"}) == 0
@@ -197,7 +197,7 @@ async def test_dutyclaims_revoked_managed_credential_turns_the_job_invalid_witho
         await settle(sched)
         assert rt.next_refresh_at - clock.now() <= 300
         await clock.set(rt.next_refresh_at)
-        await wait_for(lambda: rt.failures == 0 and rt.inflight is None)
+        await wait_for(lambda: rt.failures == 0 and rt.refreshing is None)
         assert metric(daemon, "refresher_token_valid", **{label: "dc-prod"}) == 1
         assert rt.token.expires_at is None
 
@@ -210,7 +210,7 @@ async def test_dutyclaims_managed_probe_403_is_a_warning_and_stays_valid(
                         credential_scopes={CRED: {"webhooks.read"}}, clock=clock)
     async with start_daemon({"jobs": [managed_job(emu, tmp_path)]}) as daemon:
         rt = daemon.scheduler.jobs[("dc-prod", None)]
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
         assert emu.count("/v1/clients", status=403) == 1
         assert rt.failures == 0 and rt.valid(clock.now())
         assert (tmp_path / "dc-prod.header").exists()
@@ -228,8 +228,8 @@ async def test_dutyclaims_managed_probe_429_waits_retry_after(
     dutyclaims.inject(Fault.rate_limited("120"))
     async with start_daemon({"jobs": [managed_job(dutyclaims, tmp_path)]}) as daemon:
         rt = daemon.scheduler.jobs[("dc-prod", None)]
-        await wait_for(lambda: rt.failures == 1 and rt.inflight is None)
-        assert rt.last_error == "rate_limited" and rt.backoff == 120
+        await wait_for(lambda: rt.failures == 1 and rt.refreshing is None)
+        assert rt.failure_reason == "rate_limited" and rt.backoff == 120
         t0 = clock.now()
         await drive(clock, daemon.scheduler, lambda: rt.token is not None, horizon=t0 + 200)
         retry = dutyclaims.requests[1]
@@ -244,7 +244,7 @@ async def test_dutyclaims_probe_path_and_header_go_together(
                       probe_header="x-api-key")
     async with start_daemon({"jobs": [job]}) as daemon:
         rt = daemon.scheduler.jobs[("dc-prod", None)]
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
     probe = dutyclaims.requests[0]
     assert (probe.path, probe.query) == ("/v1/claims/status", "claimId=clm_123")
     assert probe.headers["x-api-key"] == CRED and "authorization" not in probe.headers
@@ -268,7 +268,7 @@ async def test_dutyclaims_probe_false_publishes_without_calling(
 ) -> None:
     async with start_daemon({"jobs": [managed_job(dutyclaims, tmp_path, probe=False)]}) as daemon:
         rt = daemon.scheduler.jobs[("dc-prod", None)]
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
         assert dutyclaims.count() == 0 and rt.next_refresh_at == math.inf
 
 
@@ -315,7 +315,7 @@ async def test_dutyclaims_scope_shortfall_is_a_warning_status_and_gauge(
     job = sandbox_job(dutyclaims, tmp_path, scopes=["clients.read", "partner.read", "webhooks.read"])
     async with start_daemon({"jobs": [job]}) as daemon:
         rt = daemon.scheduler.jobs[("dc-sandbox", None)]
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
         assert json.loads((tmp_path / "dc-sandbox.json").read_text())["scope"] == "clients.read webhooks.read"
         entry = (await statuses(daemon, leak_guard))["dc-sandbox"]
         assert entry["scope_missing"] == ["partner.read"] and entry["valid"] is True
@@ -331,8 +331,8 @@ async def test_dutyclaims_require_scopes_fails_and_writes_nothing(
     job = sandbox_job(dutyclaims, tmp_path, scopes=["clients.read", "partner.read"], require_scopes=True)
     async with start_daemon({"jobs": [job]}) as daemon:
         rt = daemon.scheduler.jobs[("dc-sandbox", None)]
-        await wait_for(lambda: rt.failures == 1 and rt.inflight is None)
-        assert rt.last_error == "scope_missing" and "partner.read" in rt.last_error_message
+        await wait_for(lambda: rt.failures == 1 and rt.refreshing is None)
+        assert rt.failure_reason == "scope_missing" and "partner.read" in rt.failure_message
         assert not (tmp_path / "dc-sandbox.json").exists()
         assert rt.backoff == 300, "a capability problem: no tight retry"
         assert metric(daemon, "refresher_refresh_failures_total", **{job_label(daemon): "dc-sandbox"}, reason="scope_missing") == 1
@@ -345,7 +345,7 @@ async def test_absent_scope_means_granted_as_requested(
     job = sandbox_job(dutyclaims, tmp_path, scopes=["clients.read"], require_scopes=True)
     async with start_daemon({"jobs": [job]}) as daemon:
         rt = daemon.scheduler.jobs[("dc-sandbox", None)]
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
         assert (await statuses(daemon, leak_guard))["dc-sandbox"]["scope_missing"] == []
         assert metric(daemon, "refresher_scope_missing", **{job_label(daemon): "dc-sandbox"}) == 0
 
@@ -358,7 +358,7 @@ async def test_oauth2_scope_shortfall_uses_the_same_rule(
     job["provider"]["scopes"] = ["read", "write"]
     async with start_daemon({"jobs": [job]}) as daemon:
         rt = daemon.scheduler.jobs[("api", None)]
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
         assert (await statuses(daemon, leak_guard))["api"]["scope_missing"] == ["write"]
     oauth2_emulator.inject(Fault.body_json({"access_token": "opaque-token-2", "expires_in": 3600, "scope": "read"}))
     job["provider"]["require_scopes"] = True
@@ -366,7 +366,7 @@ async def test_oauth2_scope_shortfall_uses_the_same_rule(
     async with start_daemon({"jobs": [job]}) as daemon:
         rt = daemon.scheduler.jobs[("api", None)]
         await wait_for(lambda: rt.failures == 1)
-        assert rt.last_error == "scope_missing" and not (tmp_path / "api.token").exists()
+        assert rt.failure_reason == "scope_missing" and not (tmp_path / "api.token").exists()
 
 
 def test_scope_config_is_checked(tmp_path: Path, capsys: Any) -> None:
@@ -407,8 +407,8 @@ def goo_job(emu: Any, tmp_path: Path, name: str = "gooclaim", *, key: bool = Tru
 
 async def rejected(daemon: Any, name: str = "gooclaim") -> Any:
     rt = daemon.scheduler.jobs[(name, None)]
-    await wait_for(lambda: rt.failures >= 1 and rt.inflight is None)
-    assert rt.last_error == "bad_response", rt.last_error_message
+    await wait_for(lambda: rt.failures >= 1 and rt.refreshing is None)
+    assert rt.failure_reason == "bad_response", rt.failure_message
     return rt
 
 
@@ -420,7 +420,7 @@ async def test_gooclaim_header_alg_must_be_rs256_even_without_a_key(
     gooclaim.alg = alg  # HS256: HMAC keyed with the public PEM, the classic forgery
     async with start_daemon({"jobs": [goo_job(gooclaim, tmp_path, key=key)]}) as daemon:
         rt = await rejected(daemon)
-        assert f"header alg {alg!r} is not allowed (want RS256)" in rt.last_error_message
+        assert f"header alg {alg!r} is not allowed (want RS256)" in rt.failure_message
     assert not (tmp_path / "gooclaim.token").exists()
 
 
@@ -429,7 +429,7 @@ async def test_gooclaim_tenant_id_checked_without_introspection(
 ) -> None:
     async with start_daemon({"jobs": [goo_job(gooclaim, tmp_path, tenant_id="tn_other")]}) as daemon:
         rt = await rejected(daemon)
-        assert "tenant_id 'tn_42' != 'tn_other'" in rt.last_error_message
+        assert "tenant_id 'tn_42' != 'tn_other'" in rt.failure_message
     assert gooclaim.count(GooclaimEmulator.introspect_path) == 0
     assert not (tmp_path / "gooclaim.token").exists()
 
@@ -438,7 +438,7 @@ async def test_gooclaim_sub_must_be_the_client_id(start_daemon: Any, gooclaim: A
     gooclaim.sub = "user_1234"  # a human token
     async with start_daemon({"jobs": [goo_job(gooclaim, tmp_path, key=False)]}) as daemon:
         rt = await rejected(daemon)
-        assert "sub 'user_1234' is not the client_id 'goo-client'" in rt.last_error_message
+        assert "sub 'user_1234' is not the client_id 'goo-client'" in rt.failure_message
 
 
 async def test_gooclaim_iss_checked_whenever_configured_even_unverified(
@@ -447,7 +447,7 @@ async def test_gooclaim_iss_checked_whenever_configured_even_unverified(
     gooclaim.wrong_issuer = True
     async with start_daemon({"jobs": [goo_job(gooclaim, tmp_path, key=False)]}) as daemon:
         rt = await rejected(daemon)
-        assert "wrong issuer" in rt.last_error_message
+        assert "wrong issuer" in rt.failure_message
 
 
 def test_check_says_plainly_when_signatures_are_not_verified(tmp_path: Path, capsys: Any) -> None:
@@ -468,7 +468,7 @@ async def test_gooclaim_introspection_active_false_rejects(
     gooclaim.revoke_on_issue = True
     async with start_daemon({"jobs": [goo_job(gooclaim, tmp_path, introspect=True)]}) as daemon:
         rt = await rejected(daemon)
-        assert "introspection says the token is not active" in rt.last_error_message
+        assert "introspection says the token is not active" in rt.failure_message
     assert gooclaim.count(GooclaimEmulator.introspect_path, status=200) == 1
     assert not (tmp_path / "gooclaim.token").exists()
 
@@ -489,7 +489,7 @@ async def test_gooclaim_introspection_must_describe_the_token(
     gooclaim.introspect_overrides = override
     async with start_daemon({"jobs": [goo_job(gooclaim, tmp_path, introspect=True)]}) as daemon:
         rt = await rejected(daemon)
-        assert message in rt.last_error_message
+        assert message in rt.failure_message
 
 
 async def next_sleeper(clock: ManualClock, within: float = 100) -> float:
@@ -511,7 +511,7 @@ async def test_gooclaim_introspection_budget_is_shared_per_client_id(
         await wait_for(lambda: gooclaim.count(path) == 1 and gooclaim.count(GooclaimEmulator.token_path) == 2)
         # The second job's introspection waits for the shared window, not for a 429.
         await clock.set(await next_sleeper(clock))
-        await wait_for(lambda: all(r.token is not None and r.inflight is None for r in runtimes))
+        await wait_for(lambda: all(r.token is not None and r.refreshing is None for r in runtimes))
     times = [r.at for r in gooclaim.requests if r.path == path]
     assert len(times) == 2 and times[1] - times[0] >= 60
     assert gooclaim.count(status=429) == 0
@@ -532,20 +532,20 @@ async def test_gooclaim_introspection_429_waits_and_keeps_the_minted_token(
         await wait_for(
             lambda: emu.count(path, status=429) == 1
             and sum(r.token is not None for r in sched.jobs.values()) == 2
-            and plain.inflight is None
+            and plain.refreshing is None
         )
         waiting = next(r for r in sched.jobs.values() if r.token is None)
-        assert waiting.inflight is not None and waiting.failures == 0
+        assert waiting.refreshing is not None and waiting.failures == 0
         # The token budget is not paused: a job on the same client id mints right away.
         with anyio.fail_after(5):
-            await sched.force("plain")
+            await sched.feedback.force("plain")
         assert emu.count(token_path) == 4
         # Retry-After (60 s) later the same token is introspected again and written.
         deadline = await next_sleeper(clock)
         limited = next(r for r in emu.requests if r.status == 429)
         assert deadline - limited.at == pytest.approx(60, abs=1e-6)
         await clock.set(deadline)
-        await wait_for(lambda: waiting.token is not None and waiting.inflight is None)
+        await wait_for(lambda: waiting.token is not None and waiting.refreshing is None)
         assert emu.count(path, status=200) == 2
         assert emu.count(token_path) == 4, "the minted token was kept, not re-minted"
         assert waiting.failures == 0
@@ -562,13 +562,13 @@ async def test_gooclaim_public_key_file_rotation_retries_at_once(
     async with start_daemon(config, clock=SystemClock()) as daemon:
         sched = daemon.scheduler
         rt = sched.jobs[("gooclaim", None)]
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
         await wait_for(lambda: daemon.watcher.ready.is_set())
         first = rt.token
         gooclaim.rotate_key(keep_old=False)
         sched.reschedule_now(("gooclaim", None))
-        await wait_for(lambda: rt.failures == 1 and rt.inflight is None)
-        assert "signature does not verify" in rt.last_error_message
+        await wait_for(lambda: rt.failures == 1 and rt.refreshing is None)
+        assert "signature does not verify" in rt.failure_message
         assert rt.next_refresh_at - SystemClock().now() > 20
         (tmp_path / "gooclaim.pem").write_bytes(gooclaim.public_key_pem())
         await wait_for(lambda: rt.failures == 0 and rt.token is not first, timeout=10)
@@ -583,13 +583,13 @@ async def test_gooclaim_jwks_refetched_for_unknown_kid_at_most_every_30s(
     async with start_daemon({"jobs": [job]}) as daemon:
         sched = daemon.scheduler
         rt = sched.jobs[("gooclaim", None)]
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
         assert gooclaim.count(jwks) == 1
         # Rotation announced in the JWKS: the unknown kid re-fetches it once, and verifies.
         gooclaim.rotate_key(keep_old=True)
         await clock.advance(30)
         sched.reschedule_now(("gooclaim", None))
-        await wait_for(lambda: gooclaim.count(GooclaimEmulator.token_path) == 2 and rt.inflight is None)
+        await wait_for(lambda: gooclaim.count(GooclaimEmulator.token_path) == 2 and rt.refreshing is None)
         assert rt.failures == 0 and gooclaim.count(jwks) == 2
         # A kid the JWKS does not (yet) hold: no re-fetch storm.
         gooclaim.jwks_lag = True
@@ -597,17 +597,17 @@ async def test_gooclaim_jwks_refetched_for_unknown_kid_at_most_every_30s(
         t0 = clock.now()
         await clock.advance(31)
         sched.reschedule_now(("gooclaim", None))
-        await wait_for(lambda: rt.failures == 1 and rt.inflight is None)
-        assert gooclaim.count(jwks) == 3 and "is not in the JWKS" in rt.last_error_message
+        await wait_for(lambda: rt.failures == 1 and rt.refreshing is None)
+        assert gooclaim.count(jwks) == 3 and "is not in the JWKS" in rt.failure_message
         await drive(clock, sched, lambda: rt.failures >= 3, horizon=t0 + 31 + 29)
         assert gooclaim.count(jwks) == 3, "re-fetched at most every 30 s"
-        assert "re-fetched at most every 30s" in rt.last_error_message
+        assert "re-fetched at most every 30s" in rt.failure_message
         # Once the JWKS lists the key and 30 s have passed, one re-fetch verifies it.
         gooclaim.jwks_lag = False
         await settle(sched)
         await clock.set(t0 + 31 + 30)
         sched.reschedule_now(("gooclaim", None))
-        await wait_for(lambda: rt.failures == 0 and rt.inflight is None)
+        await wait_for(lambda: rt.failures == 0 and rt.refreshing is None)
         assert gooclaim.count(jwks) == 4
 
 
@@ -616,7 +616,7 @@ async def test_gooclaim_jwks_refetched_for_unknown_kid_at_most_every_30s(
 
 def test_contract_table_names_only_tests_and_code_that_exist() -> None:
     """docs/contracts.md: every test it cites is defined, every `module.name` it cites
-    resolves, and every rule row of the three seeds is there (D1.., B1.., G1..)."""
+    resolves, and every rule row of the three contracts is there (D1.., B1.., G1..)."""
     import importlib
     import re
 

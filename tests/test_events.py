@@ -1,4 +1,4 @@
-"""Events the daemon reacts to besides its timer (issue: event-driven behaviour):
+"""Events the daemon reacts to besides its timer :
 consumer feedback, credential rotation, reload, notifications, systemd notify."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ async def post(daemon, path: str, headers: dict[str, str] | None = None) -> http
 async def test_forced_refresh_is_single_flight_and_rate_limited(start_daemon, oauth2_emulator, clock, tmp_path, leak_guard) -> None:
     async with start_daemon({"jobs": [oauth2_job(oauth2_emulator, tmp_path)]}) as daemon:
         rt = daemon.scheduler.jobs[("api", None)]
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
         before = rt.token.fingerprint()
         oauth2_emulator.inject(Fault.slow(0.3))
         async with anyio.create_task_group() as tg:
@@ -107,12 +107,12 @@ async def test_rotated_secret_via_symlink_swap_triggers_re_mint(start_daemon, oa
     leak_guard.secrets.add("rotated-secret-value-2")
     async with start_daemon({"jobs": [job]}, clock=SystemClock()) as daemon:
         rt = daemon.scheduler.jobs[("api", None)]
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
         await wait_for(lambda: daemon.watcher.ready.is_set())
         first = rt.token
         oauth2_emulator.clients[CLIENT_ID] = "rotated-secret-value-2"
         k8s_secret_dir(mount, "v2", "rotated-secret-value-2")
-        await wait_for(lambda: rt.token is not first and rt.inflight is None)
+        await wait_for(lambda: rt.token is not first and rt.refreshing is None)
         assert b"client_secret=rotated-secret-value-2" in oauth2_emulator.requests[-1].body
         assert (tmp_path / "api.token").read_text().strip() == rt.token.value
 
@@ -126,7 +126,7 @@ async def test_rotation_to_a_rejected_secret_keeps_the_old_token(start_daemon, o
     leak_guard.secrets.add("a-wrong-new-secret")
     async with start_daemon({"jobs": [job]}, clock=SystemClock()) as daemon:
         rt = daemon.scheduler.jobs[("api", None)]
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
         await wait_for(lambda: daemon.watcher.ready.is_set())
         old = rt.token
         # An editor-style save: write a new file and rename it over the old one.
@@ -149,7 +149,7 @@ async def test_reload_keeps_unchanged_adds_removes_and_rejects_invalid(start_dae
     base = {"server": {"listen": "127.0.0.1:0"}, "jobs": [keep, gone]}
     config_path.write_text(yaml.safe_dump(base))
     async with start_daemon(base, config_path=config_path) as daemon:
-        await wait_for(lambda: all(r.token and r.inflight is None for r in daemon.scheduler.jobs.values()))
+        await wait_for(lambda: all(r.token and r.refreshing is None for r in daemon.scheduler.jobs.values()))
         kept = daemon.scheduler.jobs[("api", None)]
         token, due = kept.token, kept.next_refresh_at
         new = oauth2_job(oauth2_emulator, tmp_path, name="new", sinks=[{"kind": "file", "path": str(tmp_path / "new.token")}])
@@ -230,9 +230,9 @@ async def test_hanging_notifier_is_killed_and_refreshing_goes_on(start_daemon, o
         {"kind": "command", "argv": [sys.executable, "-c", "import time; time.sleep(60)"], "timeout": "300ms"}])
     async with start_daemon({"jobs": [job]}) as daemon:
         rt = daemon.scheduler.jobs[("api", None)]
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
         await clock.set(rt.next_refresh_at)
-        await wait_for(lambda: oauth2_emulator.count() == 2 and rt.inflight is None)
+        await wait_for(lambda: oauth2_emulator.count() == 2 and rt.refreshing is None)
         await wait_for(lambda: len(leak_guard.events("notification failed")) == 2)
         assert "timed out after 0.3s and was killed" in leak_guard.events("notification failed")[0]["error"]
         status, text = await get_json(daemon, "/metrics")
@@ -252,7 +252,7 @@ async def test_sd_notify_ready_reloading_stopping(start_daemon, oauth2_emulator,
     config_path.write_text(yaml.safe_dump(config))
     notifier = SystemdNotifier(str(sock_path))
     try:
-        async with start_daemon(config, notifier=notifier, config_path=config_path) as daemon:
+        async with start_daemon(config, systemd=notifier, config_path=config_path) as daemon:
             ready = await anyio.to_thread.run_sync(receiver.recv, 4096)
             assert b"READY=1" in ready and b"STATUS=1/1 tokens valid" in ready
             assert await daemon.reload()

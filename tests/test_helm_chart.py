@@ -1314,7 +1314,7 @@ def test_dockerfile_matches_chart(chart: helm.Chart) -> None:
     assert c["securityContext"]["runAsUser"] == 10001
 
 
-# ----------------------------------------------------------------------------- issue 15: chart
+# ----------------------------------------------------------------------------- chart conventions
 
 
 def test_no_jobs_is_a_ready_install_with_a_warning(chart: helm.Chart) -> None:

@@ -101,8 +101,8 @@ async def test_secret_kept_fresh_and_restart_does_not_mint(
     cfg = config(oauth2_emulator, kube, tmp_path, "pod-a", leader=False)
     async with start_daemon(cfg) as daemon:
         rt = daemon.scheduler.jobs[("api", None)]
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
-        assert rt.unwritten == [], rt.last_error_message
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
+        assert rt.unwritten == [], rt.failure_message
         data = kube.secret_data(NS, "partner-tokens")
         assert data["api"] == rt.token.value and "api.expires_at" in data
         secret = kube.secret(NS, "partner-tokens")
@@ -112,7 +112,7 @@ async def test_secret_kept_fresh_and_restart_does_not_mint(
             == rt.token.fingerprint()
         )
         await clock.set(rt.next_refresh_at)
-        await wait_for(lambda: oauth2_emulator.count() == 2 and rt.inflight is None)
+        await wait_for(lambda: oauth2_emulator.count() == 2 and rt.refreshing is None)
         assert kube.secret_data(NS, "partner-tokens")["api"] == rt.token.value
     async with start_daemon(cfg) as daemon:
         assert daemon.scheduler.jobs[("api", None)].token is not None
@@ -138,7 +138,7 @@ async def test_two_replicas_one_writer_followers_refuse_forced_refreshes_and_tak
         await wait_for(lambda: "pod-a" in daemons and daemons["pod-a"].elector.is_leader())
         a = daemons["pod-a"]
         rt_a = a.scheduler.jobs[("api", None)]
-        await wait_for(lambda: rt_a.token is not None and rt_a.inflight is None)
+        await wait_for(lambda: rt_a.token is not None and rt_a.refreshing is None)
         tg.start_soon(replica, "pod-b")
         await wait_for(lambda: "pod-b" in daemons)
         b = daemons["pod-b"]
@@ -157,7 +157,7 @@ async def test_two_replicas_one_writer_followers_refuse_forced_refreshes_and_tak
         for cycle in range(1, 4):  # three refresh cycles: only the leader writes
             await advance_to(clock, rt_a.next_refresh_at, a)
             await wait_for(
-                lambda c=cycle: oauth2_emulator.count() == 1 + c and rt_a.inflight is None
+                lambda c=cycle: oauth2_emulator.count() == 1 + c and rt_a.refreshing is None
             )
         assert secret_writes(kube, "pod-a") >= 3 and secret_writes(kube, "pod-b") == 0
         mints = oauth2_emulator.count()
@@ -182,12 +182,12 @@ async def test_two_replicas_one_writer_followers_refuse_forced_refreshes_and_tak
             await anyio.sleep(0.05)
         took_over = clock.now() - killed_at
         assert took_over > 10, "took over before the old lease could have expired"
-        await wait_for(lambda: b._leading)
+        await wait_for(lambda: b.leadership.leading)
         rt_b = b.scheduler.jobs[("api", None)]
         assert rt_b.token is not None and rt_b.token.value == rt_a.token.value
         assert oauth2_emulator.count() == mints, "new leader re-minted a valid token"
         await advance_to(clock, rt_b.next_refresh_at, b)
-        await wait_for(lambda: oauth2_emulator.count() == mints + 1 and rt_b.inflight is None)
+        await wait_for(lambda: oauth2_emulator.count() == mints + 1 and rt_b.refreshing is None)
         assert secret_writes(kube, "pod-b") >= 1
         assert kube.secret_data(NS, "partner-tokens")["api"] == rt_b.token.value
         # The new leader takes forced refreshes.

@@ -28,7 +28,8 @@ from refresher.kube import KubeClients
 from refresher.leader import LeaderElector
 from refresher.logging import Redactor
 from refresher.metrics import Metrics
-from refresher.scheduler import JobRuntime, Scheduler
+from refresher.runtime import JobRuntime
+from refresher.scheduler import Scheduler
 from refresher.server import create_app
 from refresher.token import Token, fingerprint
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, wait_for
@@ -250,9 +251,9 @@ async def test_force_refuses_when_the_scheduler_is_not_active(clock) -> None:
     )
     scheduler.add(JobRuntime(job="api", tenant=None, provider=_MustNotMint(), sinks=[]))
     with pytest.raises(NotActiveError):
-        await scheduler.force("api")
+        await scheduler.feedback.force("api")
     with pytest.raises(KeyError):  # an unknown job is still a 404, not a 503
-        await scheduler.force("nope")
+        await scheduler.feedback.force("nope")
     # The HTTP layer maps it to 503 even when the leader check passed (shutting down).
     app = create_app(scheduler, Metrics(), is_leader=lambda: True, leader=lambda: "pod-a")
     transport = httpx2.ASGITransport(app=app)

@@ -458,7 +458,7 @@ def exported_sample_names() -> set[str]:
     from refresher.metrics import Metrics
 
     metrics = Metrics()
-    metrics.watch(lambda: [], is_leader=lambda: True)
+    metrics.register_state(lambda: [], is_leader=lambda: True)
     names: set[str] = set()
     for family in metrics.registry.collect():
         suffixes = {
@@ -487,7 +487,7 @@ def test_rules_and_dashboard_use_only_exported_labels() -> None:
     """After the rename, no expression may group or match on a label the daemon does not
     export: `job` is only ever the scrape job (target labels are allowed)."""
     metrics = Metrics(tenant_labels=True)
-    metrics.watch(lambda: [], is_leader=lambda: True)
+    metrics.register_state(lambda: [], is_leader=lambda: True)
     exported = {"le", "reason", "result", "sink", "notifier", "component", "version"}
     exported |= set(metrics._labels)
     target = {"job", "instance", "namespace"}
@@ -551,7 +551,7 @@ def test_counters_exist_at_the_first_collect(tenant_labels: bool) -> None:
         JobSnapshot("api", "oauth2", None, False, None, None, 0.0),
         *(JobSnapshot("deb", "debitura", f"t-{i}", False, None, None, 0.0) for i in range(50)),
     ]
-    metrics.watch(lambda: snapshots, is_leader=None)
+    metrics.register_state(lambda: snapshots, is_leader=None)
     found = samples_of(generate_latest(metrics.registry).decode())
     failures = [s for s in found if s.name == "refresher_refresh_failures_total"]
     expected = {(job, reason) for job in ("api", "deb") for reason in FAILURE_REASONS}
@@ -613,7 +613,7 @@ async def test_daemon_scrape_has_every_reason_at_zero_and_no_job_label(
 @needs_promtool
 def test_promtool_lints_the_exposition() -> None:
     metrics = Metrics(tenant_labels=True)
-    metrics.watch(
+    metrics.register_state(
         lambda: [JobSnapshot("deb", "debitura", "t-1", True, 2e9, 1.9e9, 0.0)],
         is_leader=lambda: False,
     )

@@ -345,7 +345,7 @@ async def test_tls_client_auth_picks_up_a_rotated_certificate_in_the_daemon(
     }
     async with start_daemon({"jobs": [job]}) as daemon:
         runtime = daemon.scheduler.jobs[("mtls", None)]
-        await wait_for(lambda: runtime.token is not None and runtime.inflight is None)
+        await wait_for(lambda: runtime.token is not None and runtime.refreshing is None)
         first = runtime.token
         # A certificate for another CN, written over both files: re-minted at once
         # (the key file is a credential), and refused by the server.
@@ -354,7 +354,7 @@ async def test_tls_client_auth_picks_up_a_rotated_certificate_in_the_daemon(
         intruder = emulator.issue_client_certificate("intruder", other)
         leak_guard.secrets.add(install_certificate(intruder, cert, key))
         await wait_for(lambda: runtime.failures >= 1, timeout=10)
-        assert runtime.last_error == "unauthorized"
+        assert runtime.failure_reason == "unauthorized"
         # The right CN again, a new certificate: the daemon uses it without a restart.
         renewed = emulator.issue_client_certificate("edge", other)
         leak_guard.secrets.add(install_certificate(renewed, cert, key))
@@ -481,7 +481,7 @@ async def test_the_rotated_refresh_token_is_saved_before_the_token_is_published(
             await original(token)
 
         sink.write = write  # type: ignore[method-assign]
-        await wait_for(lambda: runtime.token is not None and runtime.inflight is None)
+        await wait_for(lambda: runtime.token is not None and runtime.refreshing is None)
         await daemon.scheduler.refresh(runtime, force=True)
     issued = [value for value in emulator.issued if value.startswith("rt-")]
     assert seen == issued[1:3]  # each write saw the refresh token of its own mint

@@ -339,8 +339,8 @@ async def test_a_wrong_expected_audience_is_never_written(idp, start_daemon, clo
     async with start_daemon({"jobs": [job]}) as daemon:
         runtime = next(iter(daemon.scheduler.jobs.values()))
         await wait_for(lambda: runtime.failures >= 1, timeout=20)
-        assert runtime.last_error == "bad_response"
-        assert "wrong audience" in (runtime.last_error_message or "")
+        assert runtime.failure_reason == "bad_response"
+        assert "wrong audience" in (runtime.failure_message or "")
         assert metric(daemon, "refresher_refresh_failures_total", token_job="idp", reason="bad_response") == 1
     assert not (tmp_path / "idp.token").exists()
 

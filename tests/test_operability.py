@@ -61,7 +61,7 @@ async def test_rejected_reload_says_so_in_the_systemd_status(
         return data
 
     try:
-        async with start_daemon(config, notifier=notifier, config_path=config_path) as daemon:
+        async with start_daemon(config, systemd=notifier, config_path=config_path) as daemon:
             assert b"STATUS=1/1 tokens valid" in await message()
             # Two errors: an unknown key and a job without provider/sinks.
             config_path.write_text("colour: red\njobs: [{name: x}]\n")

@@ -98,7 +98,7 @@ def exported_metric_names() -> set[str]:
     from refresher.metrics import Metrics
 
     metrics = Metrics()
-    metrics.watch(lambda: [], is_leader=None)
+    metrics.register_state(lambda: [], is_leader=None)
     return {family.name for family in metrics.registry.collect()}
 
 

@@ -1,6 +1,6 @@
 """The three partner providers on their real wire formats, against their emulators.
 
-Each test names the contract rule (seeds/000 DutyClaims, 001 Debitura, 002 Gooclaim)
+Each test names the contract rule (docs/contracts.md: DutyClaims, Debitura, Gooclaim)
 it covers.
 """
 
@@ -64,7 +64,7 @@ async def test_dutyclaims_sandbox_form_grant_and_opaque_token(start_daemon, duty
     config = {"jobs": [dc_job(dutyclaims, tmp_path, scopes=["clients.read", "webhooks.read"])]}
     async with start_daemon(config) as daemon:
         rt = daemon.scheduler.jobs[("dutyclaims", None)]
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
     request = dutyclaims.requests[0]
     assert request.path == "/v1/oauth/token"
     assert request.headers["content-type"] == "application/x-www-form-urlencoded"
@@ -112,7 +112,7 @@ async def test_dutyclaims_capability_gated_scope_is_a_403(start_daemon, dutyclai
     async with start_daemon({"jobs": [dc_job(dutyclaims, tmp_path, scopes=["financing.request"])]}) as daemon:
         rt = daemon.scheduler.jobs[("dutyclaims", None)]
         await wait_for(lambda: rt.failures == 1)
-        assert rt.last_error == "forbidden"
+        assert rt.failure_reason == "forbidden"
         assert "financing.request" in leak_guard.events("refresh failed")[0]["problem_detail"]
         assert rt.backoff == 300, "403 backs off at max, no tight loop"
 
@@ -136,7 +136,7 @@ async def test_dutyclaims_managed_credential_published_as_x_api_key_and_rotated(
 
     async with start_daemon({"jobs": [job]}, clock=SystemClock()) as daemon:
         rt = daemon.scheduler.jobs[("dc-prod", None)]
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
         header = (tmp_path / "dc.header").read_text()
         assert header == "X-API-Key: dcp_live_managed_credential_abc\n"
         name, _, value = header.strip().partition(": ")
@@ -174,7 +174,7 @@ def test_dutyclaims_config_rules(tmp_path, capsys) -> None:
 
 async def test_debitura_mints_per_tenant_with_xapikey(start_daemon, debitura, clock, tmp_path) -> None:
     async with start_daemon({"jobs": [deb_job(debitura, tmp_path)]}) as daemon:
-        await wait_for(lambda: all(r.token and r.inflight is None for r in daemon.scheduler.jobs.values()))
+        await wait_for(lambda: all(r.token and r.refreshing is None for r in daemon.scheduler.jobs.values()))
         status, body = await get_json(daemon, "/metrics")
     for tenant in ("t-001", "t-002", "t-003"):
         doc = json.loads((tmp_path / f"{tenant}.json").read_text())
@@ -239,10 +239,10 @@ async def test_debitura_one_tenant_refused_at_the_mint_backs_off_alone(
     async with start_daemon({"jobs": [deb_job(debitura, tmp_path, ["t-good", "t-bad"])]}) as daemon:
         sched = daemon.scheduler
         bad, good = sched.jobs[("debitura", "t-bad")], sched.jobs[("debitura", "t-good")]
-        await wait_for(lambda: bad.token and good.token and bad.inflight is None)
+        await wait_for(lambda: bad.token and good.token and bad.refreshing is None)
         debitura.mint_refused.add("t-bad")
         await sched.refresh(bad, force=True)  # t-good minted just now: this 401 is t-bad's
-        assert bad.last_error == "unauthorized" and bad.backoff == 300 and bad.parked_at is None
+        assert bad.failure_reason == "unauthorized" and bad.backoff == 300 and bad.parked_at is None
         assert good.parked_at is None and sched.gates[bad.provider.credential].closed is False
         # An hour: t-bad asks once per backoff.max, never halving toward expiry; t-good
         # goes on undisturbed.
@@ -258,14 +258,14 @@ async def test_debitura_token_for_another_tenant_is_never_written(
 ) -> None:
     async with start_daemon({"jobs": [deb_job(debitura, tmp_path, ["t-1"])]}) as daemon:
         rt = daemon.scheduler.jobs[("debitura", "t-1")]
-        await wait_for(lambda: rt.token and rt.inflight is None)
+        await wait_for(lambda: rt.token and rt.refreshing is None)
         before = (tmp_path / "t-1.json").read_bytes()
         other = debitura.sign_hs256({"externalTenantId": "t-2", "exp": 2_000_000_000})
         debitura.inject(Fault.body_json(
             {"accessToken": other, "tokenType": "Bearer", "expiresIn": 1800, "externalTenantId": "t-2"}
         ))
         await daemon.scheduler.refresh(rt, force=True)
-        assert rt.last_error == "tenant_mismatch" and (tmp_path / "t-1.json").read_bytes() == before
+        assert rt.failure_reason == "tenant_mismatch" and (tmp_path / "t-1.json").read_bytes() == before
         assert metric(daemon, "refresher_refresh_failures_total", token_job="debitura", reason="tenant_mismatch") == 1
 
 
@@ -276,7 +276,7 @@ async def test_401_with_a_valid_token_is_retried_no_more_often_than_backoff_max(
 
     async with start_daemon({"jobs": [oauth2_job(oauth2_emulator, tmp_path)]}) as daemon:
         rt = daemon.scheduler.jobs[("api", None)]
-        await wait_for(lambda: rt.token and rt.inflight is None)
+        await wait_for(lambda: rt.token and rt.refreshing is None)
         oauth2_emulator.inject(Fault.unauthorized(count=1000))
         expires = rt.token.expires_at
         await drive(clock, daemon.scheduler, lambda: clock.now() >= expires + 600, horizon=expires + 1000)
@@ -295,7 +295,7 @@ async def test_429_pauses_every_job_sharing_the_credential(
     async with start_daemon({"jobs": jobs}) as daemon:
         sched = daemon.scheduler
         a, b = sched.jobs[("api", None)], sched.jobs[("b", None)]
-        await wait_for(lambda: a.token and b.token and a.inflight is None and b.inflight is None)
+        await wait_for(lambda: a.token and b.token and a.refreshing is None and b.refreshing is None)
         oauth2_emulator.inject(Fault.rate_limited("7"))
         await sched.refresh(a, force=True)
         throttled_at = oauth2_emulator.requests[-1].at
@@ -320,8 +320,25 @@ async def test_debitura_1000_tenants_within_rate_none_missed(start_daemon, debit
         for i in range(len(times) - 600):
             assert times[i + 600] - times[i] >= 60
         assert clock.now() - start < 62
-        assert sched.peak_inflight <= 16
+        assert sched.peak_requests_in_flight <= 16
     assert len(list(tmp_path.glob("tenant-*.json"))) == 1000
+
+
+async def test_token_memory_follows_the_tenants_through_refreshes_and_removal(
+    start_daemon, debitura, clock, tmp_path
+) -> None:
+    from refresher.logging import TOKENS_PER_OWNER
+
+    tenants = [f"t-{i:03d}" for i in range(40)]
+    async with start_daemon({"jobs": [deb_job(debitura, tmp_path, tenants)]}) as daemon:
+        sched, redactor = daemon.scheduler, daemon.redactor
+        await drive(clock, sched, lambda: all(r.token for r in sched.jobs.values()), horizon=clock.now() + 60)
+        # Every tenant refreshed again and again: five more tokens each, on average.
+        minted = lambda: debitura.count(status=200)  # noqa: E731
+        await drive(clock, sched, lambda: minted() >= 6 * len(tenants), horizon=clock.now() + 6 * 1800)
+        assert redactor.remembered_tokens <= TOKENS_PER_OWNER * len(sched.jobs)
+        await daemon.jobs.remove("debitura")
+        assert redactor.remembered_tokens == 0
 
 
 async def test_debitura_tenants_file_add_and_remove(start_daemon, debitura, tmp_path) -> None:
@@ -372,7 +389,7 @@ def goo_job(emu, tmp_path: Path, name: str = "gooclaim", **provider: Any) -> dic
 async def test_gooclaim_json_grant_verified_rs256(start_daemon, gooclaim, tmp_path) -> None:
     async with start_daemon({"jobs": [goo_job(gooclaim, tmp_path, introspect=True)]}) as daemon:
         rt = daemon.scheduler.jobs[("gooclaim", None)]
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
     token_req = gooclaim.requests[0]
     assert token_req.path == "/v1/auth/token" and token_req.headers["content-type"] == "application/json"
     assert json.loads(token_req.body) == {"grant_type": "client_credentials", "client_id": "goo-client", "client_secret": GOO_SECRET}
@@ -393,7 +410,7 @@ async def test_gooclaim_jwks_url_verification(start_daemon, gooclaim, tmp_path) 
     job["provider"]["jwks_url"] = gooclaim.url + "/.well-known/jwks.json"
     async with start_daemon({"jobs": [job]}) as daemon:
         rt = daemon.scheduler.jobs[("gooclaim", None)]
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
 
 
 @pytest.mark.parametrize(
@@ -406,7 +423,7 @@ async def test_gooclaim_rejects_unverifiable_tokens(start_daemon, gooclaim, tmp_
     async with start_daemon({"jobs": [goo_job(gooclaim, tmp_path)]}) as daemon:
         rt = daemon.scheduler.jobs[("gooclaim", None)]
         await wait_for(lambda: rt.failures == 1)
-        assert rt.last_error == "bad_response" and message in rt.last_error_message
+        assert rt.failure_reason == "bad_response" and message in rt.failure_message
         assert not (tmp_path / "gooclaim.token").exists(), "an unverified token was written"
         assert metric(daemon, "refresher_refresh_failures_total", token_job="gooclaim", reason="bad_response") == 1
 
@@ -418,7 +435,7 @@ async def test_gooclaim_without_key_still_checks_audience(start_daemon, gooclaim
     async with start_daemon({"jobs": [job]}) as daemon:
         rt = daemon.scheduler.jobs[("gooclaim", None)]
         await wait_for(lambda: rt.failures == 1)
-        assert "wrong audience" in rt.last_error_message
+        assert "wrong audience" in rt.failure_message
 
 
 async def test_gooclaim_introspection_inactive_is_rejected(start_daemon, gooclaim, tmp_path) -> None:
@@ -426,7 +443,7 @@ async def test_gooclaim_introspection_inactive_is_rejected(start_daemon, gooclai
     async with start_daemon({"jobs": [job]}) as daemon:
         rt = daemon.scheduler.jobs[("gooclaim", None)]
         await wait_for(lambda: rt.failures == 1)
-        assert "tenant_id 'tn_42' != 'another-tenant'" in rt.last_error_message
+        assert "tenant_id 'tn_42' != 'another-tenant'" in rt.failure_message
 
 
 async def test_gooclaim_401_is_never_retried_in_a_loop(start_daemon, gooclaim, clock, tmp_path, leak_guard) -> None:
@@ -460,8 +477,8 @@ async def test_gooclaim_limit_misconfigured_gets_429_and_waits_exact_retry_after
     jobs = [goo_job(gooclaim, tmp_path, name=f"g{i:02d}", requests_per_minute=1000) for i in range(61)]
     async with start_daemon({"jobs": jobs}) as daemon:
         sched = daemon.scheduler
-        await wait_for(lambda: gooclaim.count(status=429) == 1 and sched.inflight == 0)
-        limited = next(r for r in sched.jobs.values() if r.last_error == "rate_limited")
+        await wait_for(lambda: gooclaim.count(status=429) == 1 and sched.requests_in_flight == 0)
+        limited = next(r for r in sched.jobs.values() if r.failure_reason == "rate_limited")
         first_429 = next(r for r in gooclaim.requests if r.status == 429)
         assert limited.next_refresh_at == pytest.approx(first_429.at + 60, abs=1)
         assert limited.backoff == 60

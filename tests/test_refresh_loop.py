@@ -43,7 +43,7 @@ async def test_token_is_refreshed_before_expiry_and_file_swapped_atomically(
     try:
         async with start_daemon(config) as daemon:
             rt = runtime(daemon)
-            await wait_for(lambda: rt.token is not None and rt.inflight is None)
+            await wait_for(lambda: rt.token is not None and rt.refreshing is None)
             first = rt.token
             start = clock.now()
             for cycle in range(1, 4):
@@ -54,7 +54,7 @@ async def test_token_is_refreshed_before_expiry_and_file_swapped_atomically(
                 await clock.set(due)
                 await wait_for(
                     lambda c=cycle: (
-                        oauth2_emulator.count(status=200) == c + 1 and rt.inflight is None
+                        oauth2_emulator.count(status=200) == c + 1 and rt.refreshing is None
                     )
                 )
                 assert target.read_text().strip() == rt.token.value
@@ -83,7 +83,7 @@ async def test_429_waits_exactly_retry_after(
         await wait_for(lambda: True)
         assert oauth2_emulator.count() == 1, "retried before Retry-After"
         await clock.advance(0.01)
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
         second = oauth2_emulator.requests[1]
         assert second.at - first.at == pytest.approx(7.0, abs=1e-6)
         assert metric(daemon, "refresher_rate_limited_total", token_job="api") == 1
@@ -115,7 +115,7 @@ async def test_5xx_storm_backs_off_keeps_old_token_then_expires(
     }
     async with start_daemon(config) as daemon:
         rt = runtime(daemon)
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
         old = rt.token
         oauth2_emulator.inject(Fault.server_error(count=10_000))
         delays: list[float] = []
@@ -150,7 +150,7 @@ async def test_5xx_storm_backs_off_keeps_old_token_then_expires(
         # Provider comes back: recovery.
         oauth2_emulator.clear_faults()
         await clock.set(rt.next_refresh_at)
-        await wait_for(lambda: rt.token is not old and rt.inflight is None)
+        await wait_for(lambda: rt.token is not old and rt.refreshing is None)
         assert metric(daemon, "refresher_token_valid", token_job="api") == 1
         assert metric(daemon, "refresher_backoff_seconds", token_job="api") == 0
 
@@ -182,7 +182,7 @@ async def test_401_is_not_retried_in_a_loop(
         await wait_for(lambda: rt.failures == 1)
         for _ in range(60):  # one simulated hour, minute by minute
             await clock.advance(60)
-            await wait_for(lambda: rt.inflight is None)
+            await wait_for(lambda: rt.refreshing is None)
         # Backoff starts at max (5 min): at most 1 + 60/5 requests in the hour.
         assert oauth2_emulator.count() <= 13
         assert oauth2_emulator.count(status=401) == oauth2_emulator.count()
@@ -204,7 +204,7 @@ async def test_readyz_flips_after_first_successful_write(
         assert status == 503 and body["jobs"][0]["state"] == "failing"
         assert (await get_json(daemon, "/healthz"))[0] == 200
         await clock.set(rt.next_refresh_at)
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
         status, body = await get_json(daemon, "/readyz")
         assert status == 200
 
@@ -214,7 +214,7 @@ async def test_status_and_metrics_never_contain_the_token(
 ) -> None:
     async with start_daemon({"jobs": [oauth2_job(oauth2_emulator, tmp_path)]}) as daemon:
         rt = runtime(daemon)
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
         status, body = await get_json(daemon, "/v1/tokens", leak_guard)
         entry = body["jobs"][0]
         assert entry["fingerprint"] == rt.token.fingerprint()
@@ -261,7 +261,7 @@ async def test_oauth2_json_body_and_basic_auth(start_daemon, oauth2_emulator, tm
                            headers={"X-Tenant": "acme"})
     async with start_daemon({"jobs": [job]}) as daemon:
         rt = runtime(daemon)
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
     request = oauth2_emulator.requests[0]
     assert request.headers["x-tenant"] == "acme"
     if body == "json":
@@ -280,13 +280,13 @@ async def test_sink_failure_retries_the_write_without_re_minting(start_daemon, o
     job = oauth2_job(oauth2_emulator, tmp_path, sinks=[{"kind": "file", "path": str(target_dir / "api.token")}])
     async with start_daemon({"jobs": [job]}) as daemon:
         rt = runtime(daemon)
-        await wait_for(lambda: rt.failures == 1 and rt.inflight is None)
-        assert rt.last_error == "sink" and "directory does not exist" in rt.last_error_message
+        await wait_for(lambda: rt.failures == 1 and rt.refreshing is None)
+        assert rt.failure_reason == "sink" and "directory does not exist" in rt.failure_message
         assert metric(daemon, "refresher_sink_failures_total", token_job="api", sink="file") == 1
         assert (await get_json(daemon, "/readyz"))[0] == 503
         target_dir.mkdir()
         await clock.set(rt.next_refresh_at)
-        await wait_for(lambda: (target_dir / "api.token").exists() and rt.inflight is None)
+        await wait_for(lambda: (target_dir / "api.token").exists() and rt.refreshing is None)
         assert oauth2_emulator.count() == 1, "the minted token was re-used, not re-minted"
         assert (target_dir / "api.token").read_text().strip() == rt.token.value
         assert (await get_json(daemon, "/readyz"))[0] == 200
@@ -302,7 +302,7 @@ async def test_tenant_labels_only_when_enabled(start_daemon, make_emulator, cloc
            "sinks": [{"kind": "file", "path": str(tmp_path / "{tenant}.jwt")}]}
     for enabled in (False, True):
         async with start_daemon({"jobs": [job], "metrics": {"tenant_labels": enabled}}) as daemon:
-            await wait_for(lambda: all(r.token and r.inflight is None for r in daemon.scheduler.jobs.values()))
+            await wait_for(lambda: all(r.token and r.refreshing is None for r in daemon.scheduler.jobs.values()))
             text = (await get_json(daemon, "/metrics"))[1]
             has_tenant = 'tenant="a"' in text
             assert has_tenant is enabled
@@ -317,11 +317,11 @@ async def test_on_expiry_keep_or_remove(start_daemon, oauth2_emulator, clock, tm
               "jobs": [oauth2_job(oauth2_emulator, tmp_path, on_expiry=on_expiry)]}
     async with start_daemon(config) as daemon:
         rt = runtime(daemon)
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
         expires_at = rt.token.expires_at
         oauth2_emulator.inject(Fault.server_error(count=10_000))
         await clock.set(expires_at - 1)
-        await wait_for(lambda: rt.inflight is None)
+        await wait_for(lambda: rt.refreshing is None)
         assert target.exists() and not leak_guard.events("token expired without a replacement")
         await clock.set(expires_at)
         await wait_for(lambda: len(leak_guard.events("token expired without a replacement")) == 1)

@@ -461,8 +461,8 @@ class HTTPProvider(Generic[ConfigT]):
 
     def url(self, path: str) -> httpx2.URL:
         """`path` merged with the base URL, once: httpx2 re-parses and re-merges a
-        relative URL on every request (~80 µs, a tenth of a whole mint). The merge
-        is httpx2's own (a base path prefix is kept), via `build_request`."""
+        relative URL on every request. The merge is httpx2's own (a base path prefix
+        is kept), via `build_request`."""
         url = self._urls.get(path)
         if url is None:
             url = self._urls[path] = self.client.build_request("POST", path).url

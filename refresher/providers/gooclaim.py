@@ -1,4 +1,4 @@
-"""Gooclaim (seeds/002): JSON client credentials → RS256 machine JWT (1 h).
+"""Gooclaim (docs/contracts.md): JSON client credentials → RS256 machine JWT (1 h).
 
 * ``POST /v1/auth/token`` with ``{"grant_type", "client_id", "client_secret"}``;
   the secret only ever travels in the body.

@@ -356,7 +356,6 @@ class OAuth2ProviderConfig(HTTPProviderConfig, ClientSecretFields):
             raise ValueError(f"client_id is required with client_auth {method}")
 
     def _grant(self) -> None:
-        grant = self.grant
         only = {
             "refresh_token_file": ("refresh_token", self.refresh_token_file),
             "state_dir": ("refresh_token", self.state_dir),
@@ -367,28 +366,39 @@ class OAuth2ProviderConfig(HTTPProviderConfig, ClientSecretFields):
             "requested_token_type": ("token_exchange", self.requested_token_type),
         }
         for name, (needs, value) in only.items():
-            if value is not None and grant != needs:
+            if value is not None and self.grant != needs:
                 raise ValueError(f"{name} is only used with grant {needs}")
-        if grant == "refresh_token":
-            if self.refresh_token_file is None:
-                raise ValueError("grant refresh_token needs refresh_token_file")
-            if (self.state_dir is None) == (self.state_secret is None):
-                raise ValueError(
-                    "grant refresh_token needs state_dir or (on Kubernetes) state_secret, "
-                    "one of them: a rotated refresh token must survive a restart (systemd "
-                    "StateDirectory=, not the runtime directory)"
-                )
-        if grant == "jwt_bearer":
-            if (self.assertion_file is None) == (self.private_key_file is None):
-                raise ValueError(
-                    "grant jwt_bearer needs assertion_file, or private_key_file to sign "
-                    "the assertion (one of them)"
-                )
-            if self.assertion_file is not None and self.assertion_claims:
-                raise ValueError("assertion_claims is only used to sign the assertion")
-            if self.private_key_file is not None and self.client_id is None:
-                raise ValueError("client_id (the assertion's iss) is required to sign it")
-        if grant == "token_exchange" and self.subject_token_file is None:
+        check = {
+            "refresh_token": self._refresh_grant,
+            "jwt_bearer": self._bearer_grant,
+            "token_exchange": self._exchange_grant,
+        }.get(self.grant)
+        if check is not None:
+            check()
+
+    def _refresh_grant(self) -> None:
+        if self.refresh_token_file is None:
+            raise ValueError("grant refresh_token needs refresh_token_file")
+        if (self.state_dir is None) == (self.state_secret is None):
+            raise ValueError(
+                "grant refresh_token needs state_dir or (on Kubernetes) state_secret, "
+                "one of them: a rotated refresh token must survive a restart (systemd "
+                "StateDirectory=, not the runtime directory)"
+            )
+
+    def _bearer_grant(self) -> None:
+        if (self.assertion_file is None) == (self.private_key_file is None):
+            raise ValueError(
+                "grant jwt_bearer needs assertion_file, or private_key_file to sign "
+                "the assertion (one of them)"
+            )
+        if self.assertion_file is not None and self.assertion_claims:
+            raise ValueError("assertion_claims is only used to sign the assertion")
+        if self.private_key_file is not None and self.client_id is None:
+            raise ValueError("client_id (the assertion's iss) is required to sign it")
+
+    def _exchange_grant(self) -> None:
+        if self.subject_token_file is None:
             raise ValueError("grant token_exchange needs subject_token_file")
 
     def signs_with_key(self) -> bool:
@@ -415,29 +425,35 @@ class OAuth2ProviderConfig(HTTPProviderConfig, ClientSecretFields):
             raise ValueError("assertion_audience issuer needs issuer")
         if self.certificate_file is not None and self.private_key_file is None:
             raise ValueError("certificate_file names the certificate of private_key_file")
-        alg = self.signing_alg
         if self.client_auth == "client_secret_jwt":
-            if self.signs_with_key():
-                raise ValueError(
-                    "client_secret_jwt and a key-signed jwt_bearer assertion cannot share "
-                    "signing_alg: use client_auth private_key_jwt"
-                )
-            alg = alg or "HS256"
-            if alg not in HMAC_ALGORITHMS:
-                raise ValueError(f"signing_alg {alg!r}: client_secret_jwt signs with HS256/384/512")
-            secret = peek_secret(self, "client_secret")
-            if secret is not None and len(secret.encode()) < _HMAC_KEY_BYTES[alg]:
-                raise ValueError(
-                    f"client_secret: {len(secret.encode())} bytes is too short for {alg} "
-                    f"(RFC 7518 §3.2: at least {_HMAC_KEY_BYTES[alg]})"
-                )
-        elif alg is not None and self.private_key_file is not None and checking_files.get():
+            self._hmac_signing()
+        elif self.signing_alg is not None:
+            self._key_signing(self.signing_alg)
+
+    def _hmac_signing(self) -> None:
+        if self.signs_with_key():
+            raise ValueError(
+                "client_secret_jwt and a key-signed jwt_bearer assertion cannot share "
+                "signing_alg: use client_auth private_key_jwt"
+            )
+        alg = self.signing_alg or "HS256"
+        if alg not in HMAC_ALGORITHMS:
+            raise ValueError(f"signing_alg {alg!r}: client_secret_jwt signs with HS256/384/512")
+        secret = peek_secret(self, "client_secret")
+        if secret is not None and len(secret.encode()) < _HMAC_KEY_BYTES[alg]:
+            raise ValueError(
+                f"client_secret: {len(secret.encode())} bytes is too short for {alg} "
+                f"(RFC 7518 §3.2: at least {_HMAC_KEY_BYTES[alg]})"
+            )
+
+    def _key_signing(self, alg: str) -> None:
+        if alg not in ASYMMETRIC_ALGORITHMS:
+            raise ValueError(f"signing_alg {alg!r}: a private key signs with an asymmetric one")
+        if self.private_key_file is not None and checking_files.get():
             key = load_private_key(self.private_key_file.read_bytes())
             problem = algorithm_problem(key, alg)
             if problem is not None:
                 raise ValueError(f"signing_alg {alg!r}: {problem}")
-        elif alg is not None and alg not in ASYMMETRIC_ALGORITHMS:
-            raise ValueError(f"signing_alg {alg!r}: a private key signs with an asymmetric one")
 
 
 class OAuth2Provider(HTTPProvider[OAuth2ProviderConfig]):

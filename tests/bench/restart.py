@@ -51,7 +51,7 @@ async def prepare(args: argparse.Namespace) -> dict[str, Any]:
                 while not scheduler.ready():
                     await anyio.sleep(0.05)
             cold_start = time.monotonic() - started
-            peak = scheduler.peak_inflight
+            peak = scheduler.peak_requests_in_flight
         stopped = time.monotonic() - started - cold_start
     files = sum(1 for p in directory.iterdir() if p.suffix == ".json")
     mints = server_total(args.url) - requests0

@@ -53,6 +53,7 @@ from tests.bench.common import (
     quiet_logging,
     rss_mb,
     sink_root,
+    wrapped_providers,
 )
 
 
@@ -108,18 +109,6 @@ class GCPauses:
             f"gen{g}": {"n": len(p), "max_ms": max(p) * 1e3 if p else 0.0}
             for g, p in self.pauses.items()
         }
-
-
-def install_wrapper(recorder: Recorder) -> None:
-    """Wrap every provider the daemon builds (refresher.daemon.build_provider)."""
-    import refresher.daemon as daemon_module
-
-    original = daemon_module.build_provider
-
-    def build(job: Any, *, clients: Any, clock: Any) -> Any:
-        return TimedProvider(original(job, clients=clients, clock=clock), job.name, clock, recorder)
-
-    daemon_module.build_provider = build  # type: ignore[assignment]
 
 
 def _b64(data: bytes) -> str:
@@ -207,7 +196,10 @@ async def raw_paced_cpu(url: str, rate: float, seconds: float) -> dict[str, floa
                 if delay > 0:
                     await anyio.sleep(delay)
                 tg.start_soon(one, i)
-        return {"cpu_per_request_ms": (process_cpu() - cpu) / n * 1e3, "rate": n / (time.monotonic() - start)}
+        return {
+            "cpu_per_request_ms": (process_cpu() - cpu) / n * 1e3,
+            "rate": n / (time.monotonic() - start),
+        }
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -223,7 +215,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="refresher-scale-", dir=args.sink_root or sink_root()))
     result["sink_fs"] = str(root.parent)
     try:
-        with quiet_logging(), ServerProcess("fast", lifetime) as server:
+        recorder = Recorder()
+        timed = wrapped_providers(
+            lambda provider, job, clock: TimedProvider(provider, job.name, clock, recorder)
+        )
+        with quiet_logging(), timed, ServerProcess("fast", lifetime) as server:
             if args.raw_n:
                 result["raw_saturated"] = await raw_debitura_cpu(server.url, args.raw_n)
                 result["raw_paced"] = await raw_paced_cpu(
@@ -234,8 +230,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             # run for a while; the few already due when loading ends are refreshed at
             # once, so lag counts only refreshes planned after a warm-up.
             seed_tokens(root, tenants, lifetime=lifetime, spread=interval, now=time.time())
-            recorder = Recorder()
-            install_wrapper(recorder)
             from refresher.daemon import Daemon
 
             gc.collect()
@@ -274,7 +268,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 now = daemon.clock.now()
                 invalid_at_end = sum(1 for r in scheduler.jobs.values() if not r.valid(now))
                 failures = sum(r.failures for r in scheduler.jobs.values())
-                peak_inflight = scheduler.peak_inflight
+                peak_inflight = scheduler.peak_requests_in_flight
             server_cpu = server.cpu() - server_cpu0
             stats = server.stats()
         fetches = recorder.first_mints + recorder.refreshes

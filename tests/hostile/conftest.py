@@ -43,4 +43,4 @@ def alive(daemon: Daemon) -> bool:
 def all_minted(daemon: Daemon) -> bool:
     """Every job holds a token and none is minting (faults injected now hit the next
     request on purpose, not a job's first mint still under way)."""
-    return all(r.token and r.inflight is None for r in daemon.scheduler.jobs.values())
+    return all(r.token and r.refreshing is None for r in daemon.scheduler.jobs.values())

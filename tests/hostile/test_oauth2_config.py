@@ -108,7 +108,7 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("key-encrypted", {"client_auth": "private_key_jwt", "private_key_file": "@encrypted.key", **NO_SECRET}, "private_key_file: an encrypted private key"),
     ("key-unused", {"private_key_file": "@rsa.key"}, "private_key_file is only used with client_auth private_key_jwt"),
     ("alg-misfit", {"client_auth": "private_key_jwt", "private_key_file": "@ec384.key", "signing_alg": "ES256", **NO_SECRET}, "signing_alg 'ES256': an EC key on secp384r1 cannot sign ES256"),
-    ("alg-hmac-with-key", {"client_auth": "private_key_jwt", "private_key_file": "@rsa.key", "signing_alg": "HS256", **NO_SECRET}, "signing_alg 'HS256': 'HS256' is not an asymmetric"),
+    ("alg-hmac-with-key", {"client_auth": "private_key_jwt", "private_key_file": "@rsa.key", "signing_alg": "HS256", **NO_SECRET}, "signing_alg 'HS256': a private key signs with an asymmetric one"),
     ("alg-unused", {"signing_alg": "RS256"}, "signing_alg is only used with signed assertions"),
     ("kid-unused", {"key_id": "k1"}, "key_id is only used with signed assertions"),
     ("kid-empty", {"client_auth": "private_key_jwt", "private_key_file": "@rsa.key", "key_id": "", **NO_SECRET}, "key_id: String should have at least 1 character"),

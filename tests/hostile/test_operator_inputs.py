@@ -1,6 +1,6 @@
-"""What a tired operator or a noisy consumer can get wrong (issue 12, items 8, 9, 12,
-14): secrets that are not text, environment overrides that are not JSON, forced
-refreshes without end, loose file modes and missing directories."""
+"""What a tired operator or a noisy consumer can get wrong: secrets that are not
+text, environment overrides that are not JSON, forced refreshes without end, loose
+file modes and missing directories."""
 
 from __future__ import annotations
 
@@ -65,13 +65,13 @@ async def test_secret_file_rotated_to_garbage_fails_that_job_only(
     async with start_daemon({"jobs": [job, other]}, clock=SystemClock()) as daemon:
         jobs = daemon.scheduler.jobs
         api = jobs[("api", None)]
-        await wait_for(lambda: all(r.token and r.inflight is None for r in jobs.values()))
+        await wait_for(lambda: all(r.token and r.refreshing is None for r in jobs.values()))
         await wait_for(lambda: daemon.watcher.ready.is_set())
         first = api.token
         requests = oauth2_emulator.count()
         (tmp_path / "client_secret").write_bytes(b"\xff\xfe rotated badly")
-        await wait_for(lambda: api.last_error == "config" and api.inflight is None)
-        assert "not valid UTF-8" in api.last_error_message
+        await wait_for(lambda: api.failure_reason == "config" and api.refreshing is None)
+        assert "not valid UTF-8" in api.failure_message
         assert oauth2_emulator.count() == requests, "an unusable secret is never sent"
         assert api.token is first and (tmp_path / "api.token").read_text().strip() == first.value
         assert metric(daemon, "refresher_refresh_failures_total", token_job="api", reason="config") == 1
@@ -127,7 +127,7 @@ async def test_forced_refreshes_are_bounded_per_credential_and_per_daemon(
     job = deb_job(debitura, tmp_path, tenants)
     async with start_daemon({"jobs": [job]}) as daemon:
         jobs = daemon.scheduler.jobs
-        await wait_for(lambda: all(r.token and r.inflight is None for r in jobs.values()), timeout=30)
+        await wait_for(lambda: all(r.token and r.refreshing is None for r in jobs.values()), timeout=30)
         minted = debitura.count()
         answers: list[httpx2.Response] = []
         async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{daemon.port}") as client:
@@ -153,7 +153,7 @@ async def test_the_daemon_wide_forced_budget(start_daemon, debitura, oauth2_emul
     }
     async with start_daemon(config) as daemon:
         jobs = daemon.scheduler.jobs
-        await wait_for(lambda: all(r.token and r.inflight is None for r in jobs.values()))
+        await wait_for(lambda: all(r.token and r.refreshing is None for r in jobs.values()))
         async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{daemon.port}") as client:
             paths = [
                 "/v1/tokens/debitura/refresh?tenant=a",

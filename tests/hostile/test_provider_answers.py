@@ -1,4 +1,4 @@
-"""Hostile provider answers (issue 12, items 4-6): nothing a provider says can put a
+"""Hostile provider answers: nothing a provider says can put a
 line into a consumer's file, crash the daemon, or make a token live for ever."""
 
 from __future__ import annotations
@@ -66,11 +66,11 @@ async def test_unsafe_answer_is_bad_response_and_never_written(
     async with start_daemon({"jobs": [job, other]}) as daemon:
         rt = daemon.scheduler.jobs[("api", None)]
         runtimes = daemon.scheduler.jobs.values()
-        await wait_for(lambda: all(r.token and r.inflight is None for r in runtimes))
+        await wait_for(lambda: all(r.token and r.refreshing is None for r in runtimes))
         before = snapshot(tmp_path)
         oauth2_emulator.inject(Fault.body_json(grant(oauth2_emulator, **fields)))
         await daemon.scheduler.refresh(rt, force=True)
-        assert rt.last_error == "bad_response" and message in rt.last_error_message
+        assert rt.failure_reason == "bad_response" and message in rt.failure_message
         assert snapshot(tmp_path) == before
         assert metric(daemon, "refresher_refresh_failures_total", token_job="api", reason="bad_response") == 1
         # The API shows a short classified title, never the provider's value.
@@ -94,7 +94,7 @@ async def test_env_file_sources_back_to_exactly_the_token(
     job = oauth2_job(oauth2_emulator, tmp_path, sinks=all_format_sinks(tmp_path))
     async with start_daemon({"jobs": [job]}) as daemon:
         rt = daemon.scheduler.jobs[("api", None)]
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
     sourced = subprocess.run(
         ["sh", "-c", '. "$1"; printf "%s|%s" "$TOKEN" "$TOKEN_TYPE"', "sh", tmp_path / "api.env"],
         capture_output=True,
@@ -116,7 +116,7 @@ async def test_absurd_expiry_is_clamped_or_refused_never_a_crash(
     job = oauth2_job(oauth2_emulator, tmp_path, sinks=all_format_sinks(tmp_path))
     async with start_daemon({"jobs": [job]}) as daemon:
         rt = daemon.scheduler.jobs[("api", None)]
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
         body = {"access_token": "opaque-but-fine", "token_type": "Bearer"}
         raw = b'{"access_token": "opaque-but-fine", "expires_in": %s}' % str(expires_in).encode()
         if isinstance(expires_in, str):
@@ -130,12 +130,12 @@ async def test_absurd_expiry_is_clamped_or_refused_never_a_crash(
         await daemon.scheduler.refresh(rt, force=True)
         if expires_in == "1e12":
             # Numeric strings are accepted, but only of the plain "3600" kind.
-            assert rt.last_error == "bad_response"
+            assert rt.failure_reason == "bad_response"
         elif rt.failures == 0:
             assert rt.token.lifetime == MAX_LIFETIME
             assert (tmp_path / "api.raw").read_text() == "opaque-but-fine\n"
         else:
-            assert rt.last_error == "bad_response" and "finite" in rt.last_error_message
+            assert rt.failure_reason == "bad_response" and "finite" in rt.failure_message
         status, tokens = await get_json(daemon, "/v1/tokens", leak_guard)
         assert status == 200 and tokens["jobs"][0]["expires_at"]
         assert (await get_json(daemon, "/metrics"))[0] == 200
@@ -146,7 +146,7 @@ async def test_numeric_string_expires_in_is_accepted(start_daemon, oauth2_emulat
     oauth2_emulator.inject(Fault.body_json({"access_token": "opaque-value", "expires_in": "3600"}))
     async with start_daemon({"jobs": [oauth2_job(oauth2_emulator, tmp_path)]}) as daemon:
         rt = daemon.scheduler.jobs[("api", None)]
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
         assert rt.token.lifetime == 3600 and rt.failures == 0
 
 
@@ -160,7 +160,7 @@ async def test_jwt_exp_far_in_the_future_is_clamped(
     job = oauth2_job(oauth2_emulator, tmp_path, sinks=all_format_sinks(tmp_path))
     async with start_daemon({"jobs": [job]}) as daemon:
         rt = daemon.scheduler.jobs[("api", None)]
-        await wait_for(lambda: rt.token is not None and rt.inflight is None)
+        await wait_for(lambda: rt.token is not None and rt.refreshing is None)
         assert rt.token.value == token and rt.token.lifetime == MAX_LIFETIME
         status, tokens = await get_json(daemon, "/v1/tokens", leak_guard)
         assert status == 200 and tokens["jobs"][0]["next_refresh_at"] is not None

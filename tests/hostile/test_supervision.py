@@ -1,4 +1,4 @@
-"""Fault isolation (issue 12, "supervision"): an unexpected exception at any of a
+"""Fault isolation (supervision): an unexpected exception at any of a
 job's boundaries is caught there, logged once with its traceback, counted, and the
 job retries; the daemon and every other job keep running.
 
@@ -63,7 +63,7 @@ async def test_bug_in_a_refresh_is_that_jobs_failure_only(
         api.provider.fetch = fails_once(api.provider.fetch)  # type: ignore[method-assign]
         before = other.token
         await daemon.scheduler.refresh(api, force=True)
-        assert api.last_error == "internal" and api.failures == 1
+        assert api.failure_reason == "internal" and api.failures == 1
         assert metric(daemon, "refresher_internal_errors_total", component="refresh") == 1
         assert metric(daemon, "refresher_refresh_failures_total", token_job="api", reason="internal") == 1
         [logged] = leak_guard.events("internal error")
@@ -74,7 +74,7 @@ async def test_bug_in_a_refresh_is_that_jobs_failure_only(
         assert entry["last_error"] == "internal" and "injected" not in str(entry)
         # The job retries on its own (backoff on the injected clock) and recovers.
         await clock.advance(api.backoff + 0.01)
-        await wait_for(lambda: api.failures == 0 and api.inflight is None)
+        await wait_for(lambda: api.failures == 0 and api.refreshing is None)
         assert other.token is before and other.failures == 0
         assert alive(daemon)
 
@@ -128,8 +128,8 @@ async def test_bug_in_a_notification_hook_keeps_the_written_token(
         async def slow_bug() -> None:
             raise Bug("notifier task")
 
-        daemon.scheduler.written_hooks.append(hook)
-        daemon.scheduler.written_hooks.append(lambda runtime, token: slow_bug())
+        daemon.scheduler.publisher.written_hooks.append(hook)
+        daemon.scheduler.publisher.written_hooks.append(lambda runtime, token: slow_bug())
         api = jobs[("api", None)]
         await daemon.scheduler.refresh(api, force=True)
         await wait_for(lambda: metric(daemon, "refresher_internal_errors_total", component="notify") == 2)
@@ -172,12 +172,12 @@ async def test_bug_in_a_watcher_callback_and_in_tenant_sync(
         await wait_for(lambda: ("debitura", "t-1") in jobs and jobs[("debitura", "t-1")].token)
         await wait_for(lambda: daemon.watcher.ready.is_set())
         # The rotation callback hits a bug ...
-        provider = daemon.providers["debitura"]
+        provider = daemon.jobs.providers["debitura"]
         monkeypatch.setattr(provider, "secrets", lambda: (_ for _ in ()).throw(Bug("secrets")))
         secret.write_text("debitura-api-key-value-123 \n".strip() + "\n\n")
         await wait_for(lambda: metric(daemon, "refresher_internal_errors_total", component="watch") == 1)
         # ... and so does the tenant sync; the watcher keeps watching through both.
-        monkeypatch.setattr(daemon, "_build_tenants", lambda *a: (_ for _ in ()).throw(Bug("tenants")))
+        monkeypatch.setattr(daemon.jobs, "_build_tenants", lambda *a: (_ for _ in ()).throw(Bug("tenants")))
         tenants.write_text("t-1\nt-2\n")
         await wait_for(lambda: metric(daemon, "refresher_internal_errors_total", component="tenants") == 1)
         monkeypatch.undo()
@@ -204,7 +204,7 @@ async def test_bug_in_a_reload_leaves_the_running_jobs(
         async def broken(job: Any) -> None:
             raise Bug("add_job")
 
-        monkeypatch.setattr(daemon, "add_job", broken)
+        monkeypatch.setattr(daemon.jobs, "add", broken)
         assert await daemon.reload() is True
         assert metric(daemon, "refresher_internal_errors_total", component="reload") == 1
         assert set(jobs) == {("api", None), ("other", None)} and alive(daemon)

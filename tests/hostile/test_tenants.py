@@ -1,4 +1,4 @@
-"""Hostile tenant ids (issue 12, items 1-3): a tenant id is the partner's own and
+"""Hostile tenant ids: a tenant id is the partner's own and
 travels on the wire unchanged, but never chooses where a token lands, never
 crashes the daemon, and never takes another tenant's Secret key."""
 
@@ -44,7 +44,7 @@ async def test_tenant_ids_never_leave_the_sink_directory(start_daemon, debitura,
     assert main(["check", "--config", str(tmp_path / "config.yaml")]) == 0
     async with start_daemon(config) as daemon:
         runtimes = daemon.scheduler.jobs.values()
-        await wait_for(lambda: all(r.token and r.inflight is None for r in runtimes))
+        await wait_for(lambda: all(r.token and r.refreshing is None for r in runtimes))
         assert alive(daemon)
     # The partner saw each id exactly as configured ...
     assert sorted(r.client for r in debitura.requests) == sorted(HOSTILE)

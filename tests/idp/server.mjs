@@ -1,13 +1,14 @@
 // node-oidc-provider (https://github.com/panva/node-oidc-provider), configured for the
-// tests and started by tests/idp/conftest.py on loopback. Everything that answers a
+// tests and started by tests/idp/__init__.py (IndependentServer) on loopback. Everything that answers a
 // token, discovery or JWKS request is oidc-provider's own code; this file only
 // configures it (clients, keys, resource server, mTLS certificate lookup) and adds two
 // test-only routes under /_test/: mint a refresh token (no browser login in a test)
 // and rotate the signing keys.
 //
 // argv[2]: a JSON file {tls: {cert, key, ca} | null, jwks: {keys: [...]}, clients: [...],
-//                       resource, scope, access_token_ttl}
-// stdout: one JSON line {"issuer": ...} once listening.
+//                       resource, resources, scope, access_token_ttl}
+// stdout: one JSON line {"issuer": ...} once listening. It exits when stdin closes (the
+// test process is gone) or on SIGTERM.
 import fs from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
@@ -36,7 +37,6 @@ function configuration(jwks) {
     features: {
       devInteractions: { enabled: false },
       clientCredentials: { enabled: true },
-      introspection: { enabled: true },
       resourceIndicators: {
         enabled: true,
         defaultResource: async () => settings.resource,
