@@ -50,8 +50,47 @@ def cmd_check(args: argparse.Namespace) -> int:
     for warning in config_warnings(settings):
         print(f"warning: {warning}")
     if args.online:
-        return _run_once(settings, write=False)
+        _setup_logging(settings, Redactor())
+        discovered = anyio.run(_discovery_report, settings)
+        # Redeeming a refresh token rotates it: a check must not spend the daemon's.
+        minted = []
+        for job in settings.jobs:
+            if getattr(job.provider, "grant", None) == "refresh_token":
+                print(
+                    f"- job {job.name}: grant refresh_token not redeemed by check --online "
+                    "(that would rotate the daemon's refresh token)"
+                )
+            else:
+                minted.append(job)
+        fetched = _run_once(settings.model_copy(update={"jobs": minted}), write=False)
+        return fetched if discovered else max(fetched, EXIT_FAILED)
     return EXIT_OK
+
+
+async def _discovery_report(settings: Settings) -> bool:
+    """Print what each ``oauth2`` job with an ``issuer`` discovers; False if any failed."""
+    from refresher.clock import SystemClock
+    from refresher.errors import ProviderError
+    from refresher.providers.base import HTTPClients
+    from refresher.providers.oauth2 import OAuth2Provider, OAuth2ProviderConfig, discovery_report
+
+    ok = True
+    clients = HTTPClients()
+    try:
+        for job in settings.jobs:
+            config = job.provider
+            if not isinstance(config, OAuth2ProviderConfig) or config.issuer is None:
+                continue
+            provider = OAuth2Provider(config, clients=clients, clock=SystemClock())
+            try:
+                lines = discovery_report(await provider.discover(), config)
+            except ProviderError as exc:
+                ok = False
+                lines = [f"discovery FAILED: {exc}"]
+            print(f"- job {job.name}: " + "\n    ".join(lines))
+    finally:
+        await clients.aclose()
+    return ok
 
 
 def describe_plan(settings: Settings) -> str:
@@ -88,7 +127,7 @@ def describe_plan(settings: Settings) -> str:
 def config_warnings(settings: Settings) -> list[str]:
     """What is valid but probably not meant: loose token file modes, sink directories
     that do not exist yet, ``tenants_file`` lines the daemon will skip, Gooclaim tokens
-    whose signature nobody verifies, deprecated keys."""
+    whose signature nobody verifies, a ``state_dir`` a reboot empties, deprecated keys."""
     warnings = []
     for index, job in enumerate(settings.jobs):
         warnings += _provider_warnings(f"jobs[{index}]", job)
@@ -103,8 +142,16 @@ def _provider_warnings(where: str, job: JobConfig) -> list[str]:
     from refresher.providers.debitura import DebituraProviderConfig
     from refresher.providers.dutyclaims import DutyClaimsProviderConfig
     from refresher.providers.gooclaim import GooclaimProviderConfig
+    from refresher.providers.oauth2 import OAuth2ProviderConfig
+    from refresher.sinks.file import memory_backed
 
     provider, warnings = job.provider, []
+    state_dir = provider.state_dir if isinstance(provider, OAuth2ProviderConfig) else None
+    if state_dir is not None and memory_backed(str(state_dir)):
+        warnings.append(
+            f"{where}.provider.state_dir ({job.name}): {state_dir} is on a memory file "
+            "system: a reboot loses the rotated refresh token (use /var/lib/...)"
+        )
     if isinstance(provider, GooclaimProviderConfig) and not (
         provider.public_key_file or provider.jwks_url
     ):

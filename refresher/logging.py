@@ -75,8 +75,15 @@ class Redactor:
     `TOKENS_PER_OWNER` per (job, tenant), forgotten with the owner.
     """
 
+    #: Values kept per slot of `add_secret`: the current one and the one before it.
+    SLOT_DEPTH = 2
+
     def __init__(self) -> None:
         self._secrets: tuple[str, ...] = ()
+        #: Secrets that rotate at run time (refresh tokens, assertions read from
+        #: files), by slot: only the newest `SLOT_DEPTH` of each are searched for.
+        self._slots: dict[str, list[str]] = {}
+        self._fixed: set[str] = set()
         #: owner → hashes of its recent tokens, newest first. Hashes, not the tokens:
         #: memory per token stays small whatever its length; a collision only masks.
         self._recent: dict[Hashable, tuple[int, ...]] = {}
@@ -90,17 +97,30 @@ class Redactor:
     def remembered_tokens(self) -> int:
         return len(self._tokens)
 
-    def add_secret(self, value: str) -> None:
-        """Remember a secret, and the forms it travels in (see `secret_forms`)."""
+    def add_secret(self, value: str, *, slot: str | None = None) -> None:
+        """Remember a secret, and the forms it travels in (see `secret_forms`).
+
+        A value given a `slot` replaces the oldest one of that slot beyond
+        `SLOT_DEPTH`: a refresh token rotated hourly for a year stays two entries.
+        """
         if len(value) < 4:
             return
         with self._lock:
-            known = set(self._secrets)
-            new = [form for form in secret_forms(value) if form not in known]
-            if new:
-                # Replaced, never mutated: `scrub` reads it without the lock. Longest
-                # first, so a form is masked whole before a shorter one inside it.
-                self._secrets = tuple(sorted((*self._secrets, *new), key=len, reverse=True))
+            if slot is None:
+                if value in self._fixed:
+                    return
+                self._fixed.add(value)
+            else:
+                held = self._slots.setdefault(slot, [])
+                if value in held:
+                    return
+                held.append(value)
+                del held[: -self.SLOT_DEPTH]
+            values = self._fixed.union(*self._slots.values())
+            forms = set().union(*(secret_forms(v) for v in values))
+            # Replaced, never mutated: `scrub` reads it without the lock. Longest
+            # first, so a form is masked whole before a shorter one inside it.
+            self._secrets = tuple(sorted(forms, key=len, reverse=True))
 
     def add_token(self, value: str, owner: Hashable) -> None:
         """Remember `owner`'s newest token; its oldest beyond `TOKENS_PER_OWNER` goes."""
@@ -181,6 +201,17 @@ class Redactor:
         return event_dict
 
 
+#: The redactor of this process's log output (`configure_logging` installs it).
+_active: Redactor | None = None
+
+
+def remember_secret(value: str, *, slot: str | None = None) -> None:
+    """Teach the redactor of the log output a secret learned at run time: a rotated
+    refresh token, an assertion or a key read from a file (see `Redactor.add_secret`)."""
+    if _active is not None:
+        _active.add_secret(value, slot=slot)
+
+
 #: syslog priority of each structlog level name (the sd-daemon(3) line prefixes).
 SYSLOG_PRIORITY = {"critical": 2, "error": 3, "warning": 4, "notice": 5, "info": 6, "debug": 7}
 
@@ -226,6 +257,8 @@ def configure_logging(
     messages are scrubbed too. Writing to the journal (`is_journal`), lines carry
     their syslog priority and no timestamp: journald stamps every entry itself.
     """
+    global _active
+    _active = redactor
     out = stream or sys.stderr
     journal = is_journal(out)
     json_output = fmt == "json" or (fmt == "auto" and not out.isatty())

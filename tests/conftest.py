@@ -24,6 +24,7 @@ from refresher.config import load_settings
 from refresher.daemon import Daemon
 from refresher.demo.base import Emulator
 from refresher.logging import Redactor, configure_logging, secret_forms
+from refresher.providers.base import HTTPClients
 
 #: Kubernetes emulator fixtures (kube, kubeconfig, clients, make_token) for every test.
 pytest_plugins = ["tests.kube_support"]
@@ -83,6 +84,14 @@ def leak_guard() -> Iterator[LeakGuard]:
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock(start=1_800_000_000.0)
+
+
+@pytest.fixture
+async def http_clients() -> AsyncIterator[HTTPClients]:
+    """The HTTP client pool a provider built by hand uses (closed after the test)."""
+    shared = HTTPClients()
+    yield shared
+    await shared.aclose()
 
 
 @pytest.fixture
