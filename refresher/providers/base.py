@@ -38,6 +38,7 @@ from refresher.fields import HTTPProviderConfig, SecretSource
 from refresher.ratelimit import SlidingWindowLimiter
 from refresher.scopes import check_scopes
 from refresher.token import Token
+from refresher.transport import use_socket_caching_backend
 
 #: Token endpoints answer with a few hundred bytes; anything past this is not a token.
 MAX_BODY_BYTES = 1 << 20
@@ -169,6 +170,7 @@ class HTTPClients:
                 limits=httpx2.Limits(max_connections=100, max_keepalive_connections=20),
                 headers={"User-Agent": _user_agent()},
             )
+            use_socket_caching_backend(client)
             self._clients[key] = client
         return client
 
