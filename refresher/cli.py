@@ -13,7 +13,15 @@ from pathlib import Path
 import anyio
 
 from refresher import __version__
-from refresher.config import Settings, load_settings
+from refresher.config import (
+    BundleSinkConfig,
+    FileSinkConfig,
+    JobConfig,
+    KubernetesSinkConfig,
+    Settings,
+    bundle_problems,
+    load_settings,
+)
 from refresher.errors import ConfigError, ListenError, SinkOwnedError
 from refresher.logging import Redactor, configure_logging
 
@@ -46,12 +54,30 @@ def cmd_check(args: argparse.Namespace) -> int:
         for line in exc.errors:
             print(f"  {line}", file=sys.stderr)
         return EXIT_CONFIG
+    collisions, too_large = bundle_problems(settings.jobs, _known_tenants)
+    if too_large:
+        print(f"config invalid: {len(too_large)} error(s)", file=sys.stderr)
+        for line in too_large:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_CONFIG
     print(describe_plan(settings))
     for warning in config_warnings(settings):
         print(f"warning: {warning}")
+    for collision in collisions:
+        print(f"warning: {collision} (the later one is left out of the bundle)")
     if args.online:
         return _run_once(settings, write=False)
     return EXIT_OK
+
+
+def _known_tenants(job: JobConfig) -> list[str | None]:
+    """The tenants a job has now, its ``tenants_file`` included when it can be read."""
+    from refresher.jobs import tenants_of
+
+    try:
+        return tenants_of(job)
+    except OSError:
+        return job.static_tenants()
 
 
 def describe_plan(settings: Settings) -> str:
@@ -79,9 +105,15 @@ def describe_plan(settings: Settings) -> str:
             if tenants:
                 lines.append(f"    tenants: {len(tenants)}")
         for sink in job.sinks:
-            target = getattr(sink, "path", None) or getattr(sink, "secret", "")
-            shown = str(target).replace("{job}", job.name)
-            lines.append(f"    sink {sink.kind}: {shown}")
+            if isinstance(sink, KubernetesSinkConfig):
+                target = f"{sink.secret}#{sink.key_template(None)}"
+            elif isinstance(sink, FileSinkConfig):
+                target = sink.path
+            elif isinstance(sink, BundleSinkConfig):
+                target = f"{sink.where} ({sink.format})"
+            else:
+                target = f"{sink.where} from {sink.template}"
+            lines.append(f"    sink {sink.kind}: {target.replace('{job}', job.name)}")
     return "\n".join(lines)
 
 
@@ -89,7 +121,6 @@ def config_warnings(settings: Settings) -> list[str]:
     """What is valid but probably not meant: loose token file modes, sink directories
     that do not exist yet, ``tenants_file`` lines the daemon will skip, Gooclaim tokens
     whose signature nobody verifies, deprecated keys."""
-    from refresher.config import FileSinkConfig
     from refresher.providers.debitura import DebituraProviderConfig
     from refresher.providers.dutyclaims import DutyClaimsProviderConfig
     from refresher.providers.gooclaim import GooclaimProviderConfig
@@ -116,7 +147,7 @@ def config_warnings(settings: Settings) -> list[str]:
                 "and ignored (the sandbox token endpoint is on api.dutyclaims.com); remove it"
             )
         for number, sink in enumerate(job.sinks):
-            if not isinstance(sink, FileSinkConfig):
+            if isinstance(sink, KubernetesSinkConfig) or sink.path is None:
                 continue
             where = f"jobs[{index}].sinks[{number}] ({job.name})"
             if sink.mode & 0o022:

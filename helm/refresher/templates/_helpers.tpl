@@ -170,7 +170,8 @@ true
 {{- end }}
 
 {{/*
-Secret names that kind=kubernetes sinks write, as JSON {"<namespace>": ["name", ...]}.
+Secret names that kind=kubernetes sinks write, and bundle and template sinks kept in a
+Secret (`secret:` instead of `path:`), as JSON {"<namespace>": ["name", ...]}.
 A sink without a namespace writes into the pod's (= the release) namespace. Several
 jobs may share one Secret (each applies only its own key): names are de-duplicated.
 */}}
@@ -179,7 +180,7 @@ jobs may share one Secret (each applies only its own key): names are de-duplicat
 {{- $cfg := .Values.config | default dict -}}
 {{- range $i, $job := ($cfg.jobs | default list) -}}
 {{- range $j, $sink := ($job.sinks | default list) -}}
-{{- if and (eq (toString $sink.kind) "kubernetes") (not $sink.kubeconfig) -}}
+{{- if and (include "refresher.writesSecret" $sink) (not $sink.kubeconfig) -}}
 {{- if not $sink.secret -}}
 {{- fail (printf "config.jobs[%d].sinks[%d]: a kubernetes sink needs 'secret'" $i $j) -}}
 {{- end -}}
@@ -190,6 +191,14 @@ jobs may share one Secret (each applies only its own key): names are de-duplicat
 {{- end -}}
 {{- end -}}
 {{- $byNs | toJson -}}
+{{- end }}
+
+{{/*
+Does this sink write a Secret: kind kubernetes, or a bundle/template with `secret:`?
+*/}}
+{{- define "refresher.writesSecret" -}}
+{{- $kind := toString .kind -}}
+{{- if or (eq $kind "kubernetes") (and (has $kind (list "bundle" "template")) .secret) -}}true{{- end -}}
 {{- end }}
 
 {{/*
@@ -299,7 +308,7 @@ replaces it; extraVolumeMounts (e.g. a ReadWriteMany claim) count as shared too.
 {{- range $i, $job := ($cfg.jobs | default list) -}}
 {{- $kube := false -}}
 {{- range ($job.sinks | default list) -}}
-{{- if eq (toString .kind) "kubernetes" -}}{{- $kube = true -}}{{- end -}}
+{{- if include "refresher.writesSecret" . -}}{{- $kube = true -}}{{- end -}}
 {{- end -}}
 {{- if not $kube -}}
 {{- range $j, $sink := ($job.sinks | default list) -}}
