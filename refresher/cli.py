@@ -18,6 +18,7 @@ from refresher.config import (
     FileSinkConfig,
     JobConfig,
     KubernetesSinkConfig,
+    OutputConfig,
     Settings,
     bundle_problems,
     load_settings,
@@ -66,7 +67,20 @@ def cmd_check(args: argparse.Namespace) -> int:
     for collision in collisions:
         print(f"warning: {collision} (the later one is left out of the bundle)")
     if args.online:
-        return _run_once(settings, write=False)
+        _setup_logging(settings, Redactor())
+        discovered = anyio.run(_discovery_report, settings)
+        # Redeeming a refresh token rotates it: a check must not spend the daemon's.
+        minted = []
+        for job in settings.jobs:
+            if getattr(job.provider, "grant", None) == "refresh_token":
+                print(
+                    f"- job {job.name}: grant refresh_token not redeemed by check --online "
+                    "(that would rotate the daemon's refresh token)"
+                )
+            else:
+                minted.append(job)
+        fetched = _run_once(settings.model_copy(update={"jobs": minted}), write=False)
+        return fetched if discovered else max(fetched, EXIT_FAILED)
     return EXIT_OK
 
 
@@ -78,6 +92,32 @@ def _known_tenants(job: JobConfig) -> list[str | None]:
         return tenants_of(job)
     except OSError:
         return job.static_tenants()
+
+
+async def _discovery_report(settings: Settings) -> bool:
+    """Print what each ``oauth2`` job with an ``issuer`` discovers; False if any failed."""
+    from refresher.clock import SystemClock
+    from refresher.errors import ProviderError
+    from refresher.providers.base import HTTPClients
+    from refresher.providers.oauth2 import OAuth2Provider, OAuth2ProviderConfig, discovery_report
+
+    ok = True
+    clients = HTTPClients()
+    try:
+        for job in settings.jobs:
+            config = job.provider
+            if not isinstance(config, OAuth2ProviderConfig) or config.issuer is None:
+                continue
+            provider = OAuth2Provider(config, clients=clients, clock=SystemClock())
+            try:
+                lines = discovery_report(await provider.discover(), config)
+            except ProviderError as exc:
+                ok = False
+                lines = [f"discovery FAILED: {exc}"]
+            print(f"- job {job.name}: " + "\n    ".join(lines))
+    finally:
+        await clients.aclose()
+    return ok
 
 
 def describe_plan(settings: Settings) -> str:
@@ -120,55 +160,73 @@ def describe_plan(settings: Settings) -> str:
 def config_warnings(settings: Settings) -> list[str]:
     """What is valid but probably not meant: loose token file modes, sink directories
     that do not exist yet, ``tenants_file`` lines the daemon will skip, Gooclaim tokens
-    whose signature nobody verifies, deprecated keys."""
+    whose signature nobody verifies, a ``state_dir`` a reboot empties, deprecated keys."""
+    warnings = []
+    for index, job in enumerate(settings.jobs):
+        warnings += _provider_warnings(f"jobs[{index}]", job)
+        for number, sink in enumerate(job.sinks):
+            # Bundle and template files hold tokens too.
+            if isinstance(sink, FileSinkConfig | OutputConfig) and sink.path is not None:
+                where = f"jobs[{index}].sinks[{number}] ({job.name})"
+                warnings += _file_sink_warnings(where, sink.path, sink.mode, job.name)
+    return warnings
+
+
+def _provider_warnings(where: str, job: JobConfig) -> list[str]:
     from refresher.providers.debitura import DebituraProviderConfig
     from refresher.providers.dutyclaims import DutyClaimsProviderConfig
     from refresher.providers.gooclaim import GooclaimProviderConfig
+    from refresher.providers.oauth2 import OAuth2ProviderConfig
+    from refresher.sinks.file import memory_backed
+
+    provider, warnings = job.provider, []
+    state_dir = provider.state_dir if isinstance(provider, OAuth2ProviderConfig) else None
+    if state_dir is not None and memory_backed(str(state_dir)):
+        warnings.append(
+            f"{where}.provider.state_dir ({job.name}): {state_dir} is on a memory file "
+            "system: a reboot loses the rotated refresh token (use /var/lib/...)"
+        )
+    if isinstance(provider, GooclaimProviderConfig) and not (
+        provider.public_key_file or provider.jwks_url
+    ):
+        checked = "alg, aud, exp, sub" + (", iss" if provider.issuer else "")
+        checked += ", tenant_id" if provider.tenant_id else ""
+        warnings.append(
+            f"{where}.provider ({job.name}): token signatures are NOT verified "
+            f"(no public_key_file or jwks_url); only {checked} are checked"
+        )
+    deprecated = getattr(provider, "sandbox_on_production_host", None)
+    if isinstance(provider, DutyClaimsProviderConfig) and deprecated is not None:
+        warnings.append(
+            f"{where}.provider.sandbox_on_production_host ({job.name}): deprecated "
+            "and ignored (the sandbox token endpoint is on api.dutyclaims.com); remove it"
+        )
+    if isinstance(provider, DebituraProviderConfig) and provider.tenants_file:
+        try:
+            rejected = provider.tenant_lines().rejected
+        except OSError as exc:
+            rejected = [f"{provider.tenants_file}: {exc.strerror or exc}"]
+        warnings.extend(f"{where} ({job.name}): skipped: {r}" for r in rejected)
+    return warnings
+
+
+def _file_sink_warnings(where: str, path: str, mode: int, job: str) -> list[str]:
     from refresher.targets import template_directory
 
     warnings = []
-    for index, job in enumerate(settings.jobs):
-        provider = job.provider
-        if isinstance(provider, GooclaimProviderConfig) and not (
-            provider.public_key_file or provider.jwks_url
-        ):
-            checked = "alg, aud, exp, sub" + (", iss" if provider.issuer else "")
-            checked += ", tenant_id" if provider.tenant_id else ""
-            warnings.append(
-                f"jobs[{index}].provider ({job.name}): token signatures are NOT verified "
-                f"(no public_key_file or jwks_url); only {checked} are checked"
-            )
-        if (
-            isinstance(provider, DutyClaimsProviderConfig)
-            and provider.sandbox_on_production_host is not None
-        ):
-            warnings.append(
-                f"jobs[{index}].provider.sandbox_on_production_host ({job.name}): deprecated "
-                "and ignored (the sandbox token endpoint is on api.dutyclaims.com); remove it"
-            )
-        for number, sink in enumerate(job.sinks):
-            if isinstance(sink, KubernetesSinkConfig) or sink.path is None:
-                continue
-            where = f"jobs[{index}].sinks[{number}] ({job.name})"
-            if sink.mode & 0o022:
-                warnings.append(
-                    f"{where}: mode {sink.mode:04o} lets other users replace the token "
-                    "file's content (use 0600 or 0640)"
-                )
-            elif sink.mode & 0o004:
-                warnings.append(f"{where}: mode {sink.mode:04o} lets every user read the token")
-            directory = template_directory(sink.path.replace("{job}", job.name)) or "."
-            if not os.path.isdir(directory):
-                warnings.append(
-                    f"{where}: directory {directory} does not exist yet (writes fail and are "
-                    "retried until it does)"
-                )
-        if isinstance(job.provider, DebituraProviderConfig) and job.provider.tenants_file:
-            try:
-                rejected = job.provider.tenant_lines().rejected
-            except OSError as exc:
-                rejected = [f"{job.provider.tenants_file}: {exc.strerror or exc}"]
-            warnings.extend(f"jobs[{index}] ({job.name}): skipped: {r}" for r in rejected)
+    if mode & 0o022:
+        warnings.append(
+            f"{where}: mode {mode:04o} lets other users replace the token "
+            "file's content (use 0600 or 0640)"
+        )
+    elif mode & 0o004:
+        warnings.append(f"{where}: mode {mode:04o} lets every user read the token")
+    directory = template_directory(path.replace("{job}", job)) or "."
+    if not os.path.isdir(directory):
+        warnings.append(
+            f"{where}: directory {directory} does not exist yet (writes fail and are "
+            "retried until it does)"
+        )
     return warnings
 
 

@@ -461,6 +461,9 @@ class RefreshConfig(Model):
     refresh_at: float = Field(default=0.75, gt=0, lt=1)
     min_remaining: Duration = 300.0
     jitter: float = Field(default=0.1, ge=0, lt=0.5)
+    #: A planned refresh may leave up to this fraction of its token's lifetime early,
+    #: with others due about then, so refreshes leave in batches (0: exactly on time).
+    coalesce: float = Field(default=0.01, ge=0, le=0.05)
     backoff: BackoffConfig = BackoffConfig()
     concurrency: int = Field(default=32, gt=0)
     max_retry_after: PositiveDuration = 3600.0
@@ -789,24 +792,7 @@ def load_settings(
             return load_settings(path, data=data)
     raw: Any = dict(data or {})
     if path is not None:
-        file = Path(path)
-        try:
-            raw = yaml.safe_load(file.read_bytes().decode()) or {}
-        except FileNotFoundError:
-            raise ConfigError([f"{file}: config file not found"]) from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError([f"{file}: not valid UTF-8 (byte {exc.start + 1})"]) from None
-        except yaml.YAMLError as exc:
-            raise ConfigError([f"{file}: invalid YAML: {exc}"]) from None
-        except OSError as exc:
-            raise ConfigError([f"{file}: {exc.strerror}"]) from None
-        if not isinstance(raw, dict):
-            raise ConfigError([f"{file}: top level must be a mapping"])
-        if not all(isinstance(key, str) for key in raw):
-            raise ConfigError([f"{file}: top-level keys must be strings"])
-    base = Path(path).resolve().parent if path is not None else None
-    if base is not None:
-        raw = _resolve_relative_paths(raw, base)
+        raw = _resolve_relative_paths(read_yaml(Path(path)), Path(path).resolve().parent)
     try:
         return Settings(**raw)
     except ValidationError as exc:
@@ -816,6 +802,25 @@ def load_settings(
         match = re.search(r'field "([^"]+)"', str(exc))
         variable = f"REFRESHER_{match.group(1).upper()}" if match else "a REFRESHER_ variable"
         raise ConfigError([f"{variable}: not valid JSON ({exc.__cause__ or exc})"]) from None
+
+
+def read_yaml(file: Path) -> dict[str, Any]:
+    """A config file's top-level mapping; `ConfigError` naming the file otherwise."""
+    try:
+        raw = yaml.safe_load(file.read_bytes().decode()) or {}
+    except FileNotFoundError:
+        raise ConfigError([f"{file}: config file not found"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{file}: not valid UTF-8 (byte {exc.start + 1})"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{file}: invalid YAML: {exc}"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{file}: {exc.strerror}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{file}: top level must be a mapping"])
+    if not all(isinstance(key, str) for key in raw):
+        raise ConfigError([f"{file}: top-level keys must be strings"])
+    return raw
 
 
 def _resolve_relative_paths(raw: Any, base: Path) -> Any:

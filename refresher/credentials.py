@@ -129,7 +129,7 @@ class Gates:
         if gate.probe != runtime.key:
             gate.parked[runtime.key] = None
         runtime.parked_at = gate.credential
-        runtime.last_error = runtime.last_error or gate.reason
+        runtime.failure_reason = runtime.failure_reason or gate.reason
         runtime.backoff = max(gate.paused_until - self._planner.clock.now(), 0.0)
         self._planner.reschedule(runtime, math.inf)
         runtime.next_refresh_at = gate.paused_until

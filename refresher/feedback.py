@@ -84,9 +84,9 @@ class Feedback:
         scheduler.metrics.refresh_failures.labels(*labels, "invalid_link").inc()
         runtime.state = "invalid_link"
         runtime.failures += 1
-        runtime.last_error = "invalid_link"
-        runtime.last_error_message = runtime.last_error_title = INVALID_LINK
-        runtime.last_error_status = 401
+        runtime.failure_reason = "invalid_link"
+        runtime.failure_message = runtime.failure_title = INVALID_LINK
+        runtime.failure_status = 401
         scheduler.reschedule(runtime, math.inf)
         runtime.bound_log.error(
             "link invalid: the consumer's API rejected a token minted in answer to its "

@@ -260,6 +260,10 @@ def http_url(value: str) -> str:
     return value.rstrip("/")
 
 
+def optional_http_url(value: str | None) -> str | None:
+    return None if value is None else http_url(value)
+
+
 def peek_secret(model: BaseModel, name: str) -> str | None:
     """The secret's current value if it can be read at config time (for sanity checks)."""
     source = secret_source(model, name)

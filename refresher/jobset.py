@@ -25,7 +25,7 @@ from refresher.metrics import Metrics
 from refresher.notify import Notifications
 from refresher.providers.base import HTTPClients, TokenProvider
 from refresher.providers.debitura import DebituraProviderConfig
-from refresher.runtime import JobRuntime
+from refresher.runtime import JobKey, JobRuntime
 from refresher.scheduler import Scheduler
 from refresher.sinks.base import Rewrite
 from refresher.sinks.file import FileSink
@@ -33,7 +33,7 @@ from refresher.sinks.kubernetes import KubernetesSink
 from refresher.sinks.lock import DirectoryLocks
 from refresher.sinks.shared import SharedOutputs, file_of
 from refresher.targets import TargetClaims, TargetError, describe_owner
-from refresher.watch import FileWatcher
+from refresher.watch import Callback, FileWatcher
 
 log = structlog.get_logger("refresher")
 
@@ -198,35 +198,44 @@ class JobSet:
 
     def _watch(self, job: JobConfig, watcher: FileWatcher) -> None:
         provider = self.providers[job.name]
-        scheduler = self.scheduler
+        for path in provider.secret_files():
+            watcher.watch(path, self._on_rotation(job.name, provider))
+        for path in getattr(provider, "watched_files", list)():
+            watcher.watch(path, self._on_key_change(job.name, provider))
+        if isinstance(job.provider, DebituraProviderConfig) and job.provider.tenants_file:
 
-        def keys(failing: bool = False) -> list[tuple[str, str | None]]:
-            jobs = scheduler.jobs.items()
-            return [k for k, r in jobs if k[0] == job.name and (r.failures or not failing)]
+            async def tenants_changed(path: Path) -> None:
+                if self.configs.get(job.name) is job:
+                    await self.sync_tenants(job)
+
+            watcher.watch(job.provider.tenants_file, tenants_changed)
+
+    def _keys(self, job: str, *, failing: bool = False) -> list[JobKey]:
+        jobs = self.scheduler.jobs.items()
+        return [k for k, r in jobs if k[0] == job and (r.failures or not failing)]
+
+    def _on_rotation(self, job: str, provider: TokenProvider) -> Callback:
+        """A credential file changed: the job's tokens re-mint at once."""
 
         async def rotated(path: Path) -> None:
-            if self.providers.get(job.name) is provider:
+            if self.providers.get(job) is provider:
                 for secret in provider.secrets():
-                    scheduler.redactor.add_secret(secret)
-                log.info("credential rotated: re-minting", job=job.name, path=str(path))
-                scheduler.credential_changed(keys())
+                    self.scheduler.redactor.add_secret(secret)
+                log.info("credential rotated: re-minting", job=job, path=str(path))
+                self.scheduler.credential_changed(self._keys(job))
+
+        return rotated
+
+    def _on_key_change(self, job: str, provider: TokenProvider) -> Callback:
+        """A verification key changed: failed refreshes are retried at once."""
 
         async def key_changed(path: Path) -> None:
-            if self.providers.get(job.name) is provider:
-                log.info("watched file changed: retrying failed refreshes", job=job.name)
-                for key in keys(failing=True):
-                    scheduler.reschedule_now(key)
+            if self.providers.get(job) is provider:
+                log.info("watched file changed: retrying failed refreshes", job=job)
+                for key in self._keys(job, failing=True):
+                    self.scheduler.reschedule_now(key)
 
-        async def tenants_changed(path: Path) -> None:
-            if self.configs.get(job.name) is job:
-                await self.sync_tenants(job)
-
-        for path in provider.secret_files():
-            watcher.watch(path, rotated)
-        for path in getattr(provider, "watched_files", list)():
-            watcher.watch(path, key_changed)
-        if isinstance(job.provider, DebituraProviderConfig) and job.provider.tenants_file:
-            watcher.watch(job.provider.tenants_file, tenants_changed)
+        return key_changed
 
     async def sync_tenants(self, job: JobConfig) -> None:
         """The ``tenants_file`` changed: start added tenants, withdraw removed ones.

@@ -87,13 +87,27 @@ class KeySource(Protocol):
         ...
 
 
-def _key_fits(key: Any, alg: str) -> bool:
-    return isinstance(key, _KEY_TYPES.get(alg[:2], ()))
+#: The curve each ECDSA algorithm signs with (RFC 7518 §3.4).
+_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
 
 
-class PublicKeyFile:
-    """A PEM public key (or certificate) file, re-read whenever its content changes:
-    a rotated signing key takes effect at the next verification, without a restart."""
+def key_fits(key: Any, alg: str) -> bool:
+    """Whether `key` (public or private) can sign or verify `alg`: its type, and for
+    ECDSA its curve, are the algorithm's."""
+    public = key.public_key() if hasattr(key, "private_bytes") else key
+    if not isinstance(public, _KEY_TYPES.get(alg[:2], ())):
+        return False
+    if isinstance(public, ec.EllipticCurvePublicKey) and alg in _CURVES:
+        return bool(public.curve.name == _CURVES[alg])
+    return True
+
+
+class PemFile:
+    """A PEM file, re-read whenever its content changes: a rotated key takes effect at
+    its next use, without a restart. `field` names the setting in messages; subclasses
+    say what the PEM must hold (`parse`)."""
+
+    field = "key_file"
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -109,30 +123,45 @@ class PublicKeyFile:
             if self._key is not None:
                 return self._key
             raise SecretUnusableError(
-                f"public_key_file {self.path}: cannot read ({exc.strerror or exc})"
+                f"{self.field} {self.path}: cannot read ({exc.strerror or exc})"
             ) from None
         if data != self._pem:
-            self._key = _parse_pem(data, self.path)
+            if len(data) > MAX_KEY_FILE_BYTES:
+                raise SecretUnusableError(
+                    f"{self.field} {self.path}: larger than {MAX_KEY_FILE_BYTES} bytes"
+                )
+            self._key = self.parse(data)
             if self._pem is not None:
-                log.info("signing key changed: verifying with the new key", path=str(self.path))
+                log.info("key file changed: using the new key", path=str(self.path))
             self._pem = data
         return self._key
 
+    @property
+    def pem(self) -> bytes | None:
+        """The content last loaded (None before the first `load`)."""
+        return self._pem
+
+    def parse(self, data: bytes) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class PublicKeyFile(PemFile):
+    """A PEM public key or certificate to verify with."""
+
+    field = "public_key_file"
+
+    def parse(self, data: bytes) -> Any:
+        try:
+            if b"-----BEGIN CERTIFICATE-----" in data:
+                return x509.load_pem_x509_certificate(data).public_key()
+            return load_pem_public_key(data)
+        except (ValueError, TypeError):
+            raise SecretUnusableError(
+                f"{self.field} {self.path}: not a PEM public key or certificate"
+            ) from None
+
     async def key(self, kid: str | None, alg: str) -> Any:
         return self.load()
-
-
-def _parse_pem(data: bytes, path: Path) -> Any:
-    if len(data) > MAX_KEY_FILE_BYTES:
-        raise SecretUnusableError(f"public_key_file {path}: larger than {MAX_KEY_FILE_BYTES} bytes")
-    try:
-        if b"-----BEGIN CERTIFICATE-----" in data:
-            return x509.load_pem_x509_certificate(data).public_key()
-        return load_pem_public_key(data)
-    except (ValueError, TypeError):
-        raise SecretUnusableError(
-            f"public_key_file {path}: not a PEM public key or certificate"
-        ) from None
 
 
 class JWKSCache:
@@ -284,7 +313,7 @@ class JWTVerifier:
         if self.keys is not None:
             key = await self.keys.key(kid, alg)
             plain = key.key if isinstance(key, jwt.PyJWK) else key
-            if not _key_fits(plain, alg):
+            if not key_fits(plain, alg):
                 raise BadResponseError(
                     f"{what}: the verification key ({type(plain).__name__}) does not fit alg {alg}"
                 )

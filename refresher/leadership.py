@@ -91,17 +91,17 @@ class Leadership:
     def _park(self, runtime: JobRuntime, dirs: set[str], refusals: list[Refusal]) -> None:
         self._parked[runtime.key] = (runtime, frozenset(dirs))
         self.scheduler.reschedule(runtime, math.inf)
-        runtime.last_error = "sink"
+        runtime.failure_reason = "sink"
         owners = [r for r in refusals if r.directory in dirs]
-        runtime.last_error_message = str(SinkOwnedError(owners))
+        runtime.failure_message = str(SinkOwnedError(owners))
 
     async def _unpark(self, runtime: JobRuntime) -> bool:
         """Put a job (back) on the timer as a leader: adopt its sinks' token if still
         good (True), else refresh it now if it was parked."""
         entry = self._parked.pop(runtime.key, None)
         parked = entry is not None and entry[0] is runtime
-        if parked and runtime.last_error == "sink":
-            runtime.last_error = runtime.last_error_message = None
+        if parked and runtime.failure_reason == "sink":
+            runtime.failure_reason = runtime.failure_message = None
         if runtime.refreshing is None and await self.scheduler.recover(runtime):
             self.scheduler.reschedule(runtime, runtime.next_refresh_at)
             return True

@@ -17,8 +17,7 @@ import os
 import re
 import sys
 import threading
-from collections import OrderedDict
-from collections.abc import MutableMapping
+from collections.abc import Hashable, MutableMapping
 from typing import Any, TextIO
 from urllib.parse import quote, quote_plus
 
@@ -62,43 +61,93 @@ def secret_forms(value: str) -> set[str]:
     return {form for form in forms if form == value or len(form) >= MIN_FORM_LENGTH}
 
 
+#: Tokens remembered per (job, tenant): the current one and the one before it, which
+#: consumers may still present and errors may still echo.
+TOKENS_PER_OWNER = 2
+
+
 class Redactor:
     """Knows the secrets and recent tokens, and scrubs them from log events.
 
     Credentials (few, long-lived) are searched as substrings; tokens (possibly
     thousands) are matched exactly and, being JWTs or bearer strings in practice,
-    also caught by pattern. The token set is bounded: oldest forgotten first.
+    also caught by pattern. Token memory is bounded by its owners: at most
+    `TOKENS_PER_OWNER` per (job, tenant), forgotten with the owner.
     """
 
-    def __init__(self, max_tokens: int = 100_000) -> None:
+    #: Values kept per slot of `add_secret`: the current one and the one before it.
+    SLOT_DEPTH = 2
+
+    def __init__(self) -> None:
         self._secrets: tuple[str, ...] = ()
-        #: hash(token) → None, oldest first. Hashes, not the tokens: 100,000 tokens of
-        #: a few hundred characters would hold ~40 MB; a collision only masks a value.
-        self._tokens: OrderedDict[int, None] = OrderedDict()
-        self._max_tokens = max_tokens
+        #: Secrets that rotate at run time (refresh tokens, assertions read from
+        #: files), by slot: only the newest `SLOT_DEPTH` of each are searched for.
+        self._slots: dict[str, list[str]] = {}
+        self._fixed: set[str] = set()
+        #: owner → hashes of its recent tokens, newest first. Hashes, not the tokens:
+        #: memory per token stays small whatever its length; a collision only masks.
+        self._recent: dict[Hashable, tuple[int, ...]] = {}
+        #: hash → how many owners remember it (equal tokens across tenants are rare).
+        self._tokens: dict[int, int] = {}
         self._lock = threading.Lock()
         #: Key → sensitive? Log keys come from code, so this stays small (bounded).
         self._sensitive_keys: dict[str, bool] = {}
 
-    def add_secret(self, value: str) -> None:
-        """Remember a secret, and the forms it travels in (see `secret_forms`)."""
+    @property
+    def remembered_tokens(self) -> int:
+        return len(self._tokens)
+
+    def add_secret(self, value: str, *, slot: str | None = None) -> None:
+        """Remember a secret, and the forms it travels in (see `secret_forms`).
+
+        A value given a `slot` replaces the oldest one of that slot beyond
+        `SLOT_DEPTH`: a refresh token rotated hourly for a year stays two entries.
+        """
         if len(value) < 4:
             return
         with self._lock:
-            known = set(self._secrets)
-            new = [form for form in secret_forms(value) if form not in known]
-            if new:
-                # Replaced, never mutated: `scrub` reads it without the lock. Longest
-                # first, so a form is masked whole before a shorter one inside it.
-                self._secrets = tuple(sorted((*self._secrets, *new), key=len, reverse=True))
+            if slot is None:
+                if value in self._fixed:
+                    return
+                self._fixed.add(value)
+            else:
+                held = self._slots.setdefault(slot, [])
+                if value in held:
+                    return
+                held.append(value)
+                del held[: -self.SLOT_DEPTH]
+            values = self._fixed.union(*self._slots.values())
+            forms = set().union(*(secret_forms(v) for v in values))
+            # Replaced, never mutated: `scrub` reads it without the lock. Longest
+            # first, so a form is masked whole before a shorter one inside it.
+            self._secrets = tuple(sorted(forms, key=len, reverse=True))
 
-    def add_token(self, value: str) -> None:
+    def add_token(self, value: str, owner: Hashable) -> None:
+        """Remember `owner`'s newest token; its oldest beyond `TOKENS_PER_OWNER` goes."""
+        key = hash(value)
         with self._lock:
-            key = hash(value)
-            self._tokens[key] = None
-            self._tokens.move_to_end(key)
-            while len(self._tokens) > self._max_tokens:
-                self._tokens.popitem(last=False)
+            before = self._recent.get(owner, ())
+            if before[:1] == (key,):
+                return
+            kept = (key, *(k for k in before if k != key))[:TOKENS_PER_OWNER]
+            self._recent[owner] = kept
+            self._recount(kept, before)
+
+    def forget(self, owner: Hashable) -> None:
+        """`owner` is gone (job removed, tenant dropped): so is its token memory."""
+        with self._lock:
+            self._recount((), self._recent.pop(owner, ()))
+
+    def _recount(self, kept: tuple[int, ...], before: tuple[int, ...]) -> None:
+        for key in kept:
+            if key not in before:
+                self._tokens[key] = self._tokens.get(key, 0) + 1
+        for key in before:
+            if key not in kept:
+                if self._tokens[key] > 1:
+                    self._tokens[key] -= 1
+                else:
+                    del self._tokens[key]
 
     def scrub(self, text: str) -> str:
         """`text` with every known secret and token masked, and anything that is not
@@ -152,6 +201,17 @@ class Redactor:
         return event_dict
 
 
+#: The redactor of this process's log output (`configure_logging` installs it).
+_active: Redactor | None = None
+
+
+def remember_secret(value: str, *, slot: str | None = None) -> None:
+    """Teach the redactor of the log output a secret learned at run time: a rotated
+    refresh token, an assertion or a key read from a file (see `Redactor.add_secret`)."""
+    if _active is not None:
+        _active.add_secret(value, slot=slot)
+
+
 #: syslog priority of each structlog level name (the sd-daemon(3) line prefixes).
 SYSLOG_PRIORITY = {"critical": 2, "error": 3, "warning": 4, "notice": 5, "info": 6, "debug": 7}
 
@@ -197,6 +257,8 @@ def configure_logging(
     messages are scrubbed too. Writing to the journal (`is_journal`), lines carry
     their syslog priority and no timestamp: journald stamps every entry itself.
     """
+    global _active
+    _active = redactor
     out = stream or sys.stderr
     journal = is_journal(out)
     json_output = fmt == "json" or (fmt == "auto" and not out.isatty())

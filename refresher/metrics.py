@@ -203,8 +203,8 @@ class Metrics:
 
     def declare_job(self, job: str, provider: str) -> None:
         """Create a job's counters at 0: per job, never per tenant (with tenant labels
-        on they carry ``tenant=""``), so 10,000 tenants do not cost 10,000 x reasons
-        series. Idempotent and cheap when already done."""
+        on they carry ``tenant=""``), so the series grow with jobs, not tenants.
+        Idempotent and cheap when already done."""
         key = (job, provider)
         if key in self._declared:
             return

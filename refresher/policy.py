@@ -53,6 +53,15 @@ def refresh_time(token: Token, policy: RefreshConfig, rng: random.Random) -> flo
     return min(moment, latest)
 
 
+def early_slack(token: Token | None, now: float, policy: RefreshConfig) -> float:
+    """How long before its planned moment a refresh of `token` may leave: ``coalesce``
+    of the lifetime for a valid token with an expiry, nothing otherwise (a retry, a
+    wait a provider asked for, a first mint keep their exact moment)."""
+    if token is None or token.expires_at is None or not token.is_valid(now):
+        return 0.0
+    return policy.coalesce * max(token.lifetime or 0.0, 0.0)
+
+
 def backoff_delay(failures: int, backoff: BackoffConfig, rng: random.Random) -> float:
     """Full-jitter exponential backoff after `failures` consecutive failures."""
     exponent = min(max(failures - 1, 0), MAX_BACKOFF_EXPONENT)

@@ -67,7 +67,7 @@ class Publisher:
         runtime.token = first
         runtime.state = "valid"
         runtime.next_refresh_at = due
-        scheduler.redactor.add_token(first.value)
+        scheduler.redactor.add_token(first.value, runtime.key)
         scheduler.track_expiry(runtime, first)
         return True
 
@@ -111,15 +111,15 @@ class Publisher:
         scheduler.metrics.refresh_total.labels(*labels, "failure").inc()
         scheduler.metrics.refresh_failures.labels(*labels, "sink").inc()
         runtime.failures += 1
-        runtime.last_error = "sink"
-        runtime.last_error_message = "; ".join(str(e) for e in errors)
-        runtime.last_error_status = None
-        runtime.last_error_title = title(scheduler.redactor.scrub, runtime.last_error_message)
+        runtime.failure_reason = "sink"
+        runtime.failure_message = "; ".join(str(e) for e in errors)
+        runtime.failure_status = None
+        runtime.failure_title = title(scheduler.redactor.scrub, runtime.failure_message)
         delay = backoff_delay(runtime.failures, scheduler.policy.backoff, scheduler.rng)
         runtime.backoff = delay
         runtime.bound_log.error(
             "sink write failed",
-            error=runtime.last_error_message,
+            error=runtime.failure_message,
             fingerprint=token.fingerprint(),
             retry_in=round(delay, 3),
         )
@@ -132,8 +132,8 @@ class Publisher:
         runtime.state = "valid"
         runtime.failures = 0
         runtime.backoff = 0.0
-        runtime.last_error = runtime.last_error_message = runtime.last_error_title = None
-        runtime.last_error_status = None
+        runtime.failure_reason = runtime.failure_message = runtime.failure_title = None
+        runtime.failure_status = None
         runtime.last_success_at = scheduler.clock.now()
         due = refresh_time(token, scheduler.policy, scheduler.rng)
         scheduler.reschedule(runtime, due)

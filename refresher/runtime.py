@@ -35,13 +35,13 @@ class JobRuntime:
     state: State = "pending"
     next_refresh_at: float | None = None
     failures: int = 0
-    #: The reason code of the last failure (a `refresh_failures_total` reason).
-    last_error: str | None = None
+    #: The last failure's reason code (a `refresh_failures_total` reason), or None.
+    failure_reason: str | None = None
     #: The full message, for logs and tests; never shown by the API.
-    last_error_message: str | None = None
-    last_error_status: int | None = None
+    failure_message: str | None = None
+    failure_status: int | None = None
     #: A short, redacted title the API may show (the provider's problem title, or ours).
-    last_error_title: str | None = None
+    failure_title: str | None = None
     last_success_at: float | None = None
     backoff: float = 0.0
     unwritten: list[TokenSink] = field(default_factory=list)

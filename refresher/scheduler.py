@@ -34,7 +34,7 @@ from refresher.errors import (
 from refresher.feedback import Feedback
 from refresher.logging import Redactor
 from refresher.metrics import JobSeries, JobSnapshot, Metrics
-from refresher.policy import refresh_time, retry_delay
+from refresher.policy import early_slack, refresh_time, retry_delay
 from refresher.publish import Publisher, same_publication
 from refresher.runtime import JobKey, JobRuntime
 from refresher.status import snapshots, title
@@ -69,6 +69,8 @@ class Scheduler:
         self.publisher = Publisher(self)
         self.feedback = Feedback(self)
         self.supervisor = Supervisor(self)
+        #: A bug at a job's boundary: logged, counted, retried (`Supervisor`).
+        self.internal_error = self.supervisor.internal_error
         self._heap: list[tuple[float, int, JobKey, int]] = []
         #: (expires_at, seq, job, token value): when a token runs out unreplaced.
         self._expiries: list[tuple[float, int, JobKey, str]] = []
@@ -100,6 +102,7 @@ class Scheduler:
         if runtime is not None:
             runtime.generation += 1
             self.gates.forget(key)
+            self.redactor.forget(key)
         return runtime
 
     async def recover(self, runtime: JobRuntime) -> bool:
@@ -148,17 +151,35 @@ class Scheduler:
             while True:
                 now = self.clock.now()
                 if self.is_active():
-                    while self._heap and self._heap[0][0] <= now:
-                        _, _, key, generation = heapq.heappop(self._heap)
-                        runtime = self.jobs.get(key)
-                        if runtime is not None and runtime.generation == generation:
-                            tg.start_soon(self.refresh, runtime)
+                    for due in self._due(now):
+                        tg.start_soon(self.refresh, due)
                 while self._expiries and self._expiries[0][0] <= now:
                     _, _, key, value = heapq.heappop(self._expiries)
                     runtime = self.jobs.get(key)
                     if runtime is not None and runtime.token and runtime.token.value == value:
                         tg.start_soon(self._expired, runtime)
                 await self._sleep()
+
+    def _due(self, now: float) -> list[JobRuntime]:
+        """Pop the jobs due now, and those planned a little later that may leave early
+        with them (`early_slack`): one wake-up sends a batch, not one refresh each."""
+        heap, due = self._heap, []
+        while heap:
+            moment, _, key, generation = heap[0]
+            runtime = self.jobs.get(key)
+            if runtime is None or runtime.generation != generation:
+                heapq.heappop(heap)  # superseded by a later reschedule
+                continue
+            if moment > now and (
+                runtime.failures
+                or runtime.unwritten
+                or runtime.parked_at is not None
+                or moment - early_slack(runtime.token, now, self.policy) > now
+            ):
+                break
+            heapq.heappop(heap)
+            due.append(runtime)
+        return due
 
     def track_expiry(self, runtime: JobRuntime, token: Token) -> None:
         """Remember when `token` runs out, to say so if it is not replaced by then."""
@@ -174,7 +195,7 @@ class Scheduler:
             runtime.bound_log.error(
                 "token expired without a replacement",
                 fingerprint=runtime.token.fingerprint() if runtime.token else None,
-                last_error=runtime.last_error,
+                last_error=runtime.failure_reason,
                 on_expiry=runtime.on_expiry,
             )
             await self.publisher.expired(runtime)
@@ -286,7 +307,7 @@ class Scheduler:
         finally:
             self.requests_in_flight -= 1
         series.refresh_duration.observe(max(self.clock.now() - started, 0))
-        self.redactor.add_token(token.value)
+        self.redactor.add_token(token.value, runtime.key)
         if token.missing_scopes:
             runtime.bound_log.warning(
                 "grant lacks requested scopes",
@@ -312,11 +333,11 @@ class Scheduler:
         now = self.clock.now()
         labels = self.series(runtime).labels
         runtime.failures += 1
-        runtime.last_error = error.reason
-        runtime.last_error_message = str(error)
-        runtime.last_error_status = error.status
+        runtime.failure_reason = error.reason
+        runtime.failure_message = str(error)
+        runtime.failure_status = error.status
         problem_title = error.problem.title if error.problem else None
-        runtime.last_error_title = title(self.redactor.scrub, problem_title or error.summary)
+        runtime.failure_title = title(self.redactor.scrub, problem_title or error.summary)
         self.metrics.refresh_total.labels(*labels, "failure").inc()
         self.metrics.refresh_failures.labels(*labels, error.reason).inc()
         delay, capped = retry_delay(
@@ -365,17 +386,6 @@ class Scheduler:
             self.gates.close(runtime, error.reason, delay)
         else:
             self.reschedule(runtime, now + delay)
-
-    def internal_error(
-        self,
-        component: str,
-        exc: BaseException,
-        runtime: JobRuntime | None = None,
-        *,
-        retry: bool = True,
-    ) -> None:
-        """A bug surfaced at a job's boundary (see `Supervisor.internal_error`)."""
-        self.supervisor.internal_error(component, exc, runtime, retry=retry)
 
     # ------------------------------------------------------------------ views
 

@@ -89,29 +89,65 @@ def create_app(
     """The ASGI app; `access` says who may force refreshes and report rejections.
     Under leader election, `is_leader` says whether this replica leads, `leader` who
     does (the Lease's holder), and `retry_after` how long a refused caller should wait."""
-    access = access or Access()
+    api = TokenApi(scheduler, metrics, access or Access(), is_leader, leader, retry_after)
+    return Starlette(
+        routes=[
+            Route("/metrics", api.guarded(api.metrics_endpoint)),
+            Route("/healthz", api.guarded(api.healthz)),
+            Route("/readyz", api.guarded(api.readyz)),
+            Route("/v1/tokens", api.guarded(api.tokens)),
+            Route("/v1/tokens/{job}/refresh", api.guarded(api.refresh), methods=["POST"]),
+        ]
+    )
 
-    def leadership_refusal() -> Response | None:
+
+@dataclass(frozen=True)
+class TokenApi:
+    """The endpoints of `create_app`."""
+
+    scheduler: Scheduler
+    metrics: Metrics
+    access: Access
+    is_leader: Callable[[], bool] | None
+    leader: Callable[[], str | None] | None
+    retry_after: float
+
+    def guarded(self, endpoint: Endpoint) -> Endpoint:
+        """A bug in a handler is a 500 for that request, logged and counted like any
+        internal error (through the redacting log, not the server's own traceback)."""
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await endpoint(request)
+            except Exception as exc:
+                self.scheduler.internal_error("server", exc)
+                return JSONResponse({"error": "internal error"}, status_code=500)
+
+        return handle
+
+    def leadership_refusal(self) -> Response | None:
         """503 naming the leader when this replica must not mint or write (a
         follower); None when it may. Every consumer endpoint that writes asks this."""
-        if is_leader is None or is_leader():
+        if self.is_leader is None or self.is_leader():
             return None
-        return not_refreshing(leader() if leader is not None else None)
+        return self.not_refreshing()
 
-    def not_refreshing(holder: str | None, error: str = "not the leader") -> Response:
-        seconds = max(1, math.ceil(retry_after))
+    def not_refreshing(self, error: str = "not the leader") -> Response:
+        seconds = max(1, math.ceil(self.retry_after))
+        holder = self.leader() if self.leader is not None else None
         body: dict[str, Any] = {"error": error, "leader": holder or None}
         return JSONResponse(body, status_code=503, headers={"Retry-After": str(seconds)})
 
-    async def metrics_endpoint(request: Request) -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def healthz(request: Request) -> Response:
+    async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    async def readyz(request: Request) -> Response:
-        if is_leader is not None and not is_leader():
+    async def readyz(self, request: Request) -> Response:
+        if self.is_leader is not None and not self.is_leader():
             return JSONResponse({"status": "ready", "role": "follower"})
+        scheduler = self.scheduler
         # No jobs is ready: nothing is missing (`helm install --wait` with `jobs: []`).
         if scheduler.ready() or not scheduler.jobs:
             return JSONResponse({"status": "ready"})
@@ -126,12 +162,13 @@ def create_app(
             status_code=503,
         )
 
-    async def tokens(request: Request) -> Response:
-        return JSONResponse({"jobs": scheduler.statuses()})
+    async def tokens(self, request: Request) -> Response:
+        return JSONResponse({"jobs": self.scheduler.statuses()})
 
-    async def refresh(request: Request) -> Response:
+    async def refresh(self, request: Request) -> Response:
+        """A forced refresh, or (``?rejected=FP``) a consumer's rejection report."""
         rejected = request.query_params.get("rejected")
-        if not access.allows(request, rejection=rejected is not None):
+        if not self.access.allows(request, rejection=rejected is not None):
             return JSONResponse(
                 {"error": "unauthorized"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
             )
@@ -140,21 +177,19 @@ def create_app(
                 {"error": "rejected must be a token fingerprint: 12 lowercase hex digits"},
                 status_code=400,
             )
-        refusal = leadership_refusal()
+        refusal = self.leadership_refusal()
         if refusal is not None:
             return refusal
-        job = request.path_params["job"]
-        tenant = request.query_params.get("tenant")
-        now = scheduler.clock.now
+        job, tenant = request.path_params["job"], request.query_params.get("tenant")
+        feedback, now = self.scheduler.feedback, self.scheduler.clock.now
         try:
-            if rejected is None:
-                runtime = await scheduler.feedback.force(job, tenant)
-            else:
-                outcome = await scheduler.feedback.report_rejected(job, tenant, rejected)
-                return _rejection_answer(outcome, now())
+            if rejected is not None:
+                return _rejection_answer(
+                    await feedback.report_rejected(job, tenant, rejected), now()
+                )
+            runtime = await feedback.force(job, tenant)
         except NotActiveError:  # leadership lost or not yet taken over, or stopping
-            holder = leader() if leader is not None else None
-            return not_refreshing(holder, "not refreshing now")
+            return self.not_refreshing("not refreshing now")
         except KeyError:
             return JSONResponse(
                 {"error": f"no job {job!r}" + (f" tenant {tenant!r}" if tenant else "")},
@@ -167,31 +202,7 @@ def create_app(
                 status_code=429,
                 headers={"Retry-After": str(seconds)},
             )
-        body = runtime.status(now())
-        return JSONResponse(body, status_code=200 if runtime.valid(now()) else 502)
-
-    def guarded(endpoint: Endpoint) -> Endpoint:
-        """A bug in a handler is a 500 for that request, logged and counted like any
-        internal error (through the redacting log, not the server's own traceback)."""
-
-        async def handle(request: Request) -> Response:
-            try:
-                return await endpoint(request)
-            except Exception as exc:
-                scheduler.internal_error("server", exc)
-                return JSONResponse({"error": "internal error"}, status_code=500)
-
-        return handle
-
-    return Starlette(
-        routes=[
-            Route("/metrics", guarded(metrics_endpoint)),
-            Route("/healthz", guarded(healthz)),
-            Route("/readyz", guarded(readyz)),
-            Route("/v1/tokens", guarded(tokens)),
-            Route("/v1/tokens/{job}/refresh", guarded(refresh), methods=["POST"]),
-        ]
-    )
+        return JSONResponse(runtime.status(now()), status_code=200 if runtime.valid(now()) else 502)
 
 
 #: A token fingerprint as `/v1/tokens` shows it.
@@ -213,7 +224,7 @@ def _rejection_answer(outcome: Rejection, now: float) -> Response:
     }
     if runtime.valid(now):
         return JSONResponse(body)
-    return JSONResponse({**body, "error": runtime.last_error}, status_code=502)
+    return JSONResponse({**body, "error": runtime.failure_reason}, status_code=502)
 
 
 def token_reader(path: Path | None) -> Callable[[], str | None] | None:

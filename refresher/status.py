@@ -35,9 +35,9 @@ def job_status(runtime: JobRuntime, now: float) -> dict[str, Any]:
         if next_at is not None and math.isfinite(next_at)
         else None,
         "last_success_at": rfc3339(runtime.last_success_at),
-        "last_error": runtime.last_error,
-        "last_error_status": runtime.last_error_status,
-        "last_error_title": runtime.last_error_title,
+        "last_error": runtime.failure_reason,
+        "last_error_status": runtime.failure_status,
+        "last_error_title": runtime.failure_title,
         "consecutive_failures": runtime.failures,
         "sinks": [s.target for s in runtime.sinks],
         "environment": getattr(runtime.provider, "environment", None),

@@ -53,10 +53,10 @@ class Supervisor:
             scheduler.metrics.refresh_total.labels(*labels, "failure").inc()
             scheduler.metrics.refresh_failures.labels(*labels, "internal").inc()
             runtime.failures += 1
-            runtime.last_error = "internal"
-            runtime.last_error_message = f"internal error: {type(exc).__name__}"
-            runtime.last_error_status = None
-            runtime.last_error_title = "internal error (see the daemon's log)"
+            runtime.failure_reason = "internal"
+            runtime.failure_message = f"internal error: {type(exc).__name__}"
+            runtime.failure_status = None
+            runtime.failure_title = "internal error (see the daemon's log)"
             policy = scheduler.policy.backoff
             runtime.backoff = backoff_delay(runtime.failures, policy, scheduler.rng)
             if scheduler.jobs.get(runtime.key) is runtime:

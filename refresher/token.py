@@ -84,7 +84,7 @@ def jwt_claims(value: str) -> dict[str, Any] | None:
     """The unverified claims of `value` if it is a JWT, else None.
 
     Decoded directly (base64url + JSON), as PyJWT does with ``verify_signature:
-    False`` but ~5x cheaper: this runs on every mint and every restart read-back.
+    False`` but without its machinery: this runs on every mint and read-back.
     """
     if value.count(".") != 2:
         return None
@@ -177,23 +177,7 @@ class Token:
             raise BadResponseError("'token_type' must be a string")
         if scope is not None and not isinstance(scope, str):
             raise BadResponseError("'scope' must be a space-separated string")
-        candidates: list[float] = []
-        if expires_in is not None:
-            lifetime = _number(expires_in, expires_field)
-            if lifetime <= 0:
-                raise BadResponseError(f"{expires_field!r} must be positive, got {lifetime:g}")
-            candidates.append(obtained_at + min(lifetime, MAX_LIFETIME))
-        claims = jwt_claims(value)
-        if claims is not None and "exp" in claims:
-            candidates.append(_number(claims["exp"], "exp claim"))
-        if not candidates:
-            if assume_lifetime is None:
-                raise BadResponseError(
-                    f"response has no {expires_field!r} and the token is not a JWT with 'exp'"
-                    " (set assume_lifetime to accept it)"
-                )
-            candidates.append(obtained_at + assume_lifetime)
-        expires_at = min(*candidates, obtained_at + MAX_LIFETIME)
+        expires_at = _expiry(value, obtained_at, expires_in, assume_lifetime, expires_field)
         if expires_at <= obtained_at:
             raise BadResponseError(
                 "token is already expired when received (JWT 'exp' in the past: check clock skew)"
@@ -246,6 +230,34 @@ class Token:
             )
         except BadResponseError:
             return None
+
+
+def _expiry(
+    value: str,
+    obtained_at: float,
+    expires_in: object,
+    assume_lifetime: float | None,
+    expires_field: str,
+) -> float:
+    """min(``expires_in``, JWT ``exp``, `MAX_LIFETIME`); `assume_lifetime` when
+    neither is given, else `BadResponseError`."""
+    candidates: list[float] = []
+    if expires_in is not None:
+        lifetime = _number(expires_in, expires_field)
+        if lifetime <= 0:
+            raise BadResponseError(f"{expires_field!r} must be positive, got {lifetime:g}")
+        candidates.append(obtained_at + min(lifetime, MAX_LIFETIME))
+    claims = jwt_claims(value)
+    if claims is not None and "exp" in claims:
+        candidates.append(_number(claims["exp"], "exp claim"))
+    if not candidates:
+        if assume_lifetime is None:
+            raise BadResponseError(
+                f"response has no {expires_field!r} and the token is not a JWT with 'exp'"
+                " (set assume_lifetime to accept it)"
+            )
+        candidates.append(obtained_at + assume_lifetime)
+    return min(*candidates, obtained_at + MAX_LIFETIME)
 
 
 def _number(raw: object, name: str) -> float:

@@ -24,6 +24,7 @@ from refresher.config import load_settings
 from refresher.daemon import Daemon
 from refresher.demo.base import Emulator
 from refresher.logging import Redactor, configure_logging, secret_forms
+from refresher.providers.base import HTTPClients
 
 #: Kubernetes emulator fixtures (kube, kubeconfig, clients, make_token) for every test.
 pytest_plugins = ["tests.kube_support"]
@@ -83,6 +84,14 @@ def leak_guard() -> Iterator[LeakGuard]:
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock(start=1_800_000_000.0)
+
+
+@pytest.fixture
+async def http_clients() -> AsyncIterator[HTTPClients]:
+    """The HTTP client pool a provider built by hand uses (closed after the test)."""
+    shared = HTTPClients()
+    yield shared
+    await shared.aclose()
 
 
 @pytest.fixture
@@ -203,7 +212,8 @@ async def drive(clock: ManualClock, scheduler: Any, until: Callable[[], bool], *
         # task woken just now (a rate limiter's next head) may be about to register an
         # earlier deadline: jump only to a deadline that survives another settle.
         deadline = None
-        with anyio.move_on_after(10):
+        # Real-time bound generous for a loaded machine: only a hung test reaches it.
+        with anyio.move_on_after(60):
             while True:
                 while (deadline := clock.next_deadline()) is None:
                     await anyio.sleep(0.002)

@@ -27,11 +27,21 @@ RELEASE_NAMESPACE = "apps"
 SERVICE_ACCOUNT = f"system:serviceaccount:{RELEASE_NAMESPACE}:{RELEASE}"
 _SINK_FIELDS = ("kind", "namespace", "secret", "key", "type", "extra_keys", "format", "template")
 _LEASE_FIELDS = ("enabled", "lease_name", "namespace")
+_STATE_FIELDS = ("name", "namespace")
+#: A provider keeping rotated refresh tokens in a state Secret.
+REFRESH_PROVIDER = {
+    "kind": "oauth2",
+    "token_url": "https://auth.example.com/oauth/token",
+    "client_id": "c",
+    "client_auth": "none",
+    "grant": "refresh_token",
+    "refresh_token_file": "/etc/refresher/credentials/refresh-token",
+}
 
 
 def chart_values(config: Mapping[str, Any], **values: Any) -> dict[str, Any]:
     """Chart values deploying `config`'s Secret sinks (bundles and templates kept in a
-    Secret too) and Lease (plus `values`)."""
+    Secret too), oauth2 state Secrets and Lease (plus `values`)."""
     jobs = []
     for job in config.get("jobs", []):
         sinks = [
@@ -39,8 +49,15 @@ def chart_values(config: Mapping[str, Any], **values: Any) -> dict[str, Any]:
             for sink in job["sinks"]
             if sink.get("kind") == "kubernetes" or sink.get("secret")  # a bundle in a Secret
         ]
-        if sinks:
-            jobs.append({"name": job["name"], "provider": OAUTH2_PROVIDER, "sinks": sinks})
+        provider: dict[str, Any] = OAUTH2_PROVIDER
+        state = job.get("provider", {}).get("state_secret")
+        if state is not None:
+            kept = {k: v for k, v in state.items() if k in _STATE_FIELDS}
+            provider = {**REFRESH_PROVIDER, "state_secret": kept}
+        if sinks or state is not None:
+            # A chart job needs a sink: this one grants a Secret nobody writes.
+            sinks = sinks or [{"kind": "kubernetes", "secret": "unused"}]
+            jobs.append({"name": job["name"], "provider": provider, "sinks": sinks})
     chart_config: dict[str, Any] = {"jobs": jobs}
     election = config.get("leader_election") or {}
     if election.get("enabled"):

@@ -1,4 +1,4 @@
-"""Consumers report rejected tokens (issue 13): ``POST /v1/tokens/{job}/refresh
+"""Consumers report rejected tokens: ``POST /v1/tokens/{job}/refresh
 ?tenant=T&rejected=FP``, the partner's retry-once-on-401 rule done once for every
 consumer, and the shipped consumer example run end to end against the Debitura
 emulator's Customer API."""

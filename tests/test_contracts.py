@@ -1,8 +1,8 @@
-"""Partner contract rules (issue 13), each against its emulator over the real wire.
+"""Partner contract rules, each against its emulator over the real wire.
 
-DutyClaims (seeds/000): the sandbox token endpoint on api.dutyclaims.com, visible
+DutyClaims: the sandbox token endpoint on api.dutyclaims.com, visible
 environments, managed credentials probed with the documented pair. Gooclaim
-(seeds/002): RS256 only, the token's sub and tenant_id, introspection shared per
+Gooclaim: RS256 only, the token's sub and tenant_id, introspection shared per
 client id and honest about ``active``/``exp``/``scope``, signing-key rotation.
 Scopes (RFC 6749 §3.3/§5.1) for every provider that requests or expects them.
 docs/contracts.md maps every seed rule to the test that proves it.
@@ -91,7 +91,7 @@ def managed_job(emu: Any, tmp_path: Path, name: str = "dc-prod", **provider: Any
 
 
 def test_dutyclaims_sandbox_on_the_contracts_host_is_accepted(tmp_path: Path, capsys: Any) -> None:
-    """seeds/000: the sandbox token endpoint is https://api.dutyclaims.com/v1/oauth/token."""
+    """The DutyClaims contract: the sandbox token endpoint is https://api.dutyclaims.com/v1/oauth/token."""
     sandbox = {"kind": "dutyclaims", "mode": "sandbox", "client_id": "dc_client_id",
                "client_secret": "dc_client_secret"}
     sink = [{"kind": "file", "path": str(tmp_path / "t.json")}]
@@ -229,7 +229,7 @@ async def test_dutyclaims_managed_probe_429_waits_retry_after(
     async with start_daemon({"jobs": [managed_job(dutyclaims, tmp_path)]}) as daemon:
         rt = daemon.scheduler.jobs[("dc-prod", None)]
         await wait_for(lambda: rt.failures == 1 and rt.refreshing is None)
-        assert rt.last_error == "rate_limited" and rt.backoff == 120
+        assert rt.failure_reason == "rate_limited" and rt.backoff == 120
         t0 = clock.now()
         await drive(clock, daemon.scheduler, lambda: rt.token is not None, horizon=t0 + 200)
         retry = dutyclaims.requests[1]
@@ -332,7 +332,7 @@ async def test_dutyclaims_require_scopes_fails_and_writes_nothing(
     async with start_daemon({"jobs": [job]}) as daemon:
         rt = daemon.scheduler.jobs[("dc-sandbox", None)]
         await wait_for(lambda: rt.failures == 1 and rt.refreshing is None)
-        assert rt.last_error == "scope_missing" and "partner.read" in rt.last_error_message
+        assert rt.failure_reason == "scope_missing" and "partner.read" in rt.failure_message
         assert not (tmp_path / "dc-sandbox.json").exists()
         assert rt.backoff == 300, "a capability problem: no tight retry"
         assert metric(daemon, "refresher_refresh_failures_total", **{job_label(daemon): "dc-sandbox"}, reason="scope_missing") == 1
@@ -366,7 +366,7 @@ async def test_oauth2_scope_shortfall_uses_the_same_rule(
     async with start_daemon({"jobs": [job]}) as daemon:
         rt = daemon.scheduler.jobs[("api", None)]
         await wait_for(lambda: rt.failures == 1)
-        assert rt.last_error == "scope_missing" and not (tmp_path / "api.token").exists()
+        assert rt.failure_reason == "scope_missing" and not (tmp_path / "api.token").exists()
 
 
 def test_scope_config_is_checked(tmp_path: Path, capsys: Any) -> None:
@@ -408,7 +408,7 @@ def goo_job(emu: Any, tmp_path: Path, name: str = "gooclaim", *, key: bool = Tru
 async def rejected(daemon: Any, name: str = "gooclaim") -> Any:
     rt = daemon.scheduler.jobs[(name, None)]
     await wait_for(lambda: rt.failures >= 1 and rt.refreshing is None)
-    assert rt.last_error == "bad_response", rt.last_error_message
+    assert rt.failure_reason == "bad_response", rt.failure_message
     return rt
 
 
@@ -420,7 +420,7 @@ async def test_gooclaim_header_alg_must_be_rs256_even_without_a_key(
     gooclaim.alg = alg  # HS256: HMAC keyed with the public PEM, the classic forgery
     async with start_daemon({"jobs": [goo_job(gooclaim, tmp_path, key=key)]}) as daemon:
         rt = await rejected(daemon)
-        assert f"header alg {alg!r} is not allowed (want RS256)" in rt.last_error_message
+        assert f"header alg {alg!r} is not allowed (want RS256)" in rt.failure_message
     assert not (tmp_path / "gooclaim.token").exists()
 
 
@@ -429,7 +429,7 @@ async def test_gooclaim_tenant_id_checked_without_introspection(
 ) -> None:
     async with start_daemon({"jobs": [goo_job(gooclaim, tmp_path, tenant_id="tn_other")]}) as daemon:
         rt = await rejected(daemon)
-        assert "tenant_id 'tn_42' != 'tn_other'" in rt.last_error_message
+        assert "tenant_id 'tn_42' != 'tn_other'" in rt.failure_message
     assert gooclaim.count(GooclaimEmulator.introspect_path) == 0
     assert not (tmp_path / "gooclaim.token").exists()
 
@@ -438,7 +438,7 @@ async def test_gooclaim_sub_must_be_the_client_id(start_daemon: Any, gooclaim: A
     gooclaim.sub = "user_1234"  # a human token
     async with start_daemon({"jobs": [goo_job(gooclaim, tmp_path, key=False)]}) as daemon:
         rt = await rejected(daemon)
-        assert "sub 'user_1234' is not the client_id 'goo-client'" in rt.last_error_message
+        assert "sub 'user_1234' is not the client_id 'goo-client'" in rt.failure_message
 
 
 async def test_gooclaim_iss_checked_whenever_configured_even_unverified(
@@ -447,7 +447,7 @@ async def test_gooclaim_iss_checked_whenever_configured_even_unverified(
     gooclaim.wrong_issuer = True
     async with start_daemon({"jobs": [goo_job(gooclaim, tmp_path, key=False)]}) as daemon:
         rt = await rejected(daemon)
-        assert "wrong issuer" in rt.last_error_message
+        assert "wrong issuer" in rt.failure_message
 
 
 def test_check_says_plainly_when_signatures_are_not_verified(tmp_path: Path, capsys: Any) -> None:
@@ -468,7 +468,7 @@ async def test_gooclaim_introspection_active_false_rejects(
     gooclaim.revoke_on_issue = True
     async with start_daemon({"jobs": [goo_job(gooclaim, tmp_path, introspect=True)]}) as daemon:
         rt = await rejected(daemon)
-        assert "introspection says the token is not active" in rt.last_error_message
+        assert "introspection says the token is not active" in rt.failure_message
     assert gooclaim.count(GooclaimEmulator.introspect_path, status=200) == 1
     assert not (tmp_path / "gooclaim.token").exists()
 
@@ -489,7 +489,7 @@ async def test_gooclaim_introspection_must_describe_the_token(
     gooclaim.introspect_overrides = override
     async with start_daemon({"jobs": [goo_job(gooclaim, tmp_path, introspect=True)]}) as daemon:
         rt = await rejected(daemon)
-        assert message in rt.last_error_message
+        assert message in rt.failure_message
 
 
 async def next_sleeper(clock: ManualClock, within: float = 100) -> float:
@@ -568,7 +568,7 @@ async def test_gooclaim_public_key_file_rotation_retries_at_once(
         gooclaim.rotate_key(keep_old=False)
         sched.reschedule_now(("gooclaim", None))
         await wait_for(lambda: rt.failures == 1 and rt.refreshing is None)
-        assert "signature does not verify" in rt.last_error_message
+        assert "signature does not verify" in rt.failure_message
         assert rt.next_refresh_at - SystemClock().now() > 20
         (tmp_path / "gooclaim.pem").write_bytes(gooclaim.public_key_pem())
         await wait_for(lambda: rt.failures == 0 and rt.token is not first, timeout=10)
@@ -598,10 +598,10 @@ async def test_gooclaim_jwks_refetched_for_unknown_kid_at_most_every_30s(
         await clock.advance(31)
         sched.reschedule_now(("gooclaim", None))
         await wait_for(lambda: rt.failures == 1 and rt.refreshing is None)
-        assert gooclaim.count(jwks) == 3 and "is not in the JWKS" in rt.last_error_message
+        assert gooclaim.count(jwks) == 3 and "is not in the JWKS" in rt.failure_message
         await drive(clock, sched, lambda: rt.failures >= 3, horizon=t0 + 31 + 29)
         assert gooclaim.count(jwks) == 3, "re-fetched at most every 30 s"
-        assert "re-fetched at most every 30s" in rt.last_error_message
+        assert "re-fetched at most every 30s" in rt.failure_message
         # Once the JWKS lists the key and 30 s have passed, one re-fetch verifies it.
         gooclaim.jwks_lag = False
         await settle(sched)
@@ -616,7 +616,7 @@ async def test_gooclaim_jwks_refetched_for_unknown_kid_at_most_every_30s(
 
 def test_contract_table_names_only_tests_and_code_that_exist() -> None:
     """docs/contracts.md: every test it cites is defined, every `module.name` it cites
-    resolves, and every rule row of the three seeds is there (D1.., B1.., G1..)."""
+    resolves, and every rule row of the three contracts is there (D1.., B1.., G1..)."""
     import importlib
     import re
 

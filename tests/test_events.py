@@ -1,4 +1,4 @@
-"""Events the daemon reacts to besides its timer (issue: event-driven behaviour):
+"""Events the daemon reacts to besides its timer :
 consumer feedback, credential rotation, reload, notifications, systemd notify."""
 
 from __future__ import annotations

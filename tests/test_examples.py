@@ -125,6 +125,8 @@ def kind_of(doc: Any) -> str:
     if isinstance(doc, str) and doc.startswith("--8<--"):
         return "included-file"  # a repository file the docs include, tested where it lives
     if isinstance(doc, dict):
+        if set(doc) == {"provider"}:
+            return "provider"
         if {"apiVersion", "kind"} <= doc.keys():
             return "kubernetes-manifest"
         if {"rule_files", "scrape_configs"} & doc.keys():
@@ -155,6 +157,7 @@ def test_every_doc_yaml_block_is_classified() -> None:
     assert kinds.count("config") >= 4
     assert kinds.count("jobs") >= 3
     assert kinds.count("chart-values") >= 1
+    assert kinds.count("provider") >= 5  # the oauth2 worked examples
     # The README's minimal config and the configuration reference are among them.
     assert {found[w] for w in found if w.startswith("README.md:")} == {"config"}
     assert "config" in {found[w] for w in found if w.startswith("docs/configuration.md:")}
@@ -162,11 +165,14 @@ def test_every_doc_yaml_block_is_classified() -> None:
 
 @pytest.mark.parametrize(
     ("where", "doc"),
-    [(where, doc) for where, doc in DOC_BLOCKS if kind_of(doc) in {"config", "jobs"}],
+    [(where, doc) for where, doc in DOC_BLOCKS if kind_of(doc) in {"config", "jobs", "provider"}],
     ids=lambda v: v if isinstance(v, str) else "",
 )
 def test_doc_config_snippet_is_valid(where: str, doc: Any) -> None:
     data = {"jobs": doc} if kind_of(doc) == "jobs" else doc
+    if kind_of(doc) == "provider":  # a provider section alone (the worked examples)
+        sink = {"kind": "file", "path": "/run/refresher/example.token"}
+        data = {"jobs": [{"name": "example", **doc, "sinks": [sink]}]}
     settings = load_settings(data=data, check_files=False)
     if kind_of(doc) == "jobs":
         assert [j.name for j in settings.jobs] == [j["name"] for j in doc]

@@ -1314,7 +1314,7 @@ def test_dockerfile_matches_chart(chart: helm.Chart) -> None:
     assert c["securityContext"]["runAsUser"] == 10001
 
 
-# ----------------------------------------------------------------------------- issue 15: chart
+# ----------------------------------------------------------------------------- chart conventions
 
 
 def test_no_jobs_is_a_ready_install_with_a_warning(chart: helm.Chart) -> None:
@@ -1685,3 +1685,124 @@ def test_duration_schema_refuses_what_the_daemon_refuses(text: str) -> None:
         if parse_duration(text) < 0:
             raise ValueError("negative")
     assert not re.fullmatch(DURATION_PATTERN, text)
+
+
+# --------------------------------------------------------------------- workload identity
+
+WORKLOAD_IDENTITY_VALUES: dict[str, Any] = {
+    "serviceAccountTokens": [
+        {"name": "idp", "audience": "https://idp.example.com", "expirationSeconds": 7200},
+        {"name": "sts", "audience": "sts.example.com"},
+    ],
+    "config": {
+        "jobs": [
+            {
+                "name": "federated",
+                "provider": {
+                    "kind": "oauth2",
+                    "issuer": "https://idp.example.com",
+                    "client_auth": "none",
+                    "grant": "jwt_bearer",
+                    "assertion_file": "/var/run/secrets/tokens/idp/token",
+                },
+                "sinks": [{"kind": "kubernetes", "secret": "federated-token"}],
+            },
+            {
+                "name": "exchanged",
+                "provider": {
+                    "kind": "oauth2",
+                    "token_url": "https://sts.example.com/v1/token",
+                    "client_auth": "none",
+                    "grant": "token_exchange",
+                    "subject_token_file": "/var/run/secrets/tokens/sts/token",
+                    "audience": "https://partner.example.com",
+                },
+                "sinks": [{"kind": "kubernetes", "secret": "exchanged-token"}],
+            },
+        ]
+    },
+}
+
+
+def test_service_account_tokens_are_projected_for_workload_identity(chart: helm.Chart, tmp_path: Path) -> None:
+    """The recipe of docs/kubernetes.md: no static secret, the kubelet-rotated token
+    of the pod's own ServiceAccount, audience-bound, read by the daemon at every use."""
+    manifests = render(chart, WORKLOAD_IDENTITY_VALUES)
+    validate(manifests)
+    spec = pod_spec(manifests)
+    idp = volumes(spec)["sa-token-idp"]["projected"]["sources"]
+    assert idp == [{"serviceAccountToken": {"path": "token", "audience": "https://idp.example.com",
+                                            "expirationSeconds": 7200}}]
+    sts = volumes(spec)["sa-token-sts"]["projected"]["sources"][0]["serviceAccountToken"]
+    assert sts["expirationSeconds"] == 3600  # the default
+    mounted = mounts(container(manifests))
+    assert mounted["/var/run/secrets/tokens/idp"] == {
+        "name": "sa-token-idp", "mountPath": "/var/run/secrets/tokens/idp", "readOnly": True}
+    # The config the pod gets loads in the daemon (files stood in, as the kubelet would).
+    from refresher.config import load_settings
+
+    config = daemon_config(manifests)
+    del config["server"]["admin_token_file"]  # another test's subject
+    text = json.dumps(config).replace('"/var/run/secrets/tokens/', f'"{tmp_path}/')
+    for name in ("idp", "sts"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "token").write_text("eyJhbGciOiJSUzI1NiJ9.e30.c2ln\n")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(json.loads(text)))
+    jobs = load_settings(tmp_path / "config.yaml").jobs
+    assert [job.provider.grant for job in jobs] == ["jwt_bearer", "token_exchange"]  # type: ignore[union-attr]
+
+
+def test_service_account_tokens_in_sidecar_mode(chart: helm.Chart) -> None:
+    values = {**WORKLOAD_IDENTITY_VALUES, "mode": "sidecar"}
+    spec = sidecar_spec(render(chart, values))
+    by_name = {v["name"]: v for v in spec["volumes.yaml"]}
+    assert by_name["refresher-sa-token-idp"]["projected"]["sources"][0]["serviceAccountToken"][
+        "audience"] == "https://idp.example.com"
+    assert {"name": "refresher-sa-token-sts", "mountPath": "/var/run/secrets/tokens/sts",
+            "readOnly": True} in spec["container.yaml"]["volumeMounts"]
+
+
+def test_a_projected_token_path_must_be_one_the_chart_mounts(chart: helm.Chart) -> None:
+    values = json.loads(json.dumps(WORKLOAD_IDENTITY_VALUES))
+    values["serviceAccountTokens"] = values["serviceAccountTokens"][:1]
+    with pytest.raises(helm.HelmRenderError, match='serviceAccountTokens has no entry named "sts"'):
+        render(chart, values)
+
+
+@pytest.mark.parametrize(
+    ("entry", "field"),
+    [
+        ({"name": "idp", "audience": "x", "expirationSeconds": 60}, "expirationSeconds"),
+        ({"name": "Bad_Name", "audience": "x"}, "name"),
+        ({"name": "idp"}, "audience"),
+        ({"name": "idp", "audience": "x", "path": "token"}, "path"),
+    ],
+)
+def test_schema_refuses_bad_service_account_tokens(chart: helm.Chart, entry: dict[str, Any], field: str) -> None:
+    with pytest.raises(helm.HelmValuesError, match=field):
+        chart.validate_schema(chart.merge_values({"serviceAccountTokens": [entry]}))
+
+
+def test_an_oauth2_state_secret_gets_exact_secret_rbac(chart: helm.Chart) -> None:
+    """Rotated refresh tokens kept in a Secret: get/patch/create on exactly its name,
+    in its namespace, and the API token mounted (the daemon talks to the API)."""
+    provider = {
+        "kind": "oauth2",
+        "issuer": "https://idp.example.com",
+        "client_id": "app",
+        "client_auth": "none",
+        "grant": "refresh_token",
+        "refresh_token_file": "/etc/refresher/credentials/refresh-token",
+        "state_secret": {"name": "refresher-state", "namespace": "apps"},
+    }
+    jobs = [{"name": "user", "provider": provider,
+             "sinks": [{"kind": "kubernetes", "secret": "user-token"}]}]
+    manifests = render(chart, {"config": {"jobs": jobs}, "credentials": {"existingSecret": "rt"}})
+    validate(manifests)
+    roles = {r["metadata"]["namespace"]: r for r in of_kind(manifests, "Role")}
+    assert set(roles) == {"apps", NAMESPACE}
+    assert roles["apps"]["rules"][0] == {
+        "apiGroups": [""], "resources": ["secrets"], "resourceNames": ["refresher-state"],
+        "verbs": ["get", "patch"]}
+    assert roles[NAMESPACE]["rules"][0]["resourceNames"] == ["user-token"]
+    assert pod_spec(manifests)["automountServiceAccountToken"] is True

@@ -273,7 +273,7 @@ async def test_missing_namespace_is_a_config_level_error(
 
 
 async def test_type_mismatch_is_reported_not_retried(kube, kubeconfig, clients, make_token) -> None:
-    kube.put_secret(NS, SECRET, {"x": "y"}, type="example.com/custom")
+    kube.put_secret(NS, SECRET, {"x": "y"}, secret_type="example.com/custom")
     with pytest.raises(KubernetesSinkError, match="field is immutable") as caught:
         await sink(kubeconfig, clients).write(make_token())
     assert caught.value.config_level and caught.value.status == 422

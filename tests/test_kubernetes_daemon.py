@@ -102,7 +102,7 @@ async def test_secret_kept_fresh_and_restart_does_not_mint(
     async with start_daemon(cfg) as daemon:
         rt = daemon.scheduler.jobs[("api", None)]
         await wait_for(lambda: rt.token is not None and rt.refreshing is None)
-        assert rt.unwritten == [], rt.last_error_message
+        assert rt.unwritten == [], rt.failure_message
         data = kube.secret_data(NS, "partner-tokens")
         assert data["api"] == rt.token.value and "api.expires_at" in data
         secret = kube.secret(NS, "partner-tokens")

@@ -8,7 +8,7 @@ import json
 import jwt
 import structlog
 
-from refresher.logging import Redactor, configure_logging, mask
+from refresher.logging import TOKENS_PER_OWNER, Redactor, configure_logging, mask
 from refresher.token import fingerprint
 
 SECRET = "s3cr3t-client-secret-value"
@@ -22,7 +22,7 @@ def redact(redactor: Redactor, **event: object) -> dict[str, object]:
 def test_masks_known_secrets_and_tokens_everywhere_and_keeps_the_rest() -> None:
     redactor = Redactor()
     redactor.add_secret(SECRET)
-    redactor.add_token(TOKEN)
+    redactor.add_token(TOKEN, ("api", None))
     a_jwt = jwt.encode({"sub": "someone", "exp": 2_000_000_000}, "k" * 32)
     out = redact(
         redactor,
@@ -61,12 +61,34 @@ def test_short_values_are_not_treated_as_secrets() -> None:
     assert redact(redactor, msg="abcdef")["msg"] == "abcdef"
 
 
-def test_token_memory_is_bounded_oldest_first() -> None:
-    redactor = Redactor(max_tokens=2)
+def test_token_memory_keeps_each_owners_current_and_previous_token() -> None:
+    redactor = Redactor()
     for value in ("first-token-value", "second-token-value", "third-token-value"):
-        redactor.add_token(value)
+        redactor.add_token(value, ("api", None))
+    redactor.add_token("other-tenant-value", ("deb", "t-1"))
     assert redactor.scrub("first-token-value") == "first-token-value"
-    assert redactor.scrub("third-token-value") == mask("third-token-value")
+    for value in ("second-token-value", "third-token-value", "other-tenant-value"):
+        assert redactor.scrub(value) == mask(value)
+    redactor.forget(("api", None))
+    assert redactor.scrub("third-token-value") == "third-token-value"
+    assert redactor.scrub("other-tenant-value") == mask("other-tenant-value")
+
+
+def test_token_memory_is_bounded_by_its_owners_whatever_the_churn() -> None:
+    redactor = Redactor()
+    owners = [("deb", f"t-{i}") for i in range(500)]
+    for round_ in range(20):
+        for owner in owners:
+            redactor.add_token(f"token-{owner[1]}-{round_}", owner)
+        assert redactor.remembered_tokens == min(round_ + 1, TOKENS_PER_OWNER) * len(owners)
+    # Two owners sharing a token, then one leaving: still masked for the other.
+    redactor.add_token("shared-token-value", owners[0])
+    redactor.add_token("shared-token-value", owners[1])
+    redactor.forget(owners[0])
+    assert redactor.scrub("shared-token-value") == mask("shared-token-value")
+    for owner in owners:
+        redactor.forget(owner)
+    assert redactor.remembered_tokens == 0
 
 
 def test_pipeline_renders_json_with_redaction() -> None:

@@ -1,6 +1,6 @@
 """The three partner providers on their real wire formats, against their emulators.
 
-Each test names the contract rule (seeds/000 DutyClaims, 001 Debitura, 002 Gooclaim)
+Each test names the contract rule (docs/contracts.md: DutyClaims, Debitura, Gooclaim)
 it covers.
 """
 
@@ -112,7 +112,7 @@ async def test_dutyclaims_capability_gated_scope_is_a_403(start_daemon, dutyclai
     async with start_daemon({"jobs": [dc_job(dutyclaims, tmp_path, scopes=["financing.request"])]}) as daemon:
         rt = daemon.scheduler.jobs[("dutyclaims", None)]
         await wait_for(lambda: rt.failures == 1)
-        assert rt.last_error == "forbidden"
+        assert rt.failure_reason == "forbidden"
         assert "financing.request" in leak_guard.events("refresh failed")[0]["problem_detail"]
         assert rt.backoff == 300, "403 backs off at max, no tight loop"
 
@@ -242,7 +242,7 @@ async def test_debitura_one_tenant_refused_at_the_mint_backs_off_alone(
         await wait_for(lambda: bad.token and good.token and bad.refreshing is None)
         debitura.mint_refused.add("t-bad")
         await sched.refresh(bad, force=True)  # t-good minted just now: this 401 is t-bad's
-        assert bad.last_error == "unauthorized" and bad.backoff == 300 and bad.parked_at is None
+        assert bad.failure_reason == "unauthorized" and bad.backoff == 300 and bad.parked_at is None
         assert good.parked_at is None and sched.gates[bad.provider.credential].closed is False
         # An hour: t-bad asks once per backoff.max, never halving toward expiry; t-good
         # goes on undisturbed.
@@ -265,7 +265,7 @@ async def test_debitura_token_for_another_tenant_is_never_written(
             {"accessToken": other, "tokenType": "Bearer", "expiresIn": 1800, "externalTenantId": "t-2"}
         ))
         await daemon.scheduler.refresh(rt, force=True)
-        assert rt.last_error == "tenant_mismatch" and (tmp_path / "t-1.json").read_bytes() == before
+        assert rt.failure_reason == "tenant_mismatch" and (tmp_path / "t-1.json").read_bytes() == before
         assert metric(daemon, "refresher_refresh_failures_total", token_job="debitura", reason="tenant_mismatch") == 1
 
 
@@ -322,6 +322,23 @@ async def test_debitura_1000_tenants_within_rate_none_missed(start_daemon, debit
         assert clock.now() - start < 62
         assert sched.peak_requests_in_flight <= 16
     assert len(list(tmp_path.glob("tenant-*.json"))) == 1000
+
+
+async def test_token_memory_follows_the_tenants_through_refreshes_and_removal(
+    start_daemon, debitura, clock, tmp_path
+) -> None:
+    from refresher.logging import TOKENS_PER_OWNER
+
+    tenants = [f"t-{i:03d}" for i in range(40)]
+    async with start_daemon({"jobs": [deb_job(debitura, tmp_path, tenants)]}) as daemon:
+        sched, redactor = daemon.scheduler, daemon.redactor
+        await drive(clock, sched, lambda: all(r.token for r in sched.jobs.values()), horizon=clock.now() + 60)
+        # Every tenant refreshed again and again: five more tokens each, on average.
+        minted = lambda: debitura.count(status=200)  # noqa: E731
+        await drive(clock, sched, lambda: minted() >= 6 * len(tenants), horizon=clock.now() + 6 * 1800)
+        assert redactor.remembered_tokens <= TOKENS_PER_OWNER * len(sched.jobs)
+        await daemon.jobs.remove("debitura")
+        assert redactor.remembered_tokens == 0
 
 
 async def test_debitura_tenants_file_add_and_remove(start_daemon, debitura, tmp_path) -> None:
@@ -406,7 +423,7 @@ async def test_gooclaim_rejects_unverifiable_tokens(start_daemon, gooclaim, tmp_
     async with start_daemon({"jobs": [goo_job(gooclaim, tmp_path)]}) as daemon:
         rt = daemon.scheduler.jobs[("gooclaim", None)]
         await wait_for(lambda: rt.failures == 1)
-        assert rt.last_error == "bad_response" and message in rt.last_error_message
+        assert rt.failure_reason == "bad_response" and message in rt.failure_message
         assert not (tmp_path / "gooclaim.token").exists(), "an unverified token was written"
         assert metric(daemon, "refresher_refresh_failures_total", token_job="gooclaim", reason="bad_response") == 1
 
@@ -418,7 +435,7 @@ async def test_gooclaim_without_key_still_checks_audience(start_daemon, gooclaim
     async with start_daemon({"jobs": [job]}) as daemon:
         rt = daemon.scheduler.jobs[("gooclaim", None)]
         await wait_for(lambda: rt.failures == 1)
-        assert "wrong audience" in rt.last_error_message
+        assert "wrong audience" in rt.failure_message
 
 
 async def test_gooclaim_introspection_inactive_is_rejected(start_daemon, gooclaim, tmp_path) -> None:
@@ -426,7 +443,7 @@ async def test_gooclaim_introspection_inactive_is_rejected(start_daemon, gooclai
     async with start_daemon({"jobs": [job]}) as daemon:
         rt = daemon.scheduler.jobs[("gooclaim", None)]
         await wait_for(lambda: rt.failures == 1)
-        assert "tenant_id 'tn_42' != 'another-tenant'" in rt.last_error_message
+        assert "tenant_id 'tn_42' != 'another-tenant'" in rt.failure_message
 
 
 async def test_gooclaim_401_is_never_retried_in_a_loop(start_daemon, gooclaim, clock, tmp_path, leak_guard) -> None:
@@ -461,7 +478,7 @@ async def test_gooclaim_limit_misconfigured_gets_429_and_waits_exact_retry_after
     async with start_daemon({"jobs": jobs}) as daemon:
         sched = daemon.scheduler
         await wait_for(lambda: gooclaim.count(status=429) == 1 and sched.requests_in_flight == 0)
-        limited = next(r for r in sched.jobs.values() if r.last_error == "rate_limited")
+        limited = next(r for r in sched.jobs.values() if r.failure_reason == "rate_limited")
         first_429 = next(r for r in gooclaim.requests if r.status == 429)
         assert limited.next_refresh_at == pytest.approx(first_429.at + 60, abs=1)
         assert limited.backoff == 60

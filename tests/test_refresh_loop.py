@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 from refresher.demo.base import Fault
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, get_json, metric, oauth2_job, wait_for
+from tests.conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    deb_job,
+    drive,
+    get_json,
+    metric,
+    oauth2_job,
+    wait_for,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -281,7 +290,7 @@ async def test_sink_failure_retries_the_write_without_re_minting(start_daemon, o
     async with start_daemon({"jobs": [job]}) as daemon:
         rt = runtime(daemon)
         await wait_for(lambda: rt.failures == 1 and rt.refreshing is None)
-        assert rt.last_error == "sink" and "directory does not exist" in rt.last_error_message
+        assert rt.failure_reason == "sink" and "directory does not exist" in rt.failure_message
         assert metric(daemon, "refresher_sink_failures_total", token_job="api", sink="file") == 1
         assert (await get_json(daemon, "/readyz"))[0] == 503
         target_dir.mkdir()
@@ -327,3 +336,25 @@ async def test_on_expiry_keep_or_remove(start_daemon, oauth2_emulator, clock, tm
         await wait_for(lambda: len(leak_guard.events("token expired without a replacement")) == 1)
         await wait_for(lambda: target.exists() is (on_expiry == "keep"))
         assert metric(daemon, "refresher_token_valid", token_job="api") == 0
+
+
+@pytest.mark.parametrize("coalesce", [0.01, 0.0])
+async def test_planned_refreshes_leave_in_batches_a_little_early_never_late(
+    start_daemon, debitura, clock, tmp_path, coalesce
+) -> None:
+    tenants = [f"t-{i:02d}" for i in range(40)]
+    config = {"refresh": {"coalesce": coalesce}, "jobs": [deb_job(debitura, tmp_path, tenants)]}
+    async with start_daemon(config) as daemon:
+        sched = daemon.scheduler
+        await drive(clock, sched, lambda: all(r.token for r in sched.jobs.values()), horizon=clock.now() + 60)
+        planned = {r.tenant: r.next_refresh_at for r in sched.jobs.values()}
+        first = len(debitura.requests)
+        await drive(clock, sched, lambda: len(debitura.requests) >= first + 40, horizon=clock.now() + 1800)
+        sent = {r.client: r.at for r in debitura.requests[first:]}
+    slack = coalesce * 1800  # Debitura tokens live 30 min
+    for tenant, moment in sent.items():
+        assert planned[tenant] - slack - 1e-6 <= moment <= planned[tenant] + 1e-6, tenant
+    # 40 refreshes spread by jitter over ±135 s: with 18 s of slack they leave in a
+    # few batches; without, each at its own moment.
+    batches = len(set(sent.values()))
+    assert batches <= 16 if coalesce else batches == 40

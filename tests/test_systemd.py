@@ -180,6 +180,9 @@ def test_unit_declares_the_agreed_contract():
     assert single("RuntimeDirectory") == "refresher"
     assert single("RuntimeDirectoryMode") == "0750"
     assert single("RuntimeDirectoryPreserve") == "yes"
+    # Rotated refresh tokens (oauth2 state_dir) must survive a reboot: not on tmpfs.
+    assert single("StateDirectory") == "refresher"
+    assert single("StateDirectoryMode") == "0700"
     assert single("UMask") == "0027"
     assert single("CapabilityBoundingSet") == ""
     assert single("NoNewPrivileges") == "yes"

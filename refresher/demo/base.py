@@ -385,7 +385,7 @@ _KEY_CACHE: list[rsa.RSAPrivateKey] = []
 
 
 def _rsa_key() -> rsa.RSAPrivateKey:
-    # Generating RSA keys costs ~50 ms; emulators in one process share one key pair
+    # Generating RSA keys is slow: emulators in one process share one key pair
     # unless a test asks for a fresh one (see GooclaimEmulator.rotate_key).
     if not _KEY_CACHE:
         _KEY_CACHE.append(rsa.generate_private_key(public_exponent=65537, key_size=2048))

@@ -1,4 +1,4 @@
-"""DutyClaims emulator (seeds/000).
+"""DutyClaims emulator (docs/contracts.md).
 
 * ``POST /v1/oauth/token``: form-encoded client credentials only (JSON → 415 problem);
   opaque ``dcs_sbx_…`` bearer tokens; requested scopes must be in the documented

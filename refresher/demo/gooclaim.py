@@ -1,4 +1,4 @@
-"""Gooclaim emulator (seeds/002).
+"""Gooclaim emulator (docs/contracts.md).
 
 * ``POST /v1/auth/token``: JSON client credentials → RS256 JWT with ``sub``,
   ``tenant_id``, ``scope``, ``iat``, ``exp``, ``aud = gooclaim-api``, ``iss``; 1 h.

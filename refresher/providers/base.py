@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import math
 import ssl
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+from urllib.parse import quote_plus
 
 import httpx2
 
@@ -104,13 +105,32 @@ class ProviderClass(Protocol):
     def __call__(self, config: Any, *, clients: HTTPClients, clock: Clock) -> TokenProvider: ...
 
 
+@dataclass(frozen=True)
+class ClientCertificate:
+    """A TLS client certificate (RFC 8705) as read now: `digest` tells contents apart,
+    so a rotated certificate or key gets a client of its own; `owner` keeps one
+    provider's client from being retired under another."""
+
+    cert_file: Path
+    key_file: Path
+    digest: str
+    owner: str
+
+
 class HTTPClients:
     """One `httpx2.AsyncClient` per (base URL, TLS settings), reused across jobs, and
     the partner-side request budgets that jobs sharing a client id share."""
 
     def __init__(self) -> None:
-        self._clients: dict[tuple[str, str | None, float], httpx2.AsyncClient] = {}
+        self._clients: dict[
+            tuple[str, str | None, float, ClientCertificate | None], httpx2.AsyncClient
+        ] = {}
         self._limiters: dict[str, SlidingWindowLimiter] = {}
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+
+    def close_with(self, close: Callable[[], Awaitable[None]]) -> None:
+        """Also call `close` when the pool closes (a provider's own API clients)."""
+        self._closers.append(close)
 
     def limiter(self, key: str, limit: int, period: float, clock: Clock) -> SlidingWindowLimiter:
         """The budget every provider naming `key` shares (e.g. Gooclaim's introspection
@@ -123,14 +143,24 @@ class HTTPClients:
         return limiter
 
     def get(
-        self, base_url: str, *, ca_file: Path | None = None, timeout: float = 10.0
+        self,
+        base_url: str,
+        *,
+        ca_file: Path | None = None,
+        timeout: float = 10.0,
+        client_cert: ClientCertificate | None = None,
     ) -> httpx2.AsyncClient:
-        key = (base_url, str(ca_file) if ca_file else None, timeout)
+        """The shared client; with `client_cert`, one presenting that certificate
+        (`SecretUnusableError` when the certificate and key do not load)."""
+        key = (base_url, str(ca_file) if ca_file else None, timeout, client_cert)
         client = self._clients.get(key)
         if client is None:
             verify: ssl.SSLContext | bool = True
-            if ca_file is not None:
-                verify = ssl.create_default_context(cafile=str(ca_file))
+            if ca_file is not None or client_cert is not None:
+                verify = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+            if client_cert is not None:
+                assert isinstance(verify, ssl.SSLContext)
+                _load_certificate(verify, client_cert)
             client = httpx2.AsyncClient(
                 base_url=base_url,
                 timeout=timeout,
@@ -142,10 +172,32 @@ class HTTPClients:
             self._clients[key] = client
         return client
 
+    async def retire(self, client: httpx2.AsyncClient) -> None:
+        """Close `client` and forget it (its certificate was rotated)."""
+        for key, held in list(self._clients.items()):
+            if held is client:
+                del self._clients[key]
+        await client.aclose()
+
     async def aclose(self) -> None:
         for client in self._clients.values():
             await client.aclose()
         self._clients.clear()
+        closers, self._closers = self._closers, []
+        for close in closers:
+            await close()
+
+
+def _load_certificate(context: ssl.SSLContext, certificate: ClientCertificate) -> None:
+    try:
+        context.load_cert_chain(str(certificate.cert_file), str(certificate.key_file))
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+        raise SecretUnusableError(
+            f"tls_client_cert_file {certificate.cert_file} / tls_client_key_file "
+            f"{certificate.key_file}: cannot use them ({reason}; a certificate and key "
+            "that do not match, or a rotation half done?)"
+        ) from None
 
 
 def _user_agent() -> str:
@@ -188,7 +240,7 @@ async def request(
     *,
     clock: Clock,
     headers: Mapping[str, str] | None = None,
-    data: Mapping[str, str] | None = None,
+    data: Mapping[str, str | list[str]] | None = None,
     json_body: Any = None,
     auth: tuple[str, str] | None = None,
 ) -> Response:
@@ -378,7 +430,7 @@ class HTTPProvider(Generic[ConfigT]):
 
     def secrets(self) -> list[str]:
         """Current secret values (for redaction), with the ``client_id:secret`` pair
-        HTTP Basic authentication would encode."""
+        HTTP Basic authentication would encode, as is and form-encoded (RFC 6749 §2.3.1)."""
         values = []
         client_id = getattr(self.config, "client_id", None)
         for source in self._secrets.values():
@@ -389,6 +441,7 @@ class HTTPProvider(Generic[ConfigT]):
             values.append(value)
             if isinstance(client_id, str):
                 values.append(f"{client_id}:{value}")
+                values.append(f"{quote_plus(client_id)}:{quote_plus(value)}")
         return values
 
     def secret_files(self) -> list[Path]:
@@ -408,8 +461,8 @@ class HTTPProvider(Generic[ConfigT]):
 
     def url(self, path: str) -> httpx2.URL:
         """`path` merged with the base URL, once: httpx2 re-parses and re-merges a
-        relative URL on every request (~80 µs, a tenth of a whole mint). The merge
-        is httpx2's own (a base path prefix is kept), via `build_request`."""
+        relative URL on every request. The merge is httpx2's own (a base path prefix
+        is kept), via `build_request`."""
         url = self._urls.get(path)
         if url is None:
             url = self._urls[path] = self.client.build_request("POST", path).url
@@ -421,11 +474,12 @@ class HTTPProvider(Generic[ConfigT]):
         what: str,
         *,
         headers: Mapping[str, str] | None = None,
-        data: Mapping[str, str] | None = None,
+        data: Mapping[str, str | list[str]] | None = None,
         json_body: Any = None,
         auth: tuple[str, str] | None = None,
     ) -> dict[str, Any]:
-        """POST, classify the status, and return the JSON object body."""
+        """POST to `path` (or an absolute URL), classify the status, and return the
+        JSON object body."""
         response = await request(
             self.client,
             "POST",
@@ -436,6 +490,12 @@ class HTTPProvider(Generic[ConfigT]):
             json_body=json_body,
             auth=auth,
         )
+        raise_for_status(response, what)
+        return response.json_object()
+
+    async def get_json(self, url: str, what: str) -> dict[str, Any]:
+        """GET `url` (a JWKS, server metadata): its JSON object, or a `ProviderError`."""
+        response = await request(self.client, "GET", url, clock=self.clock)
         raise_for_status(response, what)
         return response.json_object()
 

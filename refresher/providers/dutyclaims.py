@@ -1,4 +1,4 @@
-"""DutyClaims (seeds/000): managed credentials in production, sandbox OAuth2.
+"""DutyClaims (docs/contracts.md): managed credentials in production, sandbox OAuth2.
 
 * ``mode: managed`` publishes the production managed credential (``dcp_live_…``)
   as-is: it does not expire, and is re-published when its file changes (rotation).
@@ -48,7 +48,7 @@ log = structlog.get_logger("refresher.providers.dutyclaims")
 HEADER_NAMES = {"authorization": "Authorization", "x-api-key": "X-API-Key"}
 
 
-#: DutyClaims' documented scope vocabulary (seeds/000: "Current scope vocabulary").
+#: DutyClaims' documented scope vocabulary (its contract's "Current scope vocabulary").
 DUTYCLAIMS_SCOPES = frozenset(
     {
         "partner.read",
@@ -69,7 +69,7 @@ DUTYCLAIMS_SCOPES = frozenset(
     }
 )
 DUTYCLAIMS_LIVE_PREFIX = "dcp_live_"
-#: The documented probe of a managed credential (seeds/000: ``curl …/v1/clients -H
+#: The documented probe of a managed credential (the contract's ``curl …/v1/clients -H
 #: "Authorization: Bearer dcp_live_…"``).
 DUTYCLAIMS_PROBE_PATH = "/v1/clients"
 _PROBE_PATH = re.compile(r"/[\x21-\x7e]{0,500}")

@@ -1,4 +1,4 @@
-"""Gooclaim (seeds/002): JSON client credentials → RS256 machine JWT (1 h).
+"""Gooclaim (docs/contracts.md): JSON client credentials → RS256 machine JWT (1 h).
 
 * ``POST /v1/auth/token`` with ``{"grant_type", "client_id", "client_secret"}``;
   the secret only ever travels in the body.
@@ -35,14 +35,14 @@ from refresher.fields import (
     PartnerProviderConfig,
     checking_files,
     existing_file,
-    http_url,
+    optional_http_url,
     require_needs_scopes,
     scope_tokens,
     secret_fields,
     secret_source,
 )
 from refresher.jwtverify import JWKSCache, JWTVerifier, KeySource, PublicKeyFile, shown
-from refresher.providers.base import HTTPClients, HTTPProvider, raise_for_status, request
+from refresher.providers.base import HTTPClients, HTTPProvider
 from refresher.token import Token
 
 log = structlog.get_logger("refresher.providers.gooclaim")
@@ -79,10 +79,7 @@ class GooclaimProviderConfig(PartnerProviderConfig, ClientSecretFields):
     def _check_scopes(cls, scopes: list[str]) -> list[str]:
         return scope_tokens(scopes)
 
-    @field_validator("jwks_url")
-    @classmethod
-    def _jwks_http(cls, value: str | None) -> str | None:
-        return None if value is None else http_url(value)
+    _jwks_http = field_validator("jwks_url")(optional_http_url)
 
     _check_files = field_validator("public_key_file")(existing_file)
 
@@ -198,9 +195,7 @@ class GooclaimProvider(HTTPProvider[GooclaimProviderConfig]):
     async def _fetch_jwks(self) -> dict[str, Any]:
         url = self.config.jwks_url
         assert url is not None
-        response = await request(self.client, "GET", url, clock=self.clock)
-        raise_for_status(response, "Gooclaim JWKS request")
-        return response.json_object()
+        return await self.get_json(url, "Gooclaim JWKS request")
 
     async def introspect(self, token: Token, claims: Mapping[str, Any]) -> None:
         """Ask Gooclaim whether the token is active and is what it claims to be.

@@ -175,9 +175,8 @@ class AtomicFile:
 
     def _inline(self) -> bool:
         """Do the I/O on the event loop when nothing can block: the directory is on
-        a memory filesystem (tmpfs/ramfs, where a whole write takes ~50 µs and fsync
-        is a no-op) and no group name needs an NSS lookup. A thread hop costs more
-        than the write there."""
+        a memory filesystem (tmpfs/ramfs, where fsync is a no-op) and no group name
+        needs an NSS lookup. A thread hop costs more than the write there."""
         if self._memory is None:
             self._memory = memory_backed(self.directory)
         return self._memory and not isinstance(self.group, str)
@@ -254,8 +253,8 @@ class AtomicFile:
             )
 
     def _clean_stale_temps(self) -> None:
-        # Leftovers of a crash mid-write; ours only (same target name). Listing the
-        # directory per sink would cost 10,000 x 10,000 entries for 10,000 tenants.
+        # Leftovers of a crash mid-write; ours only (same target name). One listing
+        # per directory, shared by its sinks: N tenants must not list N x N entries.
         for path in _stale_temps(self.path.parent).pop(self.path.name, []):
             with contextlib.suppress(OSError):
                 os.unlink(path)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +156,23 @@ def quiet_logging() -> Iterator[None]:
     with open(os.devnull, "w") as devnull:
         configure_logging(Redactor(), level="info", fmt="json", stream=devnull)
         yield
+
+
+@contextlib.contextmanager
+def wrapped_providers(wrap: Callable[[Any, Any, Any], Any]) -> Iterator[None]:
+    """Pass every provider the daemon's job set builds through ``wrap(provider, job, clock)``."""
+    import refresher.jobset as jobset
+
+    original = jobset.build_provider
+
+    def build(job: Any, *, clients: Any, clock: Any) -> Any:
+        return wrap(original(job, clients=clients, clock=clock), job, clock)
+
+    jobset.build_provider = build  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        jobset.build_provider = original
 
 
 def emit(result: dict[str, Any]) -> None:

@@ -31,7 +31,14 @@ from typing import Any
 
 import anyio
 
-from tests.bench.common import DelegatingProvider, emit, nodelay, quiet_logging, sink_root
+from tests.bench.common import (
+    DelegatingProvider,
+    emit,
+    nodelay,
+    quiet_logging,
+    sink_root,
+    wrapped_providers,
+)
 
 CLIENT_ID = "bench-gooclaim"
 CLIENT_SECRET = "bench-gooclaim-secret-value"
@@ -105,7 +112,6 @@ async def drive(clock: Any, scheduler: Any, until: Any, horizon: float) -> bool:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    import refresher.daemon as daemon_module
     from refresher.clock import ManualClock
     from refresher.config import load_settings
     from refresher.daemon import Daemon
@@ -118,89 +124,89 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         {CLIENT_ID: CLIENT_SECRET}, clock=clock, token_limit=limit, token_lifetime=args.lifetime
     )
     recorder = OrderRecorder()
-    original = daemon_module.build_provider
-
-    def build(job: Any, *, clients: Any, clock: Any) -> Any:
-        return OrderedProvider(original(job, clients=clients, clock=clock), job.name, clock, recorder)
-
-    daemon_module.build_provider = build  # type: ignore[assignment]
+    ordered = wrapped_providers(
+        lambda provider, job, clock: OrderedProvider(provider, job.name, clock, recorder)
+    )
     result: dict[str, Any] = {"jobs": jobs, "limit_per_min": limit, "lifetime_s": args.lifetime}
     try:
-        emulator.start()
-        nodelay(emulator)
-        key_file = root / "gooclaim.pem"
-        key_file.write_bytes(emulator.public_key_pem())
-        settings = load_settings(
-            data={
-                "server": {"listen": "127.0.0.1:0"},
-                "jobs": [
-                    {
-                        "name": f"goo-{i:04d}",
-                        "provider": {
-                            "kind": "gooclaim",
-                            "base_url": emulator.url,
-                            "client_id": CLIENT_ID,
-                            "client_secret": CLIENT_SECRET,
-                            "issuer": emulator.issuer,
-                            "public_key_file": str(key_file),
-                            "requests_per_minute": limit,
-                        },
-                        "sinks": [{"kind": "file", "path": str(root / f"goo-{i:04d}.token")}],
+        with ordered:
+            emulator.start()
+            nodelay(emulator)
+            key_file = root / "gooclaim.pem"
+            key_file.write_bytes(emulator.public_key_pem())
+            settings = load_settings(
+                data={
+                    "server": {"listen": "127.0.0.1:0"},
+                    "jobs": [
+                        {
+                            "name": f"goo-{i:04d}",
+                            "provider": {
+                                "kind": "gooclaim",
+                                "base_url": emulator.url,
+                                "client_id": CLIENT_ID,
+                                "client_secret": CLIENT_SECRET,
+                                "issuer": emulator.issuer,
+                                "public_key_file": str(key_file),
+                                "requests_per_minute": limit,
+                            },
+                            "sinks": [{"kind": "file", "path": str(root / f"goo-{i:04d}.token")}],
+                        }
+                        for i in range(jobs)
+                    ],
+                }
+            )
+            with quiet_logging():
+                real_start = time.monotonic()
+                daemon = Daemon(settings, clock=clock, serve_http=False, rng=random.Random(7))
+                async with daemon.running():
+                    scheduler = daemon.scheduler
+                    recorder.scheduler = scheduler
+                    t0 = clock.now()
+                    horizon = t0 + 3 * args.lifetime + 2 * 60 * math.ceil(jobs / limit)
+                    ok = await drive(clock, scheduler, scheduler.ready, horizon)
+                    all_valid_at = clock.now() - t0 if ok else math.nan
+                    phase_a_requests = emulator.count(emulator.token_path)
+                    # Phase B: one more refresh for every job.
+                    recorder.track = True
+                    first = {
+                        key: r.token.obtained_at for key, r in scheduler.jobs.items() if r.token
                     }
-                    for i in range(jobs)
-                ],
-            }
-        )
-        with quiet_logging():
-            real_start = time.monotonic()
-            daemon = Daemon(settings, clock=clock, serve_http=False, rng=random.Random(7))
-            async with daemon.running():
-                scheduler = daemon.scheduler
-                recorder.scheduler = scheduler
-                t0 = clock.now()
-                horizon = t0 + 3 * args.lifetime + 2 * 60 * math.ceil(jobs / limit)
-                ok = await drive(clock, scheduler, scheduler.ready, horizon)
-                all_valid_at = clock.now() - t0 if ok else math.nan
-                phase_a_requests = emulator.count(emulator.token_path)
-                # Phase B: one more refresh for every job.
-                recorder.track = True
-                first = {key: r.token.obtained_at for key, r in scheduler.jobs.items() if r.token}
 
-                def refreshed_all() -> bool:
-                    return all(
-                        r.token is not None and r.token.obtained_at > first.get(key, math.inf)
-                        for key, r in scheduler.jobs.items()
-                    )
+                    def refreshed_all() -> bool:
+                        return all(
+                            r.token is not None and r.token.obtained_at > first.get(key, math.inf)
+                            for key, r in scheduler.jobs.items()
+                        )
 
-                ok_b = await drive(clock, scheduler, refreshed_all, horizon)
-                phase_b_s = clock.now() - t0 - all_valid_at
-                invalid = sum(1 for r in scheduler.jobs.values() if not r.valid(clock.now()))
-                failures = sum(r.failures for r in scheduler.jobs.values())
-            real_s = time.monotonic() - real_start
-        full_windows = math.ceil(jobs / limit) - 1
-        result.update(
-            {
-                "all_valid_sim_s": all_valid_at,
-                "all_valid_sim_min": all_valid_at / 60,
-                "arithmetic_min": jobs / limit,
-                "tight_bound_min": full_windows * 60 / 60,
-                "refresh_round_done": ok_b,
-                "refresh_round_sim_s": phase_b_s,
-                "token_requests": emulator.count(emulator.token_path),
-                "phase_a_requests": phase_a_requests,
-                "http_429": emulator.count(emulator.token_path, status=429),
-                "max_in_window": emulator.token_limiter.max_in_window,
-                "over_limit": max(0, emulator.token_limiter.max_in_window - limit),
-                "missed": recorder.missed,
-                "invalid_at_end": invalid,
-                "failures": failures,
-                "order_inversions": recorder.inversions,
-                "contended_requests": recorder.contended,
-                "phase_b_requests": recorder.fetches - phase_a_requests,
-                "real_s": real_s,
-            }
-        )
-        return result
+                    ok_b = await drive(clock, scheduler, refreshed_all, horizon)
+                    phase_b_s = clock.now() - t0 - all_valid_at
+                    invalid = sum(1 for r in scheduler.jobs.values() if not r.valid(clock.now()))
+                    failures = sum(r.failures for r in scheduler.jobs.values())
+                real_s = time.monotonic() - real_start
+            full_windows = math.ceil(jobs / limit) - 1
+            result.update(
+                {
+                    "all_valid_sim_s": all_valid_at,
+                    "all_valid_sim_min": all_valid_at / 60,
+                    "arithmetic_min": jobs / limit,
+                    "tight_bound_min": full_windows * 60 / 60,
+                    "refresh_round_done": ok_b,
+                    "refresh_round_sim_s": phase_b_s,
+                    "token_requests": emulator.count(emulator.token_path),
+                    "phase_a_requests": phase_a_requests,
+                    "http_429": emulator.count(emulator.token_path, status=429),
+                    "max_in_window": emulator.token_limiter.max_in_window,
+                    "over_limit": max(0, emulator.token_limiter.max_in_window - limit),
+                    "missed": recorder.missed,
+                    "invalid_at_end": invalid,
+                    "failures": failures,
+                    "order_inversions": recorder.inversions,
+                    "contended_requests": recorder.contended,
+                    "phase_b_requests": recorder.fetches - phase_a_requests,
+                    "real_s": real_s,
+                }
+            )
+            return result
     finally:
         emulator.stop()
         shutil.rmtree(root, ignore_errors=True)

@@ -53,6 +53,7 @@ from tests.bench.common import (
     quiet_logging,
     rss_mb,
     sink_root,
+    wrapped_providers,
 )
 
 
@@ -110,18 +111,6 @@ class GCPauses:
         }
 
 
-def install_wrapper(recorder: Recorder) -> None:
-    """Wrap every provider the daemon builds (refresher.daemon.build_provider)."""
-    import refresher.daemon as daemon_module
-
-    original = daemon_module.build_provider
-
-    def build(job: Any, *, clients: Any, clock: Any) -> Any:
-        return TimedProvider(original(job, clients=clients, clock=clock), job.name, clock, recorder)
-
-    daemon_module.build_provider = build  # type: ignore[assignment]
-
-
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -155,12 +144,16 @@ def seed_tokens(
         (sink_dir / f"{tenant}.json").write_bytes(render(token, config))
 
 
-def debitura_settings(url: str, tenants: list[str], sink_dir: Path) -> Any:
+def debitura_settings(
+    url: str, tenants: list[str], sink_dir: Path, *, coalesce: float | None = None
+) -> Any:
     from refresher.config import load_settings
 
+    refresh = {} if coalesce is None else {"coalesce": coalesce}
     return load_settings(
         data={
             "server": {"listen": "127.0.0.1:0"},
+            "refresh": refresh,
             "jobs": [
                 {
                     "name": "debitura",
@@ -207,7 +200,10 @@ async def raw_paced_cpu(url: str, rate: float, seconds: float) -> dict[str, floa
                 if delay > 0:
                     await anyio.sleep(delay)
                 tg.start_soon(one, i)
-        return {"cpu_per_request_ms": (process_cpu() - cpu) / n * 1e3, "rate": n / (time.monotonic() - start)}
+        return {
+            "cpu_per_request_ms": (process_cpu() - cpu) / n * 1e3,
+            "rate": n / (time.monotonic() - start),
+        }
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -223,7 +219,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="refresher-scale-", dir=args.sink_root or sink_root()))
     result["sink_fs"] = str(root.parent)
     try:
-        with quiet_logging(), ServerProcess("fast", lifetime) as server:
+        recorder = Recorder()
+        timed = wrapped_providers(
+            lambda provider, job, clock: TimedProvider(provider, job.name, clock, recorder)
+        )
+        with quiet_logging(), timed, ServerProcess("fast", lifetime) as server:
             if args.raw_n:
                 result["raw_saturated"] = await raw_debitura_cpu(server.url, args.raw_n)
                 result["raw_paced"] = await raw_paced_cpu(
@@ -234,8 +234,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             # run for a while; the few already due when loading ends are refreshed at
             # once, so lag counts only refreshes planned after a warm-up.
             seed_tokens(root, tenants, lifetime=lifetime, spread=interval, now=time.time())
-            recorder = Recorder()
-            install_wrapper(recorder)
             from refresher.daemon import Daemon
 
             gc.collect()
@@ -244,7 +242,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             requests0 = server.stats()["total"]
             cpu0 = process_cpu()
             t0 = time.time()
-            daemon = Daemon(debitura_settings(server.url, tenants, root), serve_http=False)
+            daemon = Daemon(
+                debitura_settings(server.url, tenants, root, coalesce=args.coalesce),
+                serve_http=False,
+            )
             profiler = _profiler(args.profile)
             async with daemon.running():
                 if profiler is not None:
@@ -336,6 +337,9 @@ def main() -> None:
     parser.add_argument("--raw-paced-s", type=float, default=8.0)
     parser.add_argument("--sink-root", default=None)
     parser.add_argument("--profile", default=None, help="write a pyinstrument profile here")
+    parser.add_argument(
+        "--coalesce", type=float, default=None, help="refresh.coalesce (default: the daemon's)"
+    )
     emit(anyio.run(run, parser.parse_args()))
 
 

@@ -186,8 +186,8 @@ async def open_refresher(url: str, concurrency: int) -> AsyncIterator[Mint]:
         async def mint(i: int) -> None:
             runtime = runtimes[i]
             await scheduler.refresh(runtime)
-            if runtime.last_error is not None or runtime.token is None:
-                raise RuntimeError(f"refresher: refresh failed: {runtime.last_error_message}")
+            if runtime.failure_reason is not None or runtime.token is None:
+                raise RuntimeError(f"refresher: refresh failed: {runtime.failure_message}")
 
         yield mint
     finally:

@@ -571,7 +571,7 @@ class KubernetesEmulator(ServesTLS, Emulator):
         *,
         labels: Mapping[str, str] | None = None,
         annotations: Mapping[str, str] | None = None,
-        type: str = "Opaque",
+        secret_type: str = "Opaque",
         manager: str = "kubectl-edit",
     ) -> None:
         """Write keys as another tool would (an Update by `manager`), creating the Secret."""
@@ -586,7 +586,7 @@ class KubernetesEmulator(ServesTLS, Emulator):
                     "apiVersion": "v1",
                     "kind": "Secret",
                     "metadata": {"name": name, "namespace": namespace},
-                    "type": type,
+                    "type": secret_type,
                     "data": encoded,
                 }
                 if labels:

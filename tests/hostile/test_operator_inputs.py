@@ -1,6 +1,6 @@
-"""What a tired operator or a noisy consumer can get wrong (issue 12, items 8, 9, 12,
-14): secrets that are not text, environment overrides that are not JSON, forced
-refreshes without end, loose file modes and missing directories."""
+"""What a tired operator or a noisy consumer can get wrong: secrets that are not
+text, environment overrides that are not JSON, forced refreshes without end, loose
+file modes and missing directories."""
 
 from __future__ import annotations
 
@@ -70,8 +70,8 @@ async def test_secret_file_rotated_to_garbage_fails_that_job_only(
         first = api.token
         requests = oauth2_emulator.count()
         (tmp_path / "client_secret").write_bytes(b"\xff\xfe rotated badly")
-        await wait_for(lambda: api.last_error == "config" and api.refreshing is None)
-        assert "not valid UTF-8" in api.last_error_message
+        await wait_for(lambda: api.failure_reason == "config" and api.refreshing is None)
+        assert "not valid UTF-8" in api.failure_message
         assert oauth2_emulator.count() == requests, "an unusable secret is never sent"
         assert api.token is first and (tmp_path / "api.token").read_text().strip() == first.value
         assert metric(daemon, "refresher_refresh_failures_total", token_job="api", reason="config") == 1

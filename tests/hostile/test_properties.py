@@ -1,4 +1,4 @@
-"""Properties over all inputs (hypothesis), issue 12:
+"""Properties over all inputs (hypothesis):
 
 * for any tenant string, the sink path stays inside its directory, or the tenant
   is refused; distinct tenants never share a file;

@@ -1,4 +1,4 @@
-"""Hostile provider answers (issue 12, items 4-6): nothing a provider says can put a
+"""Hostile provider answers: nothing a provider says can put a
 line into a consumer's file, crash the daemon, or make a token live for ever."""
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ async def test_unsafe_answer_is_bad_response_and_never_written(
         before = snapshot(tmp_path)
         oauth2_emulator.inject(Fault.body_json(grant(oauth2_emulator, **fields)))
         await daemon.scheduler.refresh(rt, force=True)
-        assert rt.last_error == "bad_response" and message in rt.last_error_message
+        assert rt.failure_reason == "bad_response" and message in rt.failure_message
         assert snapshot(tmp_path) == before
         assert metric(daemon, "refresher_refresh_failures_total", token_job="api", reason="bad_response") == 1
         # The API shows a short classified title, never the provider's value.
@@ -130,12 +130,12 @@ async def test_absurd_expiry_is_clamped_or_refused_never_a_crash(
         await daemon.scheduler.refresh(rt, force=True)
         if expires_in == "1e12":
             # Numeric strings are accepted, but only of the plain "3600" kind.
-            assert rt.last_error == "bad_response"
+            assert rt.failure_reason == "bad_response"
         elif rt.failures == 0:
             assert rt.token.lifetime == MAX_LIFETIME
             assert (tmp_path / "api.raw").read_text() == "opaque-but-fine\n"
         else:
-            assert rt.last_error == "bad_response" and "finite" in rt.last_error_message
+            assert rt.failure_reason == "bad_response" and "finite" in rt.failure_message
         status, tokens = await get_json(daemon, "/v1/tokens", leak_guard)
         assert status == 200 and tokens["jobs"][0]["expires_at"]
         assert (await get_json(daemon, "/metrics"))[0] == 200

@@ -1,4 +1,4 @@
-"""Secrets never leave the process (issue 12, item 10): a provider that echoes the
+"""Secrets never leave the process: a provider that echoes the
 client secret — as is, percent-encoded as the form body carried it, base64 alone or
 as HTTP Basic's ``id:secret`` — gets it masked in logs, and the API and
 ``refresher status --json`` show only classified fields (reason, HTTP status, a
@@ -63,7 +63,7 @@ async def test_echoed_secret_never_reaches_logs_api_or_status(
     async with start_daemon({"jobs": [job]}) as daemon:
         rt = daemon.scheduler.jobs[("api", None)]
         await wait_for(lambda: rt.failures == 1 and rt.refreshing is None)
-        assert rt.last_error == "unauthorized"
+        assert rt.failure_reason == "unauthorized"
         status, body = await get_json(daemon, "/v1/tokens", leak_guard)
         entry = body["jobs"][0]
         assert entry["last_error"] == "unauthorized" and entry["last_error_status"] == 401

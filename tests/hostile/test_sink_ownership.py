@@ -1,4 +1,4 @@
-"""One writer per file-sink directory (issue 12): a second refresher on the same
+"""One writer per file-sink directory: a second refresher on the same
 directory refuses to start (exit 2, the holder's pid in the message) instead of
 minting and overwriting the first one's files; a directory that appears later under
 another process's lock fails only the writes into it; a leader waits for a held
@@ -426,14 +426,14 @@ async def test_directory_created_later_under_another_lock_fails_its_writes_only(
                 and rt.refreshing is None
             )
         )
-        assert "directory does not exist" in (rt.last_error_message or "")
+        assert "directory does not exist" in (rt.failure_message or "")
         late.mkdir()
         with held_by_another_process(late) as holder:
             for attempt in range(2, 5):
                 await clock.set(rt.next_refresh_at)
                 await wait_for(lambda a=attempt: rt.failures == a and rt.refreshing is None)
-                assert rt.last_error == "sink"
-                assert REFUSED.format(dir=late, pid=holder.pid) in (rt.last_error_message or "")
+                assert rt.failure_reason == "sink"
+                assert REFUSED.format(dir=late, pid=holder.pid) in (rt.failure_message or "")
             assert list(late.iterdir()) == []
             assert oauth2_emulator.count() == 2, "a refused write re-minted"
             assert len(leak_guard.events(OWNED)) == 1, "logged once, not once per retried write"
@@ -442,11 +442,11 @@ async def test_directory_created_later_under_another_lock_fails_its_writes_only(
             await clock.set(api.next_refresh_at)
             await wait_for(lambda: written() and api.refreshing is None)
             assert (tmp_path / "api.token").read_text().strip() == api.token.value
-            assert api.last_error is None
+            assert api.failure_reason is None
         await clock.set(rt.next_refresh_at)
         await wait_for(lambda: (late / "late.token").exists() and rt.refreshing is None)
         assert (late / "late.token").read_text().strip() == rt.token.value
-        assert rt.last_error is None
+        assert rt.failure_reason is None
 
 
 @pytest.mark.anyio
@@ -496,7 +496,7 @@ async def test_reload_adding_a_job_in_an_owned_directory_adds_the_others(
                     and blocked.refreshing is None
                 )
             )
-            assert REFUSED.format(dir=owned, pid=holder.pid) in (blocked.last_error_message or "")
+            assert REFUSED.format(dir=owned, pid=holder.pid) in (blocked.failure_message or "")
             assert (tmp_path / "fresh.token").read_text().strip() == fresh.token.value
             assert list(owned.iterdir()) == []
             assert api.valid(clock.now())
@@ -581,8 +581,8 @@ async def test_leader_waits_for_a_held_directory_and_a_follower_never_exits(
             # The leader mints nothing for a directory it cannot own, over many retries.
             await advance_to(clock, clock.now() + 12, a)
             assert oauth2_emulator.count() == 0 and not target.exists()
-            assert rt_a.last_error == "sink"
-            assert REFUSED.format(dir=shared, pid=holder.pid) in (rt_a.last_error_message or "")
+            assert rt_a.failure_reason == "sink"
+            assert REFUSED.format(dir=shared, pid=holder.pid) in (rt_a.failure_message or "")
             assert len(leak_guard.events(WAITING)) == 1, "logged once, not once per retry"
 
             # Kill the leader (no lease release): the follower, still up, takes over.
@@ -604,7 +604,7 @@ async def test_leader_waits_for_a_held_directory_and_a_follower_never_exits(
             await advance_to(clock, clock.now() + 2, b)
             await wait_for(lambda: target.exists() and rt_b.refreshing is None)
             assert target.read_text().strip() == rt_b.token.value
-            assert oauth2_emulator.count() == 1 and rt_b.last_error is None
+            assert oauth2_emulator.count() == 1 and rt_b.failure_reason is None
             assert leak_guard.events(RESUMED)
             # Held for as long as it leads; given back the moment it stops leading.
             probe = DirectoryLocks()

@@ -1,4 +1,4 @@
-"""Fault isolation (issue 12, "supervision"): an unexpected exception at any of a
+"""Fault isolation (supervision): an unexpected exception at any of a
 job's boundaries is caught there, logged once with its traceback, counted, and the
 job retries; the daemon and every other job keep running.
 
@@ -63,7 +63,7 @@ async def test_bug_in_a_refresh_is_that_jobs_failure_only(
         api.provider.fetch = fails_once(api.provider.fetch)  # type: ignore[method-assign]
         before = other.token
         await daemon.scheduler.refresh(api, force=True)
-        assert api.last_error == "internal" and api.failures == 1
+        assert api.failure_reason == "internal" and api.failures == 1
         assert metric(daemon, "refresher_internal_errors_total", component="refresh") == 1
         assert metric(daemon, "refresher_refresh_failures_total", token_job="api", reason="internal") == 1
         [logged] = leak_guard.events("internal error")

@@ -1,4 +1,4 @@
-"""Hostile tenant ids (issue 12, items 1-3): a tenant id is the partner's own and
+"""Hostile tenant ids: a tenant id is the partner's own and
 travels on the wire unchanged, but never chooses where a token lands, never
 crashes the daemon, and never takes another tenant's Secret key."""
 

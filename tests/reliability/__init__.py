@@ -1,1 +1,1 @@
-"""Reliability and security fault matrix (issue 8): see README.md in this directory."""
+"""Reliability and security fault matrix: see README.md in this directory."""

@@ -35,7 +35,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not rows:
         return
     table = render_table(rows)
-    terminalreporter.write_sep("=", "reliability matrix (issue 8)")
+    terminalreporter.write_sep("=", "reliability matrix")
     terminalreporter.write_line(table)
     target = os.environ.get("RELIABILITY_REPORT")
     if target:

@@ -3,7 +3,7 @@
 A `Scenario` is data (provider, sink format, policy, how the endpoint misbehaves)
 plus a short async `run(ctx)` that drives the injected clock through the fault and
 makes the scenario's own assertions. `run_scenario` does everything else and checks
-the five invariants of issue 8 for every scenario:
+the five invariants of the reliability matrix for every scenario:
 
 I1  no expired-token window while the outage is shorter than the refresh margin:
     a reader thread polls every sink file throughout (expiry judged on the injected
@@ -504,8 +504,8 @@ class Ctx:
             if time.monotonic() > give_up:
                 raise AssertionError("the daemon did not settle")
         for runtime in self.runtimes:
-            if runtime.last_error_message:
-                self.errors_seen.add(runtime.last_error_message)
+            if runtime.failure_message:
+                self.errors_seen.add(runtime.failure_message)
 
     async def run_until(self, target: float, until: Callable[[], bool] | None = None) -> bool:
         """Advance the clock deadline by deadline up to `target` (or until `until()`),
@@ -527,7 +527,7 @@ class Ctx:
         await self.settle()
         for runtime in self.runtimes:
             assert runtime.token is not None and not runtime.unwritten, (
-                f"no first token: {runtime.last_error_message}"
+                f"no first token: {runtime.failure_message}"
             )
         return self.runtimes[0].token
 

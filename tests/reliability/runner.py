@@ -289,8 +289,8 @@ async def run_scenario(sc: Scenario, env: Env) -> None:
         failures += lost[:3]
     # I4 ------------------------------------------------------------------
     for runtime, _, _ in final:
-        if runtime.last_error_message:
-            ctx.errors_seen.add(runtime.last_error_message)
+        if runtime.failure_message:
+            ctx.errors_seen.add(runtime.failure_message)
     outputs = [*ctx.outputs, *sorted(ctx.errors_seen), hook.text()]
     if dump.exists():
         outputs.append(dump.read_text())

@@ -1,7 +1,7 @@
 """The fault matrix, in process: a real daemon on the injected clock, real HTTP to the
 real emulators, real files. One row of `SCENARIOS` per fault: a few lines of data and
 a short `run(ctx)` with the scenario's own assertions; `runner.run_scenario` checks
-the five invariants of issue 8 for every row (see harness.py).
+the five invariants of the reliability matrix for every row (see harness.py).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ async def new_token(ctx: Ctx, old: Any, runtime: Any = None, horizon: float | No
         horizon if horizon is not None else old.expires_at,
         until=lambda: runtime.token is not old and not runtime.unwritten,
     )
-    assert reached, f"no new token by the horizon: {runtime.last_error_message}"
+    assert reached, f"no new token by the horizon: {runtime.failure_message}"
     return runtime.token
 
 
@@ -69,7 +69,7 @@ async def outage(
     ctx.fault_window(due, end, factory)
     await ctx.run_until(end)
     assert rt.token is old and ctx.file_value() == old.value, "a failure replaced the token"
-    assert rt.failures >= 1 and rt.last_error == reason, (rt.last_error, rt.last_error_message)
+    assert rt.failures >= 1 and rt.failure_reason == reason, (rt.failure_reason, rt.failure_message)
     if message:
         assert any(message in e for e in ctx.errors_seen), (message, ctx.errors_seen)
     assert ctx.metric("refresher_token_valid", token_job="api") == 1
@@ -93,8 +93,8 @@ async def one_bad_answer(ctx: Ctx, factory: Callable[[Any], Fault], message: str
     due = ctx.rt.next_refresh_at
     ctx.fault_window(due, due + 1e-3, factory)
     await ctx.run_until(due)
-    assert ctx.rt.last_error == "bad_response", ctx.rt.last_error_message
-    assert message in ctx.rt.last_error_message, ctx.rt.last_error_message
+    assert ctx.rt.failure_reason == "bad_response", ctx.rt.failure_message
+    assert message in ctx.rt.failure_message, ctx.rt.failure_message
     assert ctx.file_value() == old.value
     await new_token(ctx, old)
     assert ctx.metric("refresher_refresh_failures_total", token_job="api", reason="bad_response") == 1
@@ -176,8 +176,8 @@ async def timeouts(ctx: Ctx) -> None:
 async def closed_port_from_start(ctx: Ctx) -> None:
     await ctx.run_until(ctx.clock.now() + 3600)
     rt = ctx.rt
-    assert rt.token is None and rt.last_error == "transport", rt.last_error_message
-    assert "ConnectError" in rt.last_error_message
+    assert rt.token is None and rt.failure_reason == "transport", rt.failure_message
+    assert "ConnectError" in rt.failure_message
     assert not ctx.path.exists() and (await ctx.get("/readyz"))[0] == 503
     attempts = ctx.metric("refresher_refresh_failures_total", token_job="api", reason="transport")
     ctx.pressure = lambda: int(attempts)
@@ -197,7 +197,7 @@ async def provider_down_then_back(ctx: Ctx) -> None:
     await ctx.run_until(due - 1)
     await anyio.to_thread.run_sync(ctx.emulator.stop)
     await ctx.run_until(end)
-    assert rt.last_error == "transport" and "ConnectError" in rt.last_error_message
+    assert rt.failure_reason == "transport" and "ConnectError" in rt.failure_message
     assert rt.token is old and ctx.file_value() == old.value
     await anyio.to_thread.run_sync(ctx.emulator.start)
     nodelay(ctx.emulator)
@@ -214,7 +214,7 @@ def mid_body(mode: str) -> Callable[[Ctx], Any]:
         due = rt.next_refresh_at
         ctx.proxy_window(due, due + 30, mode)
         await ctx.run_until(due + 30)
-        assert rt.last_error == "transport", rt.last_error_message
+        assert rt.failure_reason == "transport", rt.failure_message
         assert rt.token is old and ctx.file_value() == old.value
         await new_token(ctx, old)
         lost = ctx.proxy.modes.count(mode)
@@ -228,10 +228,10 @@ def mid_body(mode: str) -> Callable[[Ctx], Any]:
 async def tls_untrusted(ctx: Ctx) -> None:
     await ctx.run_until(ctx.clock.now() + 600)
     rt = ctx.rt
-    assert rt.token is None and rt.last_error == "transport"
-    assert "TLS error" in rt.last_error_message and "CERTIFICATE_VERIFY_FAILED" in (
-        rt.last_error_message
-    ), rt.last_error_message
+    assert rt.token is None and rt.failure_reason == "transport"
+    assert "TLS error" in rt.failure_message and "CERTIFICATE_VERIFY_FAILED" in (
+        rt.failure_message
+    ), rt.failure_message
     assert ctx.emulator.count() == 0, "a request (with the client secret) crossed unverified TLS"
     attempts = ctx.metric("refresher_refresh_failures_total", token_job="api", reason="transport")
     ctx.pressure = lambda: int(attempts)
@@ -331,7 +331,7 @@ async def huge_streamed(ctx: Ctx) -> None:
         peak = tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
-    assert rt.last_error == "bad_response" and "exceeds" in rt.last_error_message
+    assert rt.failure_reason == "bad_response" and "exceeds" in rt.failure_message
     assert peak < 8 << 20, f"reading a 64 MiB body grew memory by {peak >> 20} MiB"
     assert ctx.proxy.huge_bytes_sent < 64 << 20, "the client read the whole body"
     await new_token(ctx, old)
@@ -371,7 +371,7 @@ def gooclaim_knob(knob: str, message: str) -> Callable[[Ctx], Any]:
 
         ctx.knob_window(due, due + 20, apply)
         await ctx.run_until(due + 20)
-        assert ctx.rt.last_error == "bad_response"
+        assert ctx.rt.failure_reason == "bad_response"
         assert any(message in e for e in ctx.errors_seen), ctx.errors_seen
         assert ctx.file_value() == old.value
         await new_token(ctx, old)
@@ -405,7 +405,7 @@ async def unauthorized_after_rotation(ctx: Ctx) -> None:
     ctx.env.leak_guard.secrets.add(ROTATED_SECRET)
     ctx.emulator.clients[CLIENT_ID] = ROTATED_SECRET  # rotated at the provider first
     await ctx.run_until(due + 120)
-    assert rt.last_error == "unauthorized" and rt.token is old
+    assert rt.failure_reason == "unauthorized" and rt.token is old
     assert ctx.emulator.count(status=401) == 1, "401 retried in a loop"
     assert ctx.env.leak_guard.events("refresh failed")[0]["job"] == "api"
     secret = ctx.secret_file
@@ -449,7 +449,7 @@ async def debitura_tenant_refused_at_mint(ctx: Ctx) -> None:
     end = old.expires_at + 3600
     await ctx.run_until(end)
     now = ctx.clock.now()
-    assert bad.last_error == "unauthorized" and bad.display_state(now) == "expired"
+    assert bad.failure_reason == "unauthorized" and bad.display_state(now) == "expired"
     assert ctx.file_value(ctx.path_of("t-bad")) == old.value, "on_expiry: keep"
     assert good.token.is_valid(now) and good.display_state(now) == "valid"
     bad_requests = ctx.emulator.count(client="t-bad")
@@ -509,7 +509,7 @@ async def sink_outage(
     await ctx.run_until(due + 200)
     assert rt.token is not old and rt.unwritten, "the write did not fail"
     assert rt.display_state(ctx.clock.now()) == "sink_failing"
-    assert message in rt.last_error_message, rt.last_error_message
+    assert message in rt.failure_message, rt.failure_message
     assert ctx.emulator.count() == 2, "failed writes must be retried without re-minting"
     assert not tmp_files(ctx), f"temp files left behind: {tmp_files(ctx)}"
     failures = ctx.metric("refresher_sink_failures_total", token_job="api", sink="file")
@@ -732,8 +732,8 @@ async def stale_temp_after_crash(ctx: Ctx) -> None:
 # ================================================================== the table
 
 
-def sc(id: str, group: str, run: Callable[[Ctx], Any], **kw: Any) -> Scenario:
-    return Scenario(id=id, group=group, run=run, **kw)
+def sc(name: str, group: str, run: Callable[[Ctx], Any], **kw: Any) -> Scenario:
+    return Scenario(id=name, group=group, run=run, **kw)
 
 
 SMALL_BACKOFF = {"backoff": {"initial": "1s", "max": "60s"}}

@@ -170,15 +170,23 @@ true
 {{- end }}
 
 {{/*
-Secret names that kind=kubernetes sinks write, and bundle and template sinks kept in a
-Secret (`secret:` instead of `path:`), as JSON {"<namespace>": ["name", ...]}.
-A sink without a namespace writes into the pod's (= the release) namespace. Several
-jobs may share one Secret (each applies only its own key): names are de-duplicated.
+Secret names that kind=kubernetes sinks, bundle and template sinks kept in a Secret
+(`secret:` instead of `path:`) and oauth2 state_secrets write, as JSON
+{"<namespace>": ["name", ...]}. Without a namespace they write into the pod's (= the
+release) namespace. Several jobs may share one Secret (each applies only its own key):
+names are de-duplicated.
 */}}
 {{- define "refresher.sinkSecrets" -}}
 {{- $byNs := dict -}}
 {{- $cfg := .Values.config | default dict -}}
 {{- range $i, $job := ($cfg.jobs | default list) -}}
+{{- /* An oauth2 state_secret (rotated refresh tokens) is written like a sink's Secret. */ -}}
+{{- $state := ($job.provider | default dict).state_secret -}}
+{{- if and $state (not $state.kubeconfig) -}}
+{{- $ns := $state.namespace | default $.Release.Namespace -}}
+{{- $existing := get $byNs $ns | default list -}}
+{{- $_ := set $byNs $ns (append $existing $state.name | uniq | sortAlpha) -}}
+{{- end -}}
 {{- range $j, $sink := ($job.sinks | default list) -}}
 {{- if and (include "refresher.writesSecret" $sink) (not $sink.kubeconfig) -}}
 {{- if not $sink.secret -}}
@@ -264,6 +272,51 @@ credentials Secret must be configured, and a generated one must hold <key>.
 {{- if not (hasKey $.Values.credentials.files $key) -}}
 {{- fail (printf "config refers to %s but credentials.files has no key %q" . $key) -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+Projected ServiceAccount tokens (serviceAccountTokens): the volumes, their mounts under
+/var/run/secrets/tokens/<name>/, and the check that every such path the config names
+is one of them. Called with (dict "root" $ "prefix" "<volume name prefix>").
+*/}}
+{{- define "refresher.serviceAccountTokens.dir" -}}/var/run/secrets/tokens{{- end }}
+
+{{- define "refresher.serviceAccountTokenVolumes" -}}
+{{- $prefix := .prefix -}}
+{{- range .root.Values.serviceAccountTokens }}
+- name: {{ $prefix }}sa-token-{{ .name }}
+  projected:
+    sources:
+      - serviceAccountToken:
+          path: token
+          audience: {{ .audience | quote }}
+          expirationSeconds: {{ int (.expirationSeconds | default 3600) }}
+{{- end }}
+{{- end }}
+
+{{- define "refresher.serviceAccountTokenMounts" -}}
+{{- $prefix := .prefix -}}
+{{- $dir := include "refresher.serviceAccountTokens.dir" .root -}}
+{{- range .root.Values.serviceAccountTokens }}
+- name: {{ $prefix }}sa-token-{{ .name }}
+  mountPath: {{ $dir }}/{{ .name }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "refresher.checkServiceAccountTokens" -}}
+{{- $dir := printf "%s/" (include "refresher.serviceAccountTokens.dir" .) -}}
+{{- $names := list -}}
+{{- range .Values.serviceAccountTokens -}}
+{{- $names = append $names .name -}}
+{{- end -}}
+{{- $refs := regexFindAll (printf "%s[^\"\\\\]+" (regexQuoteMeta $dir)) (toJson (.Values.config | default dict)) -1 | uniq -}}
+{{- range $refs -}}
+{{- $name := index (splitList "/" (trimPrefix $dir .)) 0 -}}
+{{- if not (has $name $names) -}}
+{{- fail (printf "config refers to %s but serviceAccountTokens has no entry named %q" . $name) -}}
 {{- end -}}
 {{- end -}}
 {{- end }}
@@ -410,6 +463,7 @@ volumeMounts:
     mountPath: /tokens
   - name: refresher-tmp
     mountPath: /tmp
+  {{- include "refresher.serviceAccountTokenMounts" (dict "root" . "prefix" "refresher-") | nindent 2 }}
   {{- with .Values.extraVolumeMounts }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -439,6 +493,7 @@ volumeMounts:
 - name: refresher-tmp
   emptyDir:
     sizeLimit: 16Mi
+{{- include "refresher.serviceAccountTokenVolumes" (dict "root" . "prefix" "refresher-") }}
 {{- with .Values.extraVolumes }}
 {{ toYaml . }}
 {{- end }}
