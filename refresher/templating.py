@@ -173,16 +173,7 @@ def parse_template(text: str) -> Template:
             literal.append("${")
             position = match.end()
             continue
-        end = text.find("}", match.end())
-        line, column = _position(text, match.start())
-        if end < 0 or "\n" in text[match.end() : end]:
-            raise TemplateError(f"line {line}, column {column}: '${{' is not closed by '}}'")
-        name = text[match.end() : end]
-        if name not in FIELDS and not _METADATA_KEY.fullmatch(name):
-            raise TemplateError(
-                f"line {line}, column {column}: unknown field ${{{name}}} "
-                f"(fields: {', '.join(FIELDS)}, metadata.KEY)"
-            )
+        name, end = _placeholder(text, match)
         if literal:
             parts.append("".join(literal))
             literal = []
@@ -197,6 +188,22 @@ def parse_template(text: str) -> Template:
             "never inserts the token: use ${value}, ${value_b64}, ${basic_b64} or ${value_json}"
         )
     return template
+
+
+def _placeholder(text: str, match: re.Match[str]) -> tuple[str, int]:
+    """The field a ``${`` at `match` names and the offset of its ``}``;
+    `TemplateError` naming the line and column if it is unclosed or unknown."""
+    end = text.find("}", match.end())
+    line, column = _position(text, match.start())
+    if end < 0 or "\n" in text[match.end() : end]:
+        raise TemplateError(f"line {line}, column {column}: '${{' is not closed by '}}'")
+    name = text[match.end() : end]
+    if name not in FIELDS and not _METADATA_KEY.fullmatch(name):
+        raise TemplateError(
+            f"line {line}, column {column}: unknown field ${{{name}}} "
+            f"(fields: {', '.join(FIELDS)}, metadata.KEY)"
+        )
+    return name, end
 
 
 def _position(text: str, offset: int) -> tuple[int, int]:

@@ -6,14 +6,17 @@ same-named members."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+import yaml
 from dotenv import dotenv_values
 
 import refresher.sinks.bundle as bundle_module
@@ -36,11 +39,19 @@ def members(path: Path) -> dict[str, str]:
     script = 'set -a; . "$1"; env -0'
     out = subprocess.run(["sh", "-c", script, "sh", str(path)], capture_output=True, check=True)
     pairs = (item.split("=", 1) for item in out.stdout.decode().split("\0") if "=" in item)
-    return {k: v for k, v in pairs if k.startswith(("DEBITURA_", "API"))}
+    lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
+    defined = {line.split("=", 1)[0] for line in lines if "=" in line}
+    return {k: v for k, v in pairs if k in defined}
 
 
-def with_bundle(debitura: Any, oauth2: Any, tmp_path: Path, bundle: dict[str, Any], *,
-                tenants: list[str] | None = None) -> list[dict[str, Any]]:
+def with_bundle(
+    debitura: Any,
+    oauth2: Any,
+    tmp_path: Path,
+    bundle: dict[str, Any],
+    *,
+    tenants: list[str] | None = None,
+) -> list[dict[str, Any]]:
     """A per-tenant Debitura job and an OAuth2 job, both members of `bundle`."""
     deb = deb_job(debitura, tmp_path, tenants or ["t-1", "t-2", "t-3"])
     deb["sinks"].append(bundle)
@@ -70,7 +81,9 @@ async def test_env_bundles_read_the_same_in_a_shell_dotenv_and_node(
 ) -> None:
     path = tmp_path / f"tokens.{fmt}"
     bundle = {"kind": "bundle", "path": str(path), "format": fmt, "mode": "0640"}
-    async with start_daemon({"jobs": with_bundle(debitura, oauth2_emulator, tmp_path, bundle)}) as daemon:
+    async with start_daemon(
+        {"jobs": with_bundle(debitura, oauth2_emulator, tmp_path, bundle)}
+    ) as daemon:
         await wait_for(lambda: all_written(daemon))
         expected = tokens_of(daemon)
     assert members(path) == expected
@@ -90,7 +103,9 @@ async def test_json_bundle_maps_each_job_and_tenant_to_its_token(
 ) -> None:
     path = tmp_path / "tokens.json"
     bundle = {"kind": "bundle", "path": str(path), "format": "json"}
-    async with start_daemon({"jobs": with_bundle(debitura, oauth2_emulator, tmp_path, bundle)}) as daemon:
+    async with start_daemon(
+        {"jobs": with_bundle(debitura, oauth2_emulator, tmp_path, bundle)}
+    ) as daemon:
         await wait_for(lambda: all_written(daemon))
         runtimes = dict(daemon.scheduler.jobs)
     document = json.loads(path.read_text())
@@ -125,7 +140,9 @@ def bundle_in(tmp_path: Path, metrics: Metrics, rewrites: list[Rewrite], **confi
     return Bundle(spec, output, clock=ManualClock(start=2000.0), metrics=metrics, announce=announce)
 
 
-async def test_changes_arriving_together_are_one_rewrite_that_all_of_them_wait_for(tmp_path) -> None:
+async def test_changes_arriving_together_are_one_rewrite_that_all_of_them_wait_for(
+    tmp_path,
+) -> None:
     metrics, rewrites = Metrics(), []
     bundle = bundle_in(tmp_path, metrics, rewrites)
     sinks = [bundle.join("job", f"t{i}", "oauth2") for i in range(50)]
@@ -143,6 +160,37 @@ async def test_changes_arriving_together_are_one_rewrite_that_all_of_them_wait_f
     assert writes._value.get() == 1 and len(rewrites) == 1
     await sinks[0].write(token("tok-0b"))
     assert writes._value.get() == 2 and rewrites[-1].jobs == (("job", "oauth2"),)
+
+
+async def test_a_reader_never_sees_a_torn_or_half_updated_bundle(tmp_path) -> None:
+    bundle = bundle_in(tmp_path, Metrics(), [])
+    path = tmp_path / "b.env"
+    sinks = [bundle.join("job", f"t{i}", "oauth2") for i in range(20)]
+    seen: list[tuple[int, set[str]]] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(FileNotFoundError):
+                entries = parse(path.read_bytes(), "env").values()
+                # Each value names its round: a whole file holds one round, every member.
+                seen.append(
+                    (len(entries), {e.token.value.split("-")[0] for e in entries if e.token})
+                )
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for round_ in range(60):
+            async with anyio.create_task_group() as tg:
+                for i, sink in enumerate(sinks):
+                    tg.start_soon(sink.write, token(f"r{round_}-m{i}"))
+    finally:
+        stop.set()
+        reader.join(5)
+    assert len({frozenset(rounds) for _, rounds in seen}) > 10, "the reader saw few rewrites"
+    torn = [(count, rounds) for count, rounds in seen if count != 20 or len(rounds) != 1]
+    assert torn == []
 
 
 async def test_a_failed_rewrite_fails_every_change_in_it_and_keeps_the_file(tmp_path) -> None:
@@ -169,8 +217,11 @@ async def test_a_failed_rewrite_fails_every_change_in_it_and_keeps_the_file(tmp_
     # Both changes are still pending: the next write carries them (and its own).
     (tmp_path / "moved").rename(tmp_path / "d")
     await second.write(token("new-2"))
-    assert {e.token.value for e in parse((tmp_path / "d" / "b.env").read_bytes(), "env").values()
-            if e.token} == {"new-1", "new-2"}
+    assert {
+        e.token.value
+        for e in parse((tmp_path / "d" / "b.env").read_bytes(), "env").values()
+        if e.token
+    } == {"new-1", "new-2"}
 
 
 async def test_one_rewrite_per_round_and_one_notification_per_rewrite(
@@ -237,29 +288,43 @@ async def test_refresher_once_writes_the_bundle_with_every_member(
 
     path = tmp_path / "tokens.env"
     bundle = {"kind": "bundle", "path": str(path)}
-    settings = load_settings(data={"jobs": with_bundle(debitura, oauth2_emulator, tmp_path, bundle)})
+    settings = load_settings(
+        data={"jobs": with_bundle(debitura, oauth2_emulator, tmp_path, bundle)}
+    )
     daemon = Daemon(settings, clock=clock, redactor=leak_guard.redactor, serve_http=False)
     assert await daemon.refresh_all_once()
     assert set(members(path)) == {"API", "DEBITURA_T_1", "DEBITURA_T_2", "DEBITURA_T_3"}
 
 
+@pytest.mark.parametrize(
+    ("first", "second"), [("bundle", "bundle"), ("file", "bundle"), ("bundle", "file")]
+)
 async def test_a_second_daemon_on_a_bundles_directory_refuses_to_start(
-    start_daemon, debitura, oauth2_emulator, tmp_path
+    start_daemon, debitura, oauth2_emulator, tmp_path, first, second
 ) -> None:
     from refresher.errors import SinkOwnedError
 
-    (tmp_path / "bundles").mkdir()
-    bundle = {"kind": "bundle", "path": str(tmp_path / "bundles" / "tokens.env")}
-    first = deb_job(debitura, tmp_path, ["t-1"])
-    first["sinks"] = [bundle]
-    second = oauth2_job(oauth2_emulator, tmp_path)
-    second["sinks"] = [bundle]
-    async with start_daemon({"jobs": [first]}) as daemon:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    sinks = {
+        "bundle": {"kind": "bundle", "path": str(shared / "tokens.env")},
+        "file": {"kind": "file", "path": str(shared / "{job}-{tenant}.token")},
+    }
+    holder = deb_job(debitura, tmp_path, ["t-1"])
+    holder["sinks"] = [sinks[first]]
+    other = oauth2_job(oauth2_emulator, tmp_path, sinks=[sinks[second]])
+    if second == "file":
+        other["sinks"] = [{"kind": "file", "path": str(shared / "api.token")}]
+    async with start_daemon({"jobs": [holder]}) as daemon:
         await wait_for(lambda: all_written(daemon))
-        with pytest.raises(SinkOwnedError, match=r"already writes to .*bundles"):
-            async with start_daemon({"jobs": [second]}):
+        before = sorted(p.name for p in shared.iterdir())
+        with pytest.raises(SinkOwnedError, match=rf"already writes to {shared}"):
+            async with start_daemon({"jobs": [other]}):
                 pass
-    assert set(members(tmp_path / "bundles" / "tokens.env")) == {"DEBITURA_T_1"}
+        assert oauth2_emulator.count() == 0, "the refused daemon minted"
+        assert sorted(p.name for p in shared.iterdir()) == before
+    if first == "bundle":
+        assert set(members(shared / "tokens.env")) == {"DEBITURA_T_1"}
 
 
 async def test_a_reload_keeps_the_bundle_and_mints_only_what_is_new(
@@ -273,11 +338,59 @@ async def test_a_reload_keeps_the_bundle_and_mints_only_what_is_new(
         before, mints = members(path), debitura.count()
         jobs[0]["provider"]["tenants"].append("t-4")  # the Debitura job changes
         new = load_settings(data={"jobs": jobs})
-        assert await daemon.jobs.apply(new.jobs) == {"kept": 1, "added": 0, "removed": 0, "changed": 1}
+        assert await daemon.jobs.apply(new.jobs) == {
+            "kept": 1,
+            "added": 0,
+            "removed": 0,
+            "changed": 1,
+        }
         await wait_for(lambda: all_written(daemon) and len(daemon.scheduler.jobs) == 5)
         assert debitura.count() == mints + 1, "only the new tenant was minted"
         after = members(path)
     assert after == {**before, "DEBITURA_T_4": after["DEBITURA_T_4"]}
+
+
+async def test_a_reload_adds_and_removes_bundle_members(
+    start_daemon, debitura, oauth2_emulator, tmp_path
+) -> None:
+    path, config_path = tmp_path / "tokens.env", tmp_path / "refresher.yaml"
+    bundle = {"kind": "bundle", "path": str(path)}
+    deb = deb_job(debitura, tmp_path, ["t-1", "t-2"])
+    deb["sinks"] = [bundle]
+    api = oauth2_job(oauth2_emulator, tmp_path, sinks=[bundle], on_remove="delete")
+    reports = oauth2_job(oauth2_emulator, tmp_path, name="reports", sinks=[bundle])
+
+    def configure(*jobs: dict[str, Any]) -> None:
+        config_path.write_text(
+            yaml.safe_dump({"server": {"listen": "127.0.0.1:0"}, "jobs": list(jobs)})
+        )
+
+    configure(deb, api)
+    async with start_daemon({"jobs": [deb, api]}, config_path=config_path) as daemon:
+        jobs = daemon.scheduler.jobs
+        await wait_for(lambda: all_written(daemon))
+        before, mints = members(path), debitura.count()
+        assert set(before) == {"API", "DEBITURA_T_1", "DEBITURA_T_2"}
+        # SIGHUP with `api` (on_remove: delete) gone and `reports` new: one joins, one leaves.
+        configure(deb, reports)
+        assert await daemon.reload()
+        await wait_for(lambda: ("reports", None) in jobs and all_written(daemon))
+        await wait_for(lambda: "API" not in members(path))
+        assert members(path) == {
+            "DEBITURA_T_1": before["DEBITURA_T_1"],
+            "DEBITURA_T_2": before["DEBITURA_T_2"],
+            "REPORTS": jobs[("reports", None)].token.value,
+        }
+        assert debitura.count() == mints, "an unchanged member was minted again"
+        # `reports` (on_remove: keep) removed: its line stays until the next rewrite.
+        configure(deb)
+        assert await daemon.reload()
+        assert "REPORTS" in members(path)
+        await daemon.scheduler.feedback.force("debitura", "t-1")
+        await wait_for(
+            lambda: members(path).get("DEBITURA_T_1") == jobs[("debitura", "t-1")].token.value
+        )
+        assert set(members(path)) == {"DEBITURA_T_1", "DEBITURA_T_2"}
 
 
 # ---------------------------------------------------------------------------- the rules
@@ -345,10 +458,17 @@ async def test_a_name_taken_at_run_time_leaves_the_member_out_logged_and_counted
         assert metric(daemon, "refresher_bundle_members_skipped", bundle=str(path)) == 0
 
 
-def settings_with(sinks_a: list[dict[str, Any]], sinks_b: list[dict[str, Any]] | None = None,
-                  tenants: list[str] | None = None) -> dict[str, Any]:
-    provider = {"kind": "oauth2", "token_url": "https://auth.example/token", "client_id": "c",
-                "client_secret": "s"}
+def settings_with(
+    sinks_a: list[dict[str, Any]],
+    sinks_b: list[dict[str, Any]] | None = None,
+    tenants: list[str] | None = None,
+) -> dict[str, Any]:
+    provider = {
+        "kind": "oauth2",
+        "token_url": "https://auth.example/token",
+        "client_id": "c",
+        "client_secret": "s",
+    }
     jobs = [{"name": "a", "provider": provider, "sinks": sinks_a}]
     if tenants is not None:
         deb = {"kind": "debitura", "api_key": "k", "tenants": tenants}
@@ -444,15 +564,22 @@ async def test_a_bundle_kept_in_one_secret_key(
     )
     job = deb_job(debitura, tmp_path, ["t-1", "t-2", "t-3"])
     job["sinks"] = [
-        {"kind": "bundle", "secret": "partner-tokens", "key": "tokens.env", "namespace": "apps",
-         "kubeconfig": str(kubeconfig)}
+        {
+            "kind": "bundle",
+            "secret": "partner-tokens",
+            "key": "tokens.env",
+            "namespace": "apps",
+            "kubeconfig": str(kubeconfig),
+        }
     ]
     config = {"jobs": [job]}
     install_chart_rbac(kube, config)  # what the chart grants for this config, no more
     async with start_daemon(config) as daemon:
         await wait_for(lambda: all_written(daemon))
-        expected = {f"DEBITURA_{k[1].upper().replace('-', '_')}": r.token.value
-                    for k, r in daemon.scheduler.jobs.items()}
+        expected = {
+            f"DEBITURA_{k[1].upper().replace('-', '_')}": r.token.value
+            for k, r in daemon.scheduler.jobs.items()
+        }
     secret = kube.secret("apps", "partner-tokens")
     assert set(secret["data"]) == {"tokens.env"}
     content = kube.secret_data("apps", "partner-tokens")["tokens.env"]
@@ -479,8 +606,11 @@ def test_check_refuses_a_secret_bundle_that_cannot_fit(tmp_path) -> None:
     tenants = tmp_path / "tenants.txt"
     tenants.write_text("".join(f"tenant-{i}\n" for i in range(600)))
     config = settings_with([bundle], tenants=["t-0"])
-    config["jobs"][0]["provider"] = {"kind": "debitura", "api_key": "k",
-                                     "tenants_file": str(tenants)}
+    config["jobs"][0]["provider"] = {
+        "kind": "debitura",
+        "api_key": "k",
+        "tenants_file": str(tenants),
+    }
     (tmp_path / "refresher.yaml").write_text(json.dumps(config))
     assert main(["check", "--config", str(tmp_path / "refresher.yaml")]) == 2
     tenants.write_text("".join(f"tenant-{i}\n" for i in range(100)))

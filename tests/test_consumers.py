@@ -29,7 +29,12 @@ CONSUMERS = Path(__file__).resolve().parent.parent / "examples" / "consumers"
 #: report of a token minted in answer to a report marks its link invalid.
 LANGUAGES = {
     "shell": (["sh", "consumer.sh"], "debitura-acme-001.jwt", "debitura", "acme-001"),
-    "python": ([sys.executable, "consumer.py"], "debitura-globex-002.jwt", "debitura", "globex-002"),
+    "python": (
+        [sys.executable, "consumer.py"],
+        "debitura-globex-002.jwt",
+        "debitura",
+        "globex-002",
+    ),
     "go": (["go", "run", "consumer.go"], "debitura-initech-003.jwt", "debitura", "initech-003"),
     "node": (["node", "consumer.js"], "gooclaim.token", "gooclaim", ""),
     "java": (["java", "TokenConsumer.java"], "dutyclaims.token", "dutyclaims", ""),
@@ -47,12 +52,23 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]
     tokens = tmp_path_factory.mktemp("demo") / "tokens"
     url = f"http://127.0.0.1:{free_port()}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "refresher", "demo", "--tokens-dir", str(tokens),
-         "--lifetime", "120", "--listen", url.removeprefix("http://")],
+        [
+            sys.executable,
+            "-m",
+            "refresher",
+            "demo",
+            "--tokens-dir",
+            str(tokens),
+            "--lifetime",
+            "120",
+            "--listen",
+            url.removeprefix("http://"),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
+
         def ready() -> bool:
             try:
                 return httpx2.get(f"{url}/readyz", timeout=2).status_code == 200
@@ -86,8 +102,13 @@ def test_a_consumer_reads_reports_and_reloads(
     tokens, url = demo
     command, file, job, tenant = LANGUAGES[language]
     before = (tokens / file).read_text().strip()
-    env = {**os.environ, "GOCACHE": str(tmp_path / "go-cache"), "GOPATH": str(tmp_path / "go"),
-           "GOPROXY": "off", "GOFLAGS": ""}
+    env = {
+        **os.environ,
+        "GOCACHE": str(tmp_path / "go-cache"),
+        "GOPATH": str(tmp_path / "go"),
+        "GOPROXY": "off",
+        "GOFLAGS": "",
+    }
     run = subprocess.run(
         [*command, str(tokens / file), job, tenant, url],
         cwd=CONSUMERS,
@@ -107,6 +128,11 @@ def test_a_consumer_reads_reports_and_reloads(
     assert before not in run.stdout + run.stderr and after not in run.stdout + run.stderr
     if language == "shell":
         # The fresh token rejected too: the link is invalid, and the snippet stops.
-        again = subprocess.run([*command, str(tokens / file), job, tenant, url], cwd=CONSUMERS,
-                               capture_output=True, text=True, timeout=60)
+        again = subprocess.run(
+            [*command, str(tokens / file), job, tenant, url],
+            cwd=CONSUMERS,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert again.returncode == 3 and "link invalid" in again.stderr

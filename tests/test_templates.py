@@ -31,11 +31,15 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "templates"
 
 
 def token(value: str = "tok-123", **extra: Any) -> Token:
-    return Token(value=value, token_type="Bearer", obtained_at=1000.0, expires_at=5000.0, extra=extra)
+    return Token(
+        value=value, token_type="Bearer", obtained_at=1000.0, expires_at=5000.0, extra=extra
+    )
 
 
 def render(text: str, tok: Token | None = None, **known: Any) -> str:
-    values = token_values(tok or token(), job="api", tenant=known.get("tenant"), username=known.get("username"))
+    values = token_values(
+        tok or token(), job="api", tenant=known.get("tenant"), username=known.get("username")
+    )
     return parse_template(text).render(values)
 
 
@@ -44,7 +48,9 @@ def render(text: str, tok: Token | None = None, **known: Any) -> str:
 
 def test_placeholders_and_everything_else_is_text() -> None:
     tok = token(creditorId="c-1")
-    text = "proxy_set_header Host $host; ${token_type} ${value} $${literal} ${metadata.creditorId}\n"
+    text = (
+        "proxy_set_header Host $host; ${token_type} ${value} $${literal} ${metadata.creditorId}\n"
+    )
     assert render(text, tok) == "proxy_set_header Host $host; Bearer tok-123 ${literal} c-1\n"
     assert render('{"auth": "${basic_b64}", "t": ${value_json}}', username="user") == (
         f'{{"auth": "{base64.b64encode(b"user:tok-123").decode()}", "t": "tok-123"}}'
@@ -87,7 +93,9 @@ def test_an_output_reads_back_through_its_template(field: str) -> None:
     text = template.render(token_values(tok, job="api", tenant=None, username="u"))
     back = template.read_token(text, {"job": "api", "tenant": "", "username": "u"})
     assert back is not None and (back.value, back.expires_at, back.obtained_at) == (
-        "tok.A-b_c~9", 5000.0, 1000.0
+        "tok.A-b_c~9",
+        5000.0,
+        1000.0,
     )
     assert template.read_token(text.replace("X", "Y"), {"job": "api"}) is None
     if field == "basic_b64":
@@ -97,9 +105,16 @@ def test_an_output_reads_back_through_its_template(field: str) -> None:
 def test_a_template_error_at_load_is_a_config_error_naming_the_line(tmp_path: Path) -> None:
     template = tmp_path / "t.tmpl"
     template.write_text("one\ntwo ${value}\nthree ${nope}\n")
-    job = {"name": "api", "provider": {"kind": "oauth2", "token_url": "https://a.example/t",
-                                       "client_id": "c", "client_secret": "s"},
-           "sinks": [{"kind": "template", "template": str(template), "path": str(tmp_path / "o")}]}
+    job = {
+        "name": "api",
+        "provider": {
+            "kind": "oauth2",
+            "token_url": "https://a.example/t",
+            "client_id": "c",
+            "client_secret": "s",
+        },
+        "sinks": [{"kind": "template", "template": str(template), "path": str(tmp_path / "o")}],
+    }
     with pytest.raises(ConfigError) as caught:
         load_settings(data={"jobs": [job]})
     assert caught.value.errors == [
@@ -155,8 +170,12 @@ async def test_the_shipped_examples_are_read_by_their_consumers(
         "kubeconfig": {},
     }
     api["sinks"] = [
-        {"kind": "template", "template": str(EXAMPLES / f"{name}.tmpl"),
-         "path": str(tmp_path / name), **extra}
+        {
+            "kind": "template",
+            "template": str(EXAMPLES / f"{name}.tmpl"),
+            "path": str(tmp_path / name),
+            **extra,
+        }
         for name, extra in outputs.items()
     ]
     async with start_daemon({"jobs": [api]}) as daemon:
@@ -164,16 +183,26 @@ async def test_the_shipped_examples_are_read_by_their_consumers(
         await wait_for(lambda: runtime.token is not None and not runtime.refreshing)
         value = runtime.token.value
     # nginx: the include's one directive sends the token upstream.
-    directives = [line for line in (tmp_path / "nginx-auth.conf").read_text().splitlines()
-                  if line and not line.startswith("#")]
+    directives = [
+        line
+        for line in (tmp_path / "nginx-auth.conf").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
     assert directives == [f'proxy_set_header Authorization "Bearer {value}";']
     # .netrc: Python's parser and curl's both find the credentials for the host.
     login, _, password = netrc.netrc(str(tmp_path / "netrc")).authenticators("api.partner.example")
     assert (login, password) == ("refresher", value)
     port, seen = basic_auth_server
     await anyio.run_process(
-        ["curl", "-sS", "--netrc-file", str(tmp_path / "netrc"), "--resolve",
-         f"api.partner.example:{port}:127.0.0.1", f"http://api.partner.example:{port}/"],
+        [
+            "curl",
+            "-sS",
+            "--netrc-file",
+            str(tmp_path / "netrc"),
+            "--resolve",
+            f"api.partner.example:{port}:127.0.0.1",
+            f"http://api.partner.example:{port}/",
+        ],
         check=True,
     )
     assert seen == ["Basic " + base64.b64encode(f"refresher:{value}".encode()).decode()]
@@ -198,8 +227,12 @@ async def test_a_changed_template_is_re_rendered_and_a_broken_one_keeps_the_outp
     template.write_text("A ${value}\n")
     api = oauth2_job(oauth2_emulator, tmp_path)
     api["sinks"] = [{"kind": "template", "template": str(template), "path": str(output)}]
-    api["notify"] = [{"kind": "command", "argv": ["sh", "-c", 'echo "$REFRESHER_SINK_PATH" >> "$0"',
-                                                  str(notified)]}]
+    api["notify"] = [
+        {
+            "kind": "command",
+            "argv": ["sh", "-c", 'echo "$REFRESHER_SINK_PATH" >> "$0"', str(notified)],
+        }
+    ]
     async with start_daemon({"jobs": [api]}, clock=SystemClock()) as daemon:
         runtime = daemon.scheduler.jobs[("api", None)]
         await wait_for(lambda: output.exists() and notified.exists())
@@ -211,12 +244,22 @@ async def test_a_changed_template_is_re_rendered_and_a_broken_one_keeps_the_outp
         assert output.read_text() == f"B {base64.b64encode(value.encode()).decode()}\n"
         await wait_for(lambda: len(notified.read_text().splitlines()) == 2)
         template.write_text("C ${value\n")
-        await wait_for(lambda: leak_guard.events("template change refused: keeping the last good output"),
-                       timeout=10)
+        await wait_for(
+            lambda: leak_guard.events("template change refused: keeping the last good output"),
+            timeout=10,
+        )
         assert output.read_text().startswith("B ") and runtime.token.value == value
         assert metric(daemon, "refresher_template_errors_total", template=str(template)) == 1
         [refused] = leak_guard.events("template change refused: keeping the last good output")
         assert "line 1, column 3: '${' is not closed" in refused["error"]
+        # A template that parses but cannot render this token keeps the output too.
+        template.write_text("D ${metadata.nope} ${value}\n")
+        failed = "template re-render failed: keeping the last good output"
+        await wait_for(lambda: leak_guard.events(failed), timeout=10)
+        [failure] = leak_guard.events(failed)
+        assert "no such metadata" in failure["error"] and failure["target"] == str(output)
+        assert output.read_text().startswith("B ") and runtime.token.value == value
+        assert metric(daemon, "refresher_template_errors_total", template=str(template)) == 2
     assert notified.read_text().splitlines() == [str(output), str(output)]
 
 
@@ -226,9 +269,13 @@ async def test_a_restart_reads_the_output_back_through_the_template(
     template = tmp_path / "t.tmpl"
     template.write_text("# ${tenant} until ${expires_at}\ntoken=${value}\n")
     job = deb_job(debitura, tmp_path, ["t-1", "t-2"])
-    job["sinks"] = [{"kind": "template", "template": str(template), "path": str(tmp_path / "{tenant}.conf")}]
+    job["sinks"] = [
+        {"kind": "template", "template": str(template), "path": str(tmp_path / "{tenant}.conf")}
+    ]
     async with start_daemon({"jobs": [job]}) as daemon:
-        await wait_for(lambda: all(r.token and not r.refreshing for r in daemon.scheduler.jobs.values()))
+        await wait_for(
+            lambda: all(r.token and not r.refreshing for r in daemon.scheduler.jobs.values())
+        )
     mints = debitura.count()
     async with start_daemon({"jobs": [job]}) as daemon:
         assert all(r.token is not None for r in daemon.scheduler.jobs.values())
@@ -240,7 +287,9 @@ async def test_a_restart_reads_the_output_back_through_the_template(
         await wait_for(lambda: (tmp_path / "t-1.conf").read_text() != "token=edited\n")
 
 
-async def test_a_token_whose_render_fails_is_a_sink_failure(start_daemon, oauth2_emulator, tmp_path) -> None:
+async def test_a_token_whose_render_fails_is_a_sink_failure(
+    start_daemon, oauth2_emulator, tmp_path
+) -> None:
     template = tmp_path / "t.tmpl"
     template.write_text("${metadata.tenant_id} ${value}\n")
     api = oauth2_job(oauth2_emulator, tmp_path)
@@ -248,5 +297,5 @@ async def test_a_token_whose_render_fails_is_a_sink_failure(start_daemon, oauth2
     async with start_daemon({"jobs": [api]}) as daemon:
         runtime = daemon.scheduler.jobs[("api", None)]
         await wait_for(lambda: runtime.failures > 0)
-        assert runtime.last_error == "sink" and "no such metadata" in runtime.last_error_message
+        assert runtime.failure_reason == "sink" and "no such metadata" in runtime.failure_message
         assert not (tmp_path / "o").exists()

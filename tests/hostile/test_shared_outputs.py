@@ -78,7 +78,8 @@ async def test_tenant_ids_cannot_break_a_bundle(start_daemon, debitura, tmp_path
 
 
 @pytest.mark.parametrize(
-    "value", ["tok\nEVIL=1", 'tok"quote', "tok$(touch PWNED)", "tok value", "tok'x", "tok;x", "~tok"]
+    "value",
+    ["tok\nEVIL=1", 'tok"quote', "tok$(touch PWNED)", "tok value", "tok'x", "tok;x", "~tok"],
 )
 async def test_a_token_that_would_break_the_format_is_refused_not_written(
     start_daemon, oauth2_emulator, tmp_path, value
@@ -99,7 +100,7 @@ async def test_a_token_that_would_break_the_format_is_refused_not_written(
         hostile = {"access_token": value, "token_type": "Bearer", "expires_in": 3600}
         oauth2_emulator.inject(Fault.body_json(hostile))
         await daemon.scheduler.feedback.force("api")
-        assert runtime.last_error == "bad_response"
+        assert runtime.failure_reason == "bad_response"
         assert {name: (tmp_path / name).read_bytes() for name in outputs} == before
         assert alive(daemon)
     assert not (tmp_path / "PWNED").exists()
@@ -112,7 +113,9 @@ async def test_a_tenant_a_template_cannot_insert_is_refused_and_the_others_rende
     template.write_text('{"tenant": "${tenant}", "token": ${value_json}}\n')
     tenants.write_text('good\nbad"quote\na b\n')
     job = deb_job(debitura, tmp_path, tenants_file=str(tenants))
-    job["sinks"] = [{"kind": "template", "template": str(template), "path": str(tmp_path / "{tenant}.json")}]
+    job["sinks"] = [
+        {"kind": "template", "template": str(template), "path": str(tmp_path / "{tenant}.json")}
+    ]
     async with start_daemon({"jobs": [job]}) as daemon:
         await wait_for(lambda: settled(daemon) and len(daemon.scheduler.jobs) == 1)
         assert metric(daemon, "refresher_tenants_rejected", token_job="debitura") == 2
@@ -132,7 +135,9 @@ async def test_partner_metadata_a_template_cannot_insert_is_refused_not_written(
     template = tmp_path / "t.tmpl"
     template.write_text("creditor=${metadata.creditorId} token=${value}\n")
     job = deb_job(debitura, tmp_path, ["t-1"])
-    job["sinks"] = [{"kind": "template", "template": str(template), "path": str(tmp_path / "{tenant}.conf")}]
+    job["sinks"] = [
+        {"kind": "template", "template": str(template), "path": str(tmp_path / "{tenant}.conf")}
+    ]
     async with start_daemon({"jobs": [job]}) as daemon:
         runtime = daemon.scheduler.jobs[("debitura", "t-1")]
         await wait_for(lambda: settled(daemon))
@@ -140,12 +145,17 @@ async def test_partner_metadata_a_template_cannot_insert_is_refused_not_written(
         token = debitura.sign_hs256({"sub": "t-1", "exp": 1_800_009_000, "iat": 1_800_000_000})
         debitura.inject(
             Fault.body_json(
-                {"accessToken": token, "tokenType": "Bearer", "expiresIn": 1800,
-                 "externalTenantId": "t-1", "creditorId": 'c"\ninjected=1'}
+                {
+                    "accessToken": token,
+                    "tokenType": "Bearer",
+                    "expiresIn": 1800,
+                    "externalTenantId": "t-1",
+                    "creditorId": 'c"\ninjected=1',
+                }
             )
         )
         await daemon.scheduler.feedback.force("debitura", "t-1")
-        assert runtime.last_error == "sink" and "metadata.creditorId" in runtime.last_error_message
+        assert runtime.failure_reason == "sink" and "metadata.creditorId" in runtime.failure_message
         assert (tmp_path / "t-1.conf").read_bytes() == before
         assert metric(daemon, "refresher_template_errors_total", template=str(template)) == 1
     assert DEB_KEY.encode() not in before
