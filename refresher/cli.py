@@ -13,7 +13,16 @@ from pathlib import Path
 import anyio
 
 from refresher import __version__
-from refresher.config import FileSinkConfig, JobConfig, Settings, load_settings
+from refresher.config import (
+    BundleSinkConfig,
+    FileSinkConfig,
+    JobConfig,
+    KubernetesSinkConfig,
+    OutputConfig,
+    Settings,
+    bundle_problems,
+    load_settings,
+)
 from refresher.errors import ConfigError, ListenError, SinkOwnedError
 from refresher.logging import Redactor, configure_logging
 
@@ -46,9 +55,17 @@ def cmd_check(args: argparse.Namespace) -> int:
         for line in exc.errors:
             print(f"  {line}", file=sys.stderr)
         return EXIT_CONFIG
+    collisions, too_large = bundle_problems(settings.jobs, _known_tenants)
+    if too_large:
+        print(f"config invalid: {len(too_large)} error(s)", file=sys.stderr)
+        for line in too_large:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_CONFIG
     print(describe_plan(settings))
     for warning in config_warnings(settings):
         print(f"warning: {warning}")
+    for collision in collisions:
+        print(f"warning: {collision} (the later one is left out of the bundle)")
     if args.online:
         _setup_logging(settings, Redactor())
         discovered = anyio.run(_discovery_report, settings)
@@ -65,6 +82,16 @@ def cmd_check(args: argparse.Namespace) -> int:
         fetched = _run_once(settings.model_copy(update={"jobs": minted}), write=False)
         return fetched if discovered else max(fetched, EXIT_FAILED)
     return EXIT_OK
+
+
+def _known_tenants(job: JobConfig) -> list[str | None]:
+    """The tenants a job has now, its ``tenants_file`` included when it can be read."""
+    from refresher.jobs import tenants_of
+
+    try:
+        return tenants_of(job)
+    except OSError:
+        return job.static_tenants()
 
 
 async def _discovery_report(settings: Settings) -> bool:
@@ -118,9 +145,15 @@ def describe_plan(settings: Settings) -> str:
             if tenants:
                 lines.append(f"    tenants: {len(tenants)}")
         for sink in job.sinks:
-            target = getattr(sink, "path", None) or getattr(sink, "secret", "")
-            shown = str(target).replace("{job}", job.name)
-            lines.append(f"    sink {sink.kind}: {shown}")
+            if isinstance(sink, KubernetesSinkConfig):
+                target = f"{sink.secret}#{sink.key_template(None)}"
+            elif isinstance(sink, FileSinkConfig):
+                target = sink.path
+            elif isinstance(sink, BundleSinkConfig):
+                target = f"{sink.where} ({sink.format})"
+            else:
+                target = f"{sink.where} from {sink.template}"
+            lines.append(f"    sink {sink.kind}: {target.replace('{job}', job.name)}")
     return "\n".join(lines)
 
 
@@ -132,9 +165,10 @@ def config_warnings(settings: Settings) -> list[str]:
     for index, job in enumerate(settings.jobs):
         warnings += _provider_warnings(f"jobs[{index}]", job)
         for number, sink in enumerate(job.sinks):
-            if isinstance(sink, FileSinkConfig):
+            # Bundle and template files hold tokens too.
+            if isinstance(sink, FileSinkConfig | OutputConfig) and sink.path is not None:
                 where = f"jobs[{index}].sinks[{number}] ({job.name})"
-                warnings += _file_sink_warnings(where, sink, job.name)
+                warnings += _file_sink_warnings(where, sink.path, sink.mode, job.name)
     return warnings
 
 
@@ -176,24 +210,25 @@ def _provider_warnings(where: str, job: JobConfig) -> list[str]:
     return warnings
 
 
-def _file_sink_warnings(where: str, sink: FileSinkConfig, job: str) -> list[str]:
+def _file_sink_warnings(where: str, path: str, mode: int, job: str) -> list[str]:
     from refresher.targets import template_directory
 
     warnings = []
-    if sink.mode & 0o022:
+    if mode & 0o022:
         warnings.append(
-            f"{where}: mode {sink.mode:04o} lets other users replace the token "
+            f"{where}: mode {mode:04o} lets other users replace the token "
             "file's content (use 0600 or 0640)"
         )
-    elif sink.mode & 0o004:
-        warnings.append(f"{where}: mode {sink.mode:04o} lets every user read the token")
-    directory = template_directory(sink.path.replace("{job}", job)) or "."
+    elif mode & 0o004:
+        warnings.append(f"{where}: mode {mode:04o} lets every user read the token")
+    directory = template_directory(path.replace("{job}", job)) or "."
     if not os.path.isdir(directory):
         warnings.append(
             f"{where}: directory {directory} does not exist yet (writes fail and are "
             "retried until it does)"
         )
     return warnings
+
 
 def _run_once(settings: Settings, *, write: bool = True) -> int:
     from refresher.daemon import Daemon

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,6 +19,7 @@ import yaml
 from pydantic import (
     BeforeValidator,
     Field,
+    PrivateAttr,
     ValidationError,
     WithJsonSchema,
     field_validator,
@@ -31,11 +32,12 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from refresher.errors import ConfigError
+from refresher.errors import ConfigError, TemplateError
 from refresher.fields import (
     Duration,
     Model,
     PositiveDuration,
+    checking_files,
     existing_file,
     files_unchecked,
     http_url,
@@ -45,12 +47,18 @@ from refresher.providers.dutyclaims import DutyClaimsProviderConfig
 from refresher.providers.gooclaim import GooclaimProviderConfig
 from refresher.providers.oauth2 import OAuth2ProviderConfig
 from refresher.targets import (
+    SharedTarget,
+    Target,
     TargetClaims,
     TargetError,
+    describe_owner,
     expand_key,
+    expand_name,
     expand_path,
     secret_data_keys,
+    shown,
 )
+from refresher.templating import INERT, Template, parse_template
 
 ProviderConfig = Annotated[
     OAuth2ProviderConfig
@@ -76,46 +84,60 @@ def _file_mode(raw: object) -> int:
     return mode
 
 
+FileMode = Annotated[
+    int,
+    BeforeValidator(_file_mode),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": r"^0?[0-7]{3,4}$"},
+                {"type": "integer", "minimum": 0, "maximum": 0o7777},
+            ],
+            "description": "octal file mode, e.g. '0640' (quote it in YAML)",
+        }
+    ),
+]
+Namespace = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
+SecretName = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253)]
+
+
+def _placeholders(value: str) -> str:
+    unknown = set(re.findall(r"\{[^}]*\}", value)) - {"{job}", "{tenant}"}
+    if unknown:
+        raise ValueError(f"unknown placeholder(s) {', '.join(sorted(unknown))}")
+    return value
+
+
+def _sink_path(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    if value.endswith("/"):
+        raise ValueError("must name a file, not a directory")
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        raise ValueError("must not contain control characters")
+    return _placeholders(value)
+
+
 class FileSinkConfig(Model):
     """Write the token to a file atomically (temp file, fsync, rename, fsync dir)."""
 
     kind: Literal["file"]
     path: str
     format: Literal["raw", "json", "env", "header"] = "raw"
-    mode: Annotated[
-        int,
-        BeforeValidator(_file_mode),
-        WithJsonSchema(
-            {
-                "anyOf": [
-                    {"type": "string", "pattern": r"^0?[0-7]{3,4}$"},
-                    {"type": "integer", "minimum": 0, "maximum": 0o7777},
-                ],
-                "description": "octal file mode, e.g. '0640' (quote it in YAML)",
-            }
-        ),
-    ] = 0o600
+    mode: FileMode = 0o600
     group: str | int | None = None
     #: ``format: header`` header; default: the provider's choice (DutyClaims managed
     #: ``header: x-api-key``), else ``Authorization``.
     header_name: str | None = Field(default=None, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
     env_name: str = Field(default="TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
-    @field_validator("path")
-    @classmethod
-    def _absolute_or_relative(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty")
-        if value.endswith("/"):
-            raise ValueError("must name a file, not a directory")
-        if any(unicodedata.category(c) == "Cc" for c in value):
-            raise ValueError("must not contain control characters")
-        unknown = set(re.findall(r"\{[^}]*\}", value)) - {"{job}", "{tenant}"}
-        if unknown:
-            raise ValueError(f"unknown placeholder(s) {', '.join(sorted(unknown))}")
-        return value
+    _check_path = field_validator("path")(_sink_path)
 
-    def targets(self, *, job: str, tenant: str | None) -> list[str]:
+    def placement(self, per_tenant: bool) -> tuple[str, str] | None:
+        """The field that says where each (job, tenant) goes, and its template."""
+        return "path", self.path
+
+    def targets(self, *, job: str, tenant: str | None) -> list[Target]:
         """The absolute file this sink writes for (job, tenant); `TargetError` if unsafe."""
         return [os.path.abspath(expand_path(self.path, job=job, tenant=tenant))]
 
@@ -125,10 +147,8 @@ class KubernetesSinkConfig(Model):
 
     kind: Literal["kubernetes"]
     # default: the pod's namespace (in-cluster)
-    namespace: str | None = Field(
-        default=None, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63
-    )
-    secret: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253)
+    namespace: Namespace | None = None
+    secret: SecretName
     key: str = "{job}"  # per-tenant jobs: default "{tenant}" (see `key_template`)
     type: str = "Opaque"
     extra_keys: list[Literal["expires_at", "token_type"]] = Field(default_factory=list)
@@ -136,28 +156,193 @@ class KubernetesSinkConfig(Model):
     context: str | None = None
 
     _check_kubeconfig = field_validator("kubeconfig")(existing_file)
-
-    @field_validator("key")
-    @classmethod
-    def _key_template(cls, value: str) -> str:
-        unknown = set(re.findall(r"\{[^}]*\}", value)) - {"{job}", "{tenant}"}
-        if unknown:
-            raise ValueError(f"unknown placeholder(s) {', '.join(sorted(unknown))}")
-        return value
+    _key_template = field_validator("key")(_placeholders)
 
     def key_template(self, tenant: str | None) -> str:
         """Per-tenant jobs default to one key per tenant."""
         return "{tenant}" if tenant is not None and self.key == "{job}" else self.key
 
-    def targets(self, *, job: str, tenant: str | None) -> list[str]:
+    def placement(self, per_tenant: bool) -> tuple[str, str] | None:
+        return "key", self.key_template("" if per_tenant else None)
+
+    def targets(self, *, job: str, tenant: str | None) -> list[Target]:
         """Every data key this sink writes for (job, tenant), as ``secret/<ns>/<name>#<key>``
         (companion keys included); `TargetError` if the key is invalid."""
         key = expand_key(self.key_template(tenant), job=job, tenant=tenant)
-        where = f"secret/{self.namespace or '(default namespace)'}/{self.secret}#"
+        where = secret_target(self.namespace, self.secret, "")
         return [where + data_key for data_key in secret_data_keys(key)]
 
 
-SinkConfig = Annotated[FileSinkConfig | KubernetesSinkConfig, Field(discriminator="kind")]
+def secret_target(namespace: str | None, secret: str, key: str) -> str:
+    """How a Secret data key is named in messages and target claims."""
+    return f"secret/{namespace or '(default namespace)'}/{secret}#{key}"
+
+
+class OutputConfig(Model):
+    """Where a bundle or a rendered template is kept: a file (`path`), written
+    atomically like a file sink's, or one key of a Kubernetes Secret (`secret`, `key`)."""
+
+    path: str | None = None
+    mode: FileMode = 0o600
+    group: str | int | None = None
+    secret: SecretName | None = None
+    key: str | None = None
+    namespace: Namespace | None = None
+    type: str = "Opaque"
+    kubeconfig: Path | None = None
+    context: str | None = None
+
+    _check_kubeconfig = field_validator("kubeconfig")(existing_file)
+    _check_key = field_validator("key")(_placeholders)
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str | None) -> str | None:
+        return None if value is None else _sink_path(value)
+
+    @model_validator(mode="after")
+    def _one_output(self) -> OutputConfig:
+        if (self.path is None) == (self.secret is None):
+            raise ValueError("set exactly one of path (a file) or secret (a Kubernetes Secret)")
+        if self.secret is not None and self.key is None:
+            raise ValueError("a Secret output needs key: the data key to write")
+        file_only = {"mode", "group"} & self.model_fields_set
+        secret_only = {"key", "namespace", "type", "kubeconfig", "context"} & self.model_fields_set
+        if self.path is not None and secret_only:
+            raise ValueError(f"{', '.join(sorted(secret_only))} only apply with secret")
+        if self.secret is not None and file_only:
+            raise ValueError(f"{', '.join(sorted(file_only))} only apply with path")
+        if self.secret is not None and self.key is not None and "{" not in self.key:
+            problem = secret_type_problem(self.type, self.key)
+            if problem is not None:
+                raise ValueError(f"type {self.type!r} {problem}")
+        return self
+
+    @property
+    def where(self) -> str:
+        """The output's template: the path, or the Secret key."""
+        return self.path if self.path is not None else f"{self.secret}#{self.key}"
+
+    def output(self, *, job: str, tenant: str | None) -> str:
+        """The file or Secret key written for (job, tenant); `TargetError` if unsafe."""
+        if self.path is not None:
+            return os.path.abspath(expand_path(self.path, job=job, tenant=tenant))
+        key = expand_key(self.key or "", job=job, tenant=tenant)
+        return secret_target(self.namespace, self.secret or "", key)
+
+    def secret_sink(self, key: str) -> KubernetesSinkConfig:
+        """The Secret sink settings that write this output's `key` (validated already)."""
+        return KubernetesSinkConfig.model_construct(
+            kind="kubernetes",
+            namespace=self.namespace,
+            secret=self.secret or "",
+            key=key,
+            type=self.type,
+            extra_keys=[],
+            kubeconfig=self.kubeconfig,
+            context=self.context,
+        )
+
+
+BUNDLE_NAME = r"^([A-Za-z0-9_]|\{job\}|\{tenant\})+$"
+
+
+class BundleSinkConfig(OutputConfig):
+    """Many jobs' and tenants' tokens in one file or Secret key, rewritten atomically
+    whenever one of them changes (`refresher.sinks.bundle`). Every sink naming the
+    same output is a member of the same bundle and must agree on its settings;
+    `name` is the member's own."""
+
+    kind: Literal["bundle"]
+    format: Literal["env", "dotenv", "json"] = "env"
+    #: ``env``/``dotenv``: this job's variable; default ``{job}`` or ``{job}_{tenant}``.
+    name: str | None = Field(default=None, pattern=BUNDLE_NAME, max_length=128)
+    #: A member whose token expired unreplaced (or that has none yet).
+    expired: Literal["keep", "omit", "mark"] = "keep"
+
+    @model_validator(mode="after")
+    def _one_file(self) -> BundleSinkConfig:
+        if "{" in self.where:
+            raise ValueError("a bundle is one file or Secret key: no {job} or {tenant} in it")
+        if self.name is not None and self.format == "json":
+            raise ValueError("name applies to env and dotenv bundles (json keys are job/tenant)")
+        return self
+
+    @property
+    def identity(self) -> str:
+        """The settings every member of this bundle shares (two sinks on one output
+        with another identity collide)."""
+        return self.model_dump_json(exclude={"name"})
+
+    def placement(self, per_tenant: bool) -> tuple[str, str] | None:
+        return ("name", self.name) if self.name is not None else None
+
+    def targets(self, *, job: str, tenant: str | None) -> list[Target]:
+        return [SharedTarget(self.output(job=job, tenant=tenant), self.identity)]
+
+    def member_name(self, *, job: str, tenant: str | None) -> str:
+        """The member's key in the bundle: a variable name, or ``job[/tenant]`` in json."""
+        if self.format == "json":
+            return job if tenant is None else f"{job}/{tenant}"
+        return expand_name(self.name, job=job, tenant=tenant)
+
+
+class TemplateSinkConfig(OutputConfig):
+    """Render a template (`refresher.templating`) with one token into a file or a
+    Secret key; the template file is watched and the output re-rendered on change."""
+
+    kind: Literal["template"]
+    template: Path
+    #: The user of ``${username}`` and ``${basic_b64}`` (``user:token``).
+    username: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._~+/=%@-]{1,256}$")
+
+    _parsed: Template | None = PrivateAttr(default=None)
+    _check_template = field_validator("template")(existing_file)
+
+    @model_validator(mode="after")
+    def _parse(self) -> TemplateSinkConfig:
+        if not checking_files.get() and not self.template.is_file():
+            return self
+        try:
+            self._parsed = load_template(self.template)
+        except TemplateError as exc:
+            raise ValueError(f"template {self.template}: {exc}") from None
+        needs_user = {"username", "basic_b64"} & self._parsed.fields
+        if needs_user and self.username is None:
+            raise ValueError(f"the template uses ${{{min(needs_user)}}}: set username")
+        return self
+
+    def placement(self, per_tenant: bool) -> tuple[str, str] | None:
+        return ("path" if self.path is not None else "key"), self.where
+
+    def targets(self, *, job: str, tenant: str | None) -> list[Target]:
+        """The output for (job, tenant); `TargetError` if it is unsafe, or if the
+        template inserts the tenant id and this one could break its format."""
+        output = self.output(job=job, tenant=tenant)
+        uses_tenant = self._parsed is not None and "tenant" in self._parsed.fields
+        if tenant is not None and uses_tenant and not INERT.fullmatch(tenant):
+            raise TargetError(
+                f"tenant {shown(tenant)} cannot be inserted by template {self.template} "
+                "(only letters, digits and - . _ ~ + / = % @ :)"
+            )
+        return [output]
+
+
+def load_template(path: Path) -> Template:
+    """Read and parse a template file; `TemplateError` (with the line) if it is not one."""
+    try:
+        text = path.read_bytes().decode()
+    except UnicodeDecodeError as exc:
+        raise TemplateError(f"not valid UTF-8 (byte {exc.start + 1})") from None
+    except OSError as exc:
+        raise TemplateError(exc.strerror or str(exc)) from None
+    return parse_template(text)
+
+
+SinkConfig = Annotated[
+    FileSinkConfig | KubernetesSinkConfig | BundleSinkConfig | TemplateSinkConfig,
+    Field(discriminator="kind"),
+]
 
 
 def secret_type_problem(secret_type: str, key: str | None) -> str | None:
@@ -394,10 +579,10 @@ class JobConfig(Model):
     def _tenant_paths(self) -> JobConfig:
         per_tenant = isinstance(self.provider, DebituraProviderConfig)
         for index, sink in enumerate(self.sinks):
-            if isinstance(sink, FileSinkConfig):
-                field, template = "path", sink.path
-            else:
-                field, template = "key", sink.key_template("" if per_tenant else None)
+            placement = sink.placement(per_tenant)
+            if placement is None:
+                continue
+            field, template = placement
             if per_tenant and "{tenant}" not in template:
                 raise ValueError(
                     f"sinks[{index}].{field} must contain {{tenant}}: one token per tenant"
@@ -420,16 +605,68 @@ class JobConfig(Model):
             return list(self.provider.tenants)
         return [None]
 
-    def targets(self, tenant: str | None) -> list[str]:
+    def targets(self, tenant: str | None) -> list[Target]:
         """Every file and Secret key this job writes for `tenant`; `TargetError` if one
-        is unsafe (the message names the sink)."""
-        found: list[str] = []
+        is unsafe or written by two of its sinks (the message names the sinks)."""
+        found: list[Target] = []
+        seen: dict[str, int] = {}
         for index, sink in enumerate(self.sinks):
             try:
-                found.extend(sink.targets(job=self.name, tenant=tenant))
+                targets = sink.targets(job=self.name, tenant=tenant)
             except TargetError as exc:
                 raise TargetError(f"sinks[{index}]: {exc}") from None
+            for target in targets:
+                where = target.target if isinstance(target, SharedTarget) else target
+                first = seen.setdefault(where, index)
+                if first != index:
+                    raise TargetError(f"sinks[{first}] and sinks[{index}] would both write {where}")
+            found.extend(targets)
         return found
+
+
+#: What a bundle's size estimate assumes one token takes (a JWT with a few claims).
+TOKEN_SIZE_ESTIMATE = 2048
+#: The most one Kubernetes Secret holds, all its keys together.
+SECRET_LIMIT = 1024 * 1024
+
+
+def bundle_problems(
+    jobs: list[JobConfig], tenants_of: Callable[[JobConfig], list[str | None]]
+) -> tuple[list[str], list[str]]:
+    """(members of one bundle with the same name, Secret bundles that cannot fit), for
+    the tenants `tenants_of` lists; each message starts with the sink's location."""
+    named: dict[tuple[str, str], tuple[str, str | None]] = {}
+    sizes: dict[str, tuple[int, int, str]] = {}
+    collisions: list[str] = []
+    for index, job in enumerate(jobs):
+        bundles = [(n, s) for n, s in enumerate(job.sinks) if isinstance(s, BundleSinkConfig)]
+        tenants = tenants_of(job) if bundles else []
+        for number, sink in bundles:
+            where = f"jobs[{index}].sinks[{number}]"
+            for tenant in tenants:
+                try:
+                    target = sink.output(job=job.name, tenant=tenant)
+                    name = sink.member_name(job=job.name, tenant=tenant)
+                except TargetError:
+                    continue  # the target claims report it
+                owner = named.setdefault((target, name), (job.name, tenant))
+                if owner != (job.name, tenant):
+                    collisions.append(
+                        f"{where}: {describe_owner((job.name, tenant))} and "
+                        f"{describe_owner(owner)} are both named {name} in bundle {target}"
+                    )
+                if sink.secret is not None:
+                    count, size, first = sizes.get(target, (0, 0, where))
+                    estimate = TOKEN_SIZE_ESTIMATE + 200 + 2 * len(name) + 3 * len(tenant or "")
+                    sizes[target] = (count + 1, size + estimate, first)
+    too_large = [
+        f"{where}: bundle {target} would hold {count} tokens, about {size // 1024} KiB at "
+        f"{TOKEN_SIZE_ESTIMATE // 1024} KiB a token: more than the 1 MiB a Secret holds; "
+        "split it into several bundles"
+        for target, (count, size, where) in sizes.items()
+        if size > SECRET_LIMIT
+    ]
+    return collisions, too_large
 
 
 class Settings(BaseSettings):
@@ -460,7 +697,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _one_writer_per_target(self) -> Settings:
-        """Every static (job, tenant) gets safe targets, and no two share one."""
+        """Every static (job, tenant) gets safe targets, and no two share one (but the
+        members of one bundle, each under its own name, in a Secret it fits in)."""
         claims = TargetClaims()
         errors: list[str] = []
         for index, job in enumerate(self.jobs):
@@ -471,6 +709,8 @@ class Settings(BaseSettings):
                     errors.append(f"jobs[{index}].{exc}")
                     if len(errors) >= 20:
                         break
+        collisions, too_large = bundle_problems(self.jobs, JobConfig.static_tenants)
+        errors.extend([*collisions[:20], *too_large])
         if errors:
             raise ValueError(_TARGET_ERRORS + "; ".join(errors))
         return self

@@ -26,6 +26,8 @@
     │   │                           config_level: no retry fixes it)
     │   └── LeaderElectionError     the Lease could not be read or written
     ├── NotifyError                 a notifier could not deliver its notification
+    ├── TemplateError               a sink template cannot be parsed, or one token cannot
+    │                               be rendered into it (names the line, or the field)
     ├── TooSoonError                a forced refresh over its budget (429)
     └── NotActiveError              a forced refresh on a replica that does not refresh
                                     (a follower under leader election, or stopping) (503)
@@ -283,3 +285,8 @@ class LeaderElectionError(KubernetesAPIError):
 
 class NotifyError(RefresherError):
     """A notifier could not deliver its notification."""
+
+
+class TemplateError(RefresherError):
+    """A ``kind: template`` template cannot be parsed (the message names the line and
+    column), or a token cannot be rendered into it (the message names the field)."""

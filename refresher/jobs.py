@@ -7,7 +7,13 @@ from pathlib import Path
 import structlog
 
 from refresher.clock import Clock
-from refresher.config import FileSinkConfig, JobConfig, SinkConfig
+from refresher.config import (
+    BundleSinkConfig,
+    FileSinkConfig,
+    JobConfig,
+    SinkConfig,
+    TemplateSinkConfig,
+)
 from refresher.errors import ConfigError
 from refresher.kube import KubeClients
 from refresher.providers import PROVIDERS
@@ -17,6 +23,7 @@ from refresher.runtime import JobRuntime
 from refresher.sinks.base import TokenSink
 from refresher.sinks.file import FileSink
 from refresher.sinks.kubernetes import KubernetesSink
+from refresher.sinks.shared import SharedOutputs
 from refresher.targets import expand_key, expand_path
 
 log = structlog.get_logger("refresher.jobs")
@@ -44,11 +51,23 @@ def tenants_of(job: JobConfig) -> list[str | None]:
 
 
 def build_sink(
-    config: SinkConfig, *, job: str, tenant: str | None, kube: KubeClients | None = None
+    config: SinkConfig,
+    *,
+    job: str,
+    tenant: str | None,
+    provider_kind: str = "",
+    kube: KubeClients | None = None,
+    shared: SharedOutputs | None = None,
 ) -> TokenSink:
     """The sink for (job, tenant); `TargetError` if the tenant cannot name a target."""
     if isinstance(config, FileSinkConfig):
         return FileSink(config, Path(expand_path(config.path, job=job, tenant=tenant)))
+    if isinstance(config, BundleSinkConfig | TemplateSinkConfig):
+        if shared is None:
+            raise ConfigError([f"job {job}: {config.kind} sinks need the daemon's shared outputs"])
+        if isinstance(config, BundleSinkConfig):
+            return shared.bundle_member(config, job=job, tenant=tenant, provider_kind=provider_kind)
+        return shared.template_sink(config, job=job, tenant=tenant, provider_kind=provider_kind)
     if kube is None:
         raise ConfigError([f"job {job}: kubernetes sink needs a Kubernetes client"])
     key = expand_key(config.key_template(tenant), job=job, tenant=tenant)
@@ -61,16 +80,35 @@ def build_runtimes(
     *,
     tenants: list[str | None] | None = None,
     kube: KubeClients | None = None,
+    shared: SharedOutputs | None = None,
 ) -> list[JobRuntime]:
-    """One runtime per tenant (or one for the job), each with its own sinks."""
+    """One runtime per tenant (or one for the job), each with its own sinks; a tenant
+    whose sinks cannot all be built leaves no member in a bundle behind."""
     runtimes = []
     for tenant in tenants_of(job) if tenants is None else tenants:
+        sinks: list[TokenSink] = []
+        try:
+            for config in job.sinks:
+                sinks.append(
+                    build_sink(
+                        config,
+                        job=job.name,
+                        tenant=tenant,
+                        provider_kind=provider.kind,
+                        kube=kube,
+                        shared=shared,
+                    )
+                )
+        except Exception:
+            if shared is not None:
+                shared.leave(sinks)
+            raise
         runtimes.append(
             JobRuntime(
                 job=job.name,
                 tenant=tenant,
                 provider=provider,
-                sinks=[build_sink(s, job=job.name, tenant=tenant, kube=kube) for s in job.sinks],
+                sinks=sinks,
                 on_expiry=job.on_expiry,
             )
         )

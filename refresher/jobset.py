@@ -27,9 +27,11 @@ from refresher.providers.base import HTTPClients, TokenProvider
 from refresher.providers.debitura import DebituraProviderConfig
 from refresher.runtime import JobKey, JobRuntime
 from refresher.scheduler import Scheduler
+from refresher.sinks.base import Rewrite
 from refresher.sinks.file import FileSink
 from refresher.sinks.kubernetes import KubernetesSink
 from refresher.sinks.lock import DirectoryLocks
+from refresher.sinks.shared import SharedOutputs, file_of
 from refresher.targets import TargetClaims, TargetError, describe_owner
 from refresher.watch import Callback, FileWatcher
 
@@ -76,6 +78,15 @@ class JobSet:
         self.claims = TargetClaims()
         #: Refused tenants per job, at its last (re)load.
         self.rejected: dict[str, int] = {}
+        #: Bundles and template files, shared by the sinks of every job.
+        self.shared = SharedOutputs(
+            clock=clock,
+            metrics=metrics,
+            announce=self._announce,
+            kube=kube,
+            locks=sink_locks,
+            may_write=is_leader,
+        )
 
     async def add(self, job: JobConfig) -> list[JobRuntime]:
         """Build a job, adopt valid tokens from its sinks, start it. `ConfigError`
@@ -118,6 +129,8 @@ class JobSet:
             runtime = self.scheduler.remove(key)
             if runtime is not None and delete:
                 await withdraw(runtime)
+            if runtime is not None:
+                await self.shared.release(runtime.sinks)
         self.claims.release_job(name)
         self.rejected.pop(name, None)
         with contextlib.suppress(KeyError):  # only jobs with tenants have the series
@@ -170,9 +183,18 @@ class JobSet:
             log.warning("more tenants refused", job=job.name, count=len(rejected) - 100)
 
     def watch(self, watcher: FileWatcher) -> None:
-        """Point `watcher` at every job's credential, key and tenants files."""
+        """Point `watcher` at every job's credential, key and tenants files, and at
+        every template file."""
         for job in self.configs.values():
             self._watch(job, watcher)
+        for source in self.shared.templates.values():
+            watcher.watch(source.path, source.changed)
+
+    async def _announce(self, rewrite: Rewrite) -> None:
+        """A bundle or template output was rewritten: its jobs' notifiers, once each."""
+        work = self.notifications.rewritten(rewrite)
+        if work is not None:
+            await self.scheduler.publisher.spawn(work)
 
     def _watch(self, job: JobConfig, watcher: FileWatcher) -> None:
         provider = self.providers[job.name]
@@ -241,6 +263,7 @@ class JobSet:
             self.claims.release((job.name, tenant))
             if gone is not None:
                 await withdraw(gone)
+                await self.shared.release(gone.sinks)
         rejected = list(lines.rejected)
         added: list[str | None] = [t for t in lines.tenants if t not in current]
         started = self._build_tenants(job, self.providers[job.name], added, rejected)
@@ -268,7 +291,9 @@ class JobSet:
             owner = (job.name, tenant)
             try:
                 self.claims.claim(owner, job.targets(tenant))
-                runtimes = build_runtimes(job, provider, tenants=[tenant], kube=self.kube)
+                runtimes = build_runtimes(
+                    job, provider, tenants=[tenant], kube=self.kube, shared=self.shared
+                )
             except (TargetError, ConfigError) as exc:
                 self.claims.release(owner)
                 rejected.append(f"{describe_owner(owner)}: {exc}")
@@ -308,10 +333,10 @@ async def withdraw(runtime: JobRuntime) -> None:
 
 
 def directories(runtimes: Iterable[JobRuntime]) -> set[str]:
-    """The directories the runtimes' file sinks write into."""
+    """The directories the runtimes' file sinks, bundles and templates write into."""
     return {
-        sink.directory
+        file.directory
         for runtime in runtimes
         for sink in runtime.sinks
-        if isinstance(sink, FileSink)
+        if (file := file_of(sink)) is not None
     }

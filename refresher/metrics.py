@@ -182,6 +182,25 @@ class Metrics:
             registry=r,
         )
 
+        self.bundle_writes = Counter(
+            f"{PREFIX}_bundle_writes",
+            "Rewrites of a bundle file or Secret key (one per batch of changed tokens).",
+            ["bundle"],
+            registry=r,
+        )
+        self.bundle_members_skipped = Gauge(
+            f"{PREFIX}_bundle_members_skipped",
+            "Bundle members left out because another member has their variable name.",
+            ["bundle"],
+            registry=r,
+        )
+        self.template_errors = Counter(
+            f"{PREFIX}_template_errors",
+            "Template changes refused and renders that failed (the last good output stays).",
+            ["template"],
+            registry=r,
+        )
+
     def declare_job(self, job: str, provider: str) -> None:
         """Create a job's counters at 0: per job, never per tenant (with tenant labels
         on they carry ``tenant=""``), so the series grow with jobs, not tenants.

@@ -10,6 +10,13 @@
 
 The scheduler runs notifiers in their own tasks: a slow or failing notifier never
 blocks the refresh loop or other jobs.
+
+A job's notifiers fire once per new token written to its file, Secret and template
+sinks, and once per rewrite of a bundle its tokens changed, or of a template output
+re-rendered because its template changed (`rewritten`): a bundle of 100 tenants
+rewritten once is one notification, not 100, and a notifier configured the same way
+in several jobs of one bundle fires once. For a bundle the event's ``fingerprint`` is
+the content's, and ``expires_at`` the earliest expiry in it.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from refresher.errors import NotifyError
 from refresher.logging import Redactor
 from refresher.metrics import Metrics
 from refresher.runtime import JobRuntime
+from refresher.sinks.base import Rewrite
 from refresher.token import Token, rfc3339
 
 log = structlog.get_logger("refresher.notify")
@@ -213,7 +221,7 @@ class Notifications:
     def __init__(self, metrics: Metrics, redactor: Redactor) -> None:
         self.metrics = metrics
         self.redactor = redactor
-        self._notifiers: dict[str, list[Notifier]] = {}
+        self._notifiers: dict[str, list[tuple[NotifierConfig, Notifier]]] = {}
         self._client: httpx2.AsyncClient | None = None
 
     def configure(self, job: str, configs: Sequence[NotifierConfig]) -> None:
@@ -223,14 +231,14 @@ class Notifications:
             return
         if self._client is None:
             self._client = httpx2.AsyncClient(follow_redirects=False)
-        self._notifiers[job] = [build_notifier(c, client=self._client) for c in configs]
+        self._notifiers[job] = [(c, build_notifier(c, client=self._client)) for c in configs]
 
     def __call__(self, runtime: JobRuntime, token: Token) -> Coroutine[Any, Any, None] | None:
-        """The job's notifications for a written token, if it has notifiers."""
+        """The job's notifications for a written token, if it has notifiers (and the
+        token went somewhere but bundles, which announce their own rewrites)."""
         notifiers = self._notifiers.get(runtime.job)
-        return self._notify(runtime, token, notifiers) if notifiers else None
-
-    async def _notify(self, runtime: JobRuntime, token: Token, notifiers: list[Notifier]) -> None:
+        if not notifiers or all(sink.kind == "bundle" for sink in runtime.sinks):
+            return None
         scrub = self.redactor.scrub
         event = TokenWritten(
             job=runtime.job,
@@ -240,23 +248,44 @@ class Notifications:
             sink_paths=tuple(scrub(s.target) for s in runtime.sinks),
         )
         labels = self.metrics.label_values(runtime.job, runtime.provider_kind, runtime.tenant)
+        return self._deliver([(event, n, labels) for _, n in notifiers])
 
-        async def deliver(notifier: Notifier) -> None:
+    def rewritten(self, rewrite: Rewrite) -> Coroutine[Any, Any, None] | None:
+        """The notifications for a rewritten bundle or template output: each notifier
+        of the jobs whose tokens changed in it, once (identical ones in two jobs too)."""
+        chosen: dict[str, tuple[TokenWritten, Notifier, tuple[str, ...]]] = {}
+        for job, provider_kind in rewrite.jobs:
+            event = TokenWritten(
+                job=job,
+                tenant=None,
+                expires_at=rewrite.expires_at,
+                fingerprint=rewrite.fingerprint,
+                sink_paths=(self.redactor.scrub(rewrite.target),),
+            )
+            labels = self.metrics.label_values(job, provider_kind, None)
+            for config, notifier in self._notifiers.get(job, []):
+                chosen.setdefault(config.model_dump_json(), (event, notifier, labels))
+        return self._deliver(list(chosen.values())) if chosen else None
+
+    async def _deliver(
+        self, deliveries: list[tuple[TokenWritten, Notifier, tuple[str, ...]]]
+    ) -> None:
+        async def deliver(event: TokenWritten, notifier: Notifier, labels: tuple[str, ...]) -> None:
             try:
                 await notifier.notify(event)
             except Exception as exc:  # a notifier must never take the daemon down
                 self.metrics.notify_failures.labels(*labels, notifier.kind).inc()
                 log.error(
                     "notification failed",
-                    job=runtime.job,
-                    tenant=runtime.tenant,
+                    job=event.job,
+                    tenant=event.tenant,
                     notifier=notifier.kind,
                     error=str(exc),
                 )
 
         async with anyio.create_task_group() as tg:
-            for notifier in notifiers:
-                tg.start_soon(deliver, notifier)
+            for event, notifier, labels in deliveries:
+                tg.start_soon(deliver, event, notifier, labels)
 
     async def aclose(self) -> None:
         if self._client is not None:

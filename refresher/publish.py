@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from refresher.errors import SinkError
 from refresher.policy import backoff_delay, refresh_time
 from refresher.runtime import JobRuntime
-from refresher.sinks.base import TokenSink
+from refresher.sinks.base import ExpiryAware, TokenSink
 from refresher.status import title
 from refresher.token import Token, rfc3339
 
@@ -151,16 +151,36 @@ class Publisher:
             except Exception as exc:
                 self.scheduler.internal_error("notify", exc, runtime, retry=False)
                 continue
-            if work is None:
-                continue
-            group = self.scheduler.task_group
-            if group is not None:
-                group.start_soon(self._run_hook, work, runtime)
-            else:  # `refresher once`: no background to run it in
-                await self._run_hook(work, runtime)
+            if work is not None:
+                await self.spawn(work, runtime)
 
-    async def _run_hook(self, work: Coroutine[Any, Any, None], runtime: JobRuntime) -> None:
+    async def spawn(
+        self, work: Coroutine[Any, Any, None], runtime: JobRuntime | None = None
+    ) -> None:
+        """Run hook work in the background (inline for `refresher once`, which has no
+        background); its failure is a notification problem, reported, never raised."""
+        group = self.scheduler.task_group
+        if group is not None:
+            group.start_soon(self._run_hook, work, runtime)
+        else:
+            await self._run_hook(work, runtime)
+
+    async def _run_hook(self, work: Coroutine[Any, Any, None], runtime: JobRuntime | None) -> None:
         try:
             await work
         except Exception as exc:
             self.scheduler.internal_error("notify", exc, runtime, retry=False)
+
+    async def expired(self, runtime: JobRuntime) -> None:
+        """A token ran out unreplaced: withdraw it if the job says ``on_expiry: remove``,
+        else tell the sinks that show validity (a bundle's ``expired`` rule)."""
+        for sink in runtime.sinks:
+            try:
+                if runtime.on_expiry == "remove":
+                    await sink.remove()
+                elif isinstance(sink, ExpiryAware):
+                    await sink.expired()
+            except SinkError as error:
+                runtime.bound_log.error(
+                    "cannot update a sink of an expired token", error=str(error)
+                )

@@ -29,7 +29,6 @@ from refresher.errors import (
     BadResponseError,
     ProviderError,
     RateLimitedError,
-    SinkError,
     UnauthorizedError,
 )
 from refresher.feedback import Feedback
@@ -191,7 +190,7 @@ class Scheduler:
             )
 
     async def _expired(self, runtime: JobRuntime) -> None:
-        """A token ran out with no replacement: say so, and withdraw it if configured."""
+        """A token ran out with no replacement: say so, and tell its sinks."""
         try:
             runtime.bound_log.error(
                 "token expired without a replacement",
@@ -199,12 +198,7 @@ class Scheduler:
                 last_error=runtime.failure_reason,
                 on_expiry=runtime.on_expiry,
             )
-            if runtime.on_expiry == "remove":
-                for sink in runtime.sinks:
-                    try:
-                        await sink.remove()
-                    except SinkError as error:
-                        runtime.bound_log.error("cannot remove expired token", error=str(error))
+            await self.publisher.expired(runtime)
         except Exception as exc:
             self.internal_error("expiry", exc, runtime, retry=False)
 

@@ -18,6 +18,18 @@ a token lands. The rules, one per kind of target:
   companion key fits in 253, not ``.``, ``..`` or starting with ``..``). A tenant that
   would make an invalid key is refused, and two tokens whose keys (or companion
   keys) collide in one Secret are refused too.
+* **Bundle variable names** (``env`` and ``dotenv`` bundles): a member's variable is
+  its sink's ``name`` with ``{job}`` and ``{tenant}`` replaced by their *name segment*
+  (default ``{job}`` for a single-token job, ``{job}_{tenant}`` per tenant). The
+  segment is the text with ASCII letters upper-cased, digits kept and every other
+  character replaced by ``_``; a name that would start with a digit gets a leading
+  ``_``. The rule is readable, not one-to-one (``acme-001`` and ``acme.001`` are both
+  ``ACME_001``): two members of one bundle with the same name are a configuration
+  error when both are known from the config, and the later one is left out of the
+  bundle (logged and counted) when a ``tenants_file`` brings it at run time.
+
+One writer per target: two sinks that resolve to the same file or Secret key are an
+error naming both, unless they are members of the same bundle (`SharedTarget`).
 """
 
 from __future__ import annotations
@@ -35,6 +47,8 @@ MAX_SECRET_KEY_LENGTH = 253 - len(".expires_at")
 SECRET_KEY_SUFFIXES = ("", ".expires_at", ".token_type")
 
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+_NAME_OUTSIDE = re.compile(r"[^A-Z0-9_]")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SAFE_SEGMENT = "-_."
 
 
@@ -62,7 +76,7 @@ def check_tenant(tenant: str) -> str:
     """`tenant` if acceptable, else `TargetError` naming the problem."""
     problem = tenant_problem(tenant)
     if problem is not None:
-        raise TargetError(f"tenant {_shown(tenant)} {problem}")
+        raise TargetError(f"tenant {shown(tenant)} {problem}")
     return tenant
 
 
@@ -93,7 +107,7 @@ def expand_path(template: str, *, job: str, tenant: str | None) -> str:
     name = os.path.basename(resolved)
     if len(name.encode()) > MAX_FILE_NAME_BYTES:
         raise TargetError(
-            f"file name for {_shown(tenant or job)} is longer than {MAX_FILE_NAME_BYTES} bytes"
+            f"file name for {shown(tenant or job)} is longer than {MAX_FILE_NAME_BYTES} bytes"
         )
     return path
 
@@ -118,9 +132,30 @@ def expand_key(template: str, *, job: str, tenant: str | None) -> str:
         key = key.replace("{tenant}", check_tenant(tenant))
     problem = secret_key_problem(key)
     if problem is not None:
-        who = f" (tenant {_shown(tenant)})" if tenant is not None and "{tenant}" in template else ""
-        raise TargetError(f"Secret key {_shown(key)}{who} {problem}")
+        who = f" (tenant {shown(tenant)})" if tenant is not None and "{tenant}" in template else ""
+        raise TargetError(f"Secret key {shown(key)}{who} {problem}")
     return key
+
+
+def name_segment(text: str) -> str:
+    """`text` as part of a variable name (see module docstring)."""
+    # Only ASCII is upper-cased: str.upper() turns some letters into two ("ß" -> "SS").
+    return _NAME_OUTSIDE.sub("_", "".join(c.upper() if c.isascii() else "_" for c in text))
+
+
+def expand_name(template: str | None, *, job: str, tenant: str | None) -> str:
+    """A bundle member's variable name (see module docstring); `TargetError` if the
+    result is not a variable name."""
+    if template is None:
+        template = "{job}" if tenant is None else "{job}_{tenant}"
+    name = template.replace("{job}", name_segment(job))
+    if tenant is not None:
+        name = name.replace("{tenant}", name_segment(check_tenant(tenant)))
+    if name[:1].isdigit():
+        name = "_" + name
+    if not ENV_NAME.match(name):
+        raise TargetError(f"variable name {shown(name)} is not [A-Za-z_][A-Za-z0-9_]*")
+    return name
 
 
 def secret_data_keys(key: str) -> tuple[str, ...]:
@@ -131,45 +166,73 @@ def secret_data_keys(key: str) -> tuple[str, ...]:
 Owner = tuple[str, str | None]
 
 
+@dataclass(frozen=True)
+class SharedTarget:
+    """A file or Secret key that many owners write together: one bundle. Owners
+    claiming it with another `identity` (other bundle settings) collide."""
+
+    target: str
+    identity: str
+
+
+Target = str | SharedTarget
+
+
 @dataclass
 class TargetClaims:
-    """Who writes where: one owner per file path and per Secret data key.
+    """Who writes where: one owner per file path and per Secret data key, or the
+    members of one bundle.
 
     `claim` records every target of one (job, tenant) or refuses all of them when
     any is already another owner's, so a refused tenant changes nothing.
     """
 
-    _owners: dict[str, Owner] = field(default_factory=dict)
+    #: target -> (bundle identity, or None for a single writer; its owners)
+    _owners: dict[str, tuple[str | None, set[Owner]]] = field(default_factory=dict)
     _targets: dict[Owner, list[str]] = field(default_factory=dict)
 
-    def claim(self, owner: Owner, targets: list[str]) -> None:
+    def claim(self, owner: Owner, targets: list[Target]) -> None:
         for target in targets:
-            other = self._owners.get(target)
-            if other is not None and other != owner:
+            where, identity = _split(target)
+            held_identity, owners = self._owners.get(where, (None, set()))
+            others = sorted(owners - {owner}, key=describe_owner)
+            if others and (identity is None or identity != held_identity):
+                differ = " as different bundles" if identity and held_identity else ""
                 raise TargetError(
-                    f"{describe_owner(owner)} and {describe_owner(other)} would both write {target}"
+                    f"{describe_owner(owner)} and {describe_owner(others[0])} would both "
+                    f"write {where}{differ}"
                 )
         self.release(owner)
         for target in targets:
-            self._owners[target] = owner
-        self._targets[owner] = list(targets)
+            where, identity = _split(target)
+            self._owners.setdefault(where, (identity, set()))[1].add(owner)
+        self._targets[owner] = [_split(t)[0] for t in targets]
 
     def release(self, owner: Owner) -> None:
         for target in self._targets.pop(owner, []):
-            if self._owners.get(target) == owner:
-                del self._owners[target]
+            held = self._owners.get(target)
+            if held is not None:
+                held[1].discard(owner)
+                if not held[1]:
+                    del self._owners[target]
 
     def release_job(self, job: str) -> None:
         for owner in [o for o in self._targets if o[0] == job]:
             self.release(owner)
 
 
+def _split(target: Target) -> tuple[str, str | None]:
+    if isinstance(target, SharedTarget):
+        return target.target, target.identity
+    return target, None
+
+
 def describe_owner(owner: Owner) -> str:
     job, tenant = owner
-    return f"job {job!r}" + (f" tenant {_shown(tenant)}" if tenant is not None else "")
+    return f"job {job!r}" + (f" tenant {shown(tenant)}" if tenant is not None else "")
 
 
-def _shown(text: str | None) -> str:
+def shown(text: str | None) -> str:
     """`text` quoted for a message, cut short and with anything odd escaped."""
     if text is None:
         return "''"

@@ -25,7 +25,7 @@ from tests.test_helm_chart import CHART, OAUTH2_PROVIDER, RELEASE, render
 
 RELEASE_NAMESPACE = "apps"
 SERVICE_ACCOUNT = f"system:serviceaccount:{RELEASE_NAMESPACE}:{RELEASE}"
-_SINK_FIELDS = ("kind", "namespace", "secret", "key", "type", "extra_keys")
+_SINK_FIELDS = ("kind", "namespace", "secret", "key", "type", "extra_keys", "format", "template")
 _LEASE_FIELDS = ("enabled", "lease_name", "namespace")
 _STATE_FIELDS = ("name", "namespace")
 #: A provider keeping rotated refresh tokens in a state Secret.
@@ -40,14 +40,14 @@ REFRESH_PROVIDER = {
 
 
 def chart_values(config: Mapping[str, Any], **values: Any) -> dict[str, Any]:
-    """Chart values deploying `config`'s Secret sinks, oauth2 state Secrets and Lease
-    (plus `values`)."""
+    """Chart values deploying `config`'s Secret sinks (bundles and templates kept in a
+    Secret too), oauth2 state Secrets and Lease (plus `values`)."""
     jobs = []
     for job in config.get("jobs", []):
         sinks = [
             {k: v for k, v in sink.items() if k in _SINK_FIELDS}
             for sink in job["sinks"]
-            if sink.get("kind") == "kubernetes"
+            if sink.get("kind") == "kubernetes" or sink.get("secret")  # a bundle in a Secret
         ]
         provider: dict[str, Any] = OAUTH2_PROVIDER
         state = job.get("provider", {}).get("state_secret")

@@ -143,11 +143,20 @@ def test_demo_rotates_tokens_and_stops_on_ctrl_c(tmp_path) -> None:
     )
     try:
         tokens = tmp_path / "tokens"
-        expected = {"dutyclaims.json", "debitura-acme-001.jwt", "debitura-globex-002.jwt",
-                    "debitura-initech-003.jwt", "gooclaim.token", "gooclaim.env"}
+        expected = {"dutyclaims.json", "dutyclaims.token", "debitura-acme-001.jwt",
+                    "debitura-globex-002.jwt", "debitura-initech-003.jwt", "gooclaim.token",
+                    "gooclaim.env", "tokens.env", "gooclaim-nginx.conf"}
         until(lambda: tokens.is_dir() and expected <= {p.name for p in tokens.iterdir()})
+        until(lambda: (tokens / "tokens.env").read_text().count("\n# ") == 5)
         first = (tokens / "gooclaim.token").read_text()
         until(lambda: (tokens / "gooclaim.token").read_text() != first, timeout=20)
+        # The bundle and the rendered template follow every rotation.
+        bundle = dict(line.split("=", 1) for line in (tokens / "tokens.env").read_text().splitlines()
+                      if line and not line.startswith("#"))
+        assert set(bundle) == {"DUTYCLAIMS", "DEBITURA_ACME_001", "DEBITURA_GLOBEX_002",
+                               "DEBITURA_INITECH_003", "GOOCLAIM"}
+        until(lambda: (tokens / "gooclaim.token").read_text().strip()
+              in (tokens / "gooclaim-nginx.conf").read_text())
         body = httpx2.get(f"http://127.0.0.1:{port}/v1/tokens").json()
         assert {j["job"] for j in body["jobs"]} == {"dutyclaims", "debitura", "gooclaim"}
         assert httpx2.get(f"http://127.0.0.1:{port}/readyz").status_code == 200

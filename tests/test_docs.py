@@ -91,6 +91,7 @@ def test_a_broken_link_anchor_or_orphan_page_fails_the_build(tmp_path: Path) -> 
     shutil.copytree(DOCS, project / "docs")
     shutil.copy(ROOT / "mkdocs.yml", project)
     shutil.copy(ROOT / "CHANGELOG.md", project)
+    shutil.copytree(ROOT / "examples", project / "examples")  # files the pages include
     page = project / "docs" / "getting-started.md"
     page.write_text(
         page.read_text() + "\n[gone](no-such-page.md) and [typo](runbooks.md#refresherdwon)\n"
@@ -229,7 +230,7 @@ SELF_CONTAINED = [
     *sorted((ROOT / "tests").glob("*/README.md")),
     *sorted(p for p in (ROOT / "helm").rglob("*") if p.is_file() and "__pycache__" not in p.parts),
     *sorted((ROOT / "systemd").iterdir()),
-    *sorted((ROOT / "examples").iterdir()),
+    *sorted(p for p in (ROOT / "examples").rglob("*") if p.is_file()),
 ]
 
 

@@ -122,6 +122,8 @@ def doc_yaml_blocks() -> list[tuple[str, Any]]:
 def kind_of(doc: Any) -> str:
     """What a doc yaml block is; "unknown" fails the test (classify new shapes here)."""
     sections = set(Settings.model_fields)
+    if isinstance(doc, str) and doc.startswith("--8<--"):
+        return "included-file"  # a repository file the docs include, tested where it lives
     if isinstance(doc, dict):
         if set(doc) == {"provider"}:
             return "provider"

@@ -388,3 +388,39 @@ def test_example_config_matches_the_unit():
             mode = int(sink.get("mode", "0600"), 8)
             assert mode & 0o007 == 0, f"{sink['path']}: world-accessible"
             assert mode & 0o040, f"{sink['path']}: consumers in group refresher cannot read it"
+
+
+# ---------------------------------------------------------------------------- bundle consumers
+
+DOCS = REPO / "docs" / "systemd.md"
+
+
+def documented_units(section: str) -> dict[str, str]:
+    """{file name: text} of the ```ini blocks under `section` of docs/systemd.md that
+    start with a ``# /etc/systemd/system/<name>`` line."""
+    text = DOCS.read_text().split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    units = {}
+    for block in re.findall(r"```ini\n(.*?)```", text, re.S):
+        first, _, rest = block.partition("\n")
+        assert first.startswith("# /etc/systemd/system/"), first
+        units[first.rsplit("/", 1)[1]] = block
+    return units
+
+
+@needs_analyze
+def test_the_environment_file_consumer_units_verify(tmp_path):
+    units = documented_units("Many tokens in one environment file")
+    assert set(units) == {"myapp.service", "myapp-tokens.path", "myapp-restart.service"}
+    assert "EnvironmentFile=/run/refresher/tokens.env" in units["myapp.service"]
+    assert "PathChanged=/run/refresher/tokens.env" in units["myapp-tokens.path"]
+    # The example's program does not exist here: verify checks ExecStart= binaries.
+    units["myapp.service"] = units["myapp.service"].replace("/usr/local/bin/myapp", "/bin/true")
+    for name, text in units.items():
+        (tmp_path / name).write_text(text)
+    unit_copy(tmp_path)  # refresher.service, which myapp.service wants
+    for name in units:
+        result = verify(tmp_path / name)
+        assert result.returncode == 0, result.stdout + result.stderr
+        problems = [line for line in (result.stdout + result.stderr).splitlines()
+                    if line.strip() and "myapp" in line]
+        assert problems == [], problems

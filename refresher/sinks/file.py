@@ -5,7 +5,9 @@ new one, never a torn or empty one, and a crash leaves at most a stray temp file
 survives a reboot anyway, both fsyncs are skipped and the write runs on the event
 loop (it cannot block there).
 
-A sink given `DirectoryLocks` (the daemon's) writes, removes and sweeps only in a
+`AtomicFile` is that writer; `FileSink` puts one token in it in a format, and
+bundles and rendered templates (`refresher.sinks.bundle`, `.template`) use it too.
+A writer given `DirectoryLocks` (the daemon's) writes, removes and sweeps only in a
 directory this process holds the lock of, and locks it at the first write if it
 did not exist when the daemon started (see `refresher.sinks.lock`).
 """
@@ -121,15 +123,19 @@ def parse(content: bytes, config: FileSinkConfig) -> Token | None:
     )
 
 
-class FileSink:
-    """Writes a token to `path` atomically with `mode` and optional `group`."""
+class AtomicFile:
+    """A file replaced atomically with `mode` and optional `group`: what a file sink,
+    a bundle and a rendered template are written with (an `Output`)."""
 
-    kind = "file"
-
-    def __init__(self, config: FileSinkConfig, path: Path) -> None:
-        self.config = config
+    def __init__(
+        self, path: Path, *, mode: int = 0o600, group: str | int | None = None, kind: str = "file"
+    ) -> None:
         self.path = path
         self.target = str(path)
+        self.mode = mode
+        self.group = group
+        #: The sink kind errors name.
+        self.kind = kind
         # Plain strings: pathlib costs more than the syscalls on this path.
         self.directory = str(path.parent)
         self._temp_prefix = os.path.join(self.directory, f".{path.name}.tmp-")
@@ -138,27 +144,34 @@ class FileSink:
         self._swept = False
         self._memory: bool | None = None
 
-    async def write(self, token: Token) -> None:
-        content = render(token, self.config)
+    async def put(self, content: bytes) -> None:
+        """Replace the file's content (see the module docstring)."""
         if self._inline():
             self._write_sync(content)
         else:
             await anyio.to_thread.run_sync(self._write_sync, content)
 
-    async def read_back(self) -> Token | None:
-        # Called at start: sweep what a crash mid-write left (possibly half a token).
+    async def get(self) -> bytes | None:
+        """The file's content; None when it cannot be read. The first call sweeps what
+        a crash mid-write left (possibly half a token)."""
         try:
             if self._inline():
-                content = self._read_sync()
-            else:
-                content = await anyio.to_thread.run_sync(self._read_sync)
+                return self._read_sync()
+            return await anyio.to_thread.run_sync(self._read_sync)
         except OSError:
             return None
-        return parse(content, self.config)
 
     def _read_sync(self) -> bytes:
         self._first_use()
         return self.path.read_bytes()
+
+    def stamp(self) -> object | None:
+        """The file's identity and change time: every write renames a new inode in."""
+        try:
+            info = os.stat(self.target)
+        except OSError:
+            return None
+        return (info.st_ino, info.st_size, info.st_mtime_ns)
 
     def _inline(self) -> bool:
         """Do the I/O on the event loop when nothing can block: the directory is on
@@ -166,7 +179,7 @@ class FileSink:
         needs an NSS lookup. A thread hop costs more than the write there."""
         if self._memory is None:
             self._memory = memory_backed(self.directory)
-        return self._memory and not isinstance(self.config.group, str)
+        return self._memory and not isinstance(self.group, str)
 
     async def remove(self) -> None:
         try:
@@ -196,9 +209,9 @@ class FileSink:
                     view = view[written:]
                 if not self._memory:  # tmpfs/ramfs: fsync is a no-op syscall
                     os.fsync(fd)
-                os.fchmod(fd, self.config.mode)
-                if self.config.group is not None:
-                    os.fchown(fd, -1, _gid(self.config.group))
+                os.fchmod(fd, self.mode)
+                if self.group is not None:
+                    os.fchown(fd, -1, _gid(self.group))
             finally:
                 os.close(fd)
             # rename() replaces a symlink at `path` itself; it never writes through it.
@@ -245,6 +258,21 @@ class FileSink:
         for path in _stale_temps(self.path.parent).pop(self.path.name, []):
             with contextlib.suppress(OSError):
                 os.unlink(path)
+
+
+class FileSink(AtomicFile):
+    """Writes a token to `path` in the configured format."""
+
+    def __init__(self, config: FileSinkConfig, path: Path) -> None:
+        super().__init__(path, mode=config.mode, group=config.group)
+        self.config = config
+
+    async def write(self, token: Token) -> None:
+        await self.put(render(token, self.config))
+
+    async def read_back(self) -> Token | None:
+        content = await self.get()
+        return None if content is None else parse(content, self.config)
 
 
 _TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.tmp-[0-9a-f]{8}$")

@@ -20,6 +20,9 @@ only while `may_write()` (the leader check) still holds: it is asked immediately
 before every request that writes. (An absent Secret is created without one: the API
 has no create-only apply.)
 
+`put`/`get` keep a whole file's content in the key instead of one token (a bundle or
+a rendered template: an `Output`), with the content's fingerprint as annotation.
+
 Failures raise `KubernetesSinkError` (a `SinkError`) and leave the Secret as it was:
 an apply is atomic on the API server. 403 names the verb, resource and namespace to
 grant; a missing namespace is flagged ``config_level``; an answer with
@@ -50,7 +53,7 @@ from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Secret
 from lightkube.types import PatchType
 
-from refresher.config import KubernetesSinkConfig
+from refresher.config import SECRET_LIMIT, KubernetesSinkConfig
 from refresher.errors import (
     ConfigError,
     KubernetesAPIError,
@@ -197,6 +200,35 @@ class KubernetesSink:
         """Server-side apply our keys, guarded by the Secret's last seen resourceVersion;
         a 409 is re-read and retried while still allowed to write. Leaves the Secret
         as it was on error."""
+        data = {self.key: _b64(token.value)}
+        if "expires_at" in self.config.extra_keys and token.expires_at is not None:
+            data[f"{self.key}.expires_at"] = _b64(rfc3339(token.expires_at) or "")
+        if "token_type" in self.config.extra_keys:
+            data[f"{self.key}.token_type"] = _b64(token.token_type)
+        annotations = {
+            self._annotations["fingerprint"]: token.fingerprint(),
+            self._annotations["obtained-at"]: rfc3339(token.obtained_at) or "",
+        }
+        if token.expires_at is not None:
+            annotations[self._annotations["expires-at"]] = rfc3339(token.expires_at) or ""
+        await self._apply(data, annotations, token.fingerprint())
+
+    async def put(self, content: bytes) -> None:
+        """Keep `content` (a bundle, a rendered template) in the key, as `write` does a
+        token; the fingerprint annotation is the content's."""
+        if len(content) > SECRET_LIMIT:
+            raise self._wrap(
+                KubernetesSinkError(
+                    f"{len(content)} bytes do not fit in a Secret (at most {SECRET_LIMIT}): "
+                    "split the bundle",
+                    config_level=True,
+                )
+            )
+        data = {self.key: base64.b64encode(content).decode()}
+        digest = fingerprint(content)
+        await self._apply(data, {self._annotations["fingerprint"]: digest}, digest)
+
+    async def _apply(self, data: dict[str, str], annotations: dict[str, str], shown: str) -> None:
         self._check_may_write()  # before any request, the read included
         client = self._client()
         version = await self._version(client)
@@ -204,10 +236,9 @@ class KubernetesSink:
         while True:
             attempt += 1
             self._check_may_write()
+            secret = self._applied(data, annotations, version)
             try:
-                result = await client.apply(
-                    self._applied(token, version), field_manager=self.field_manager, force=True
-                )
+                result = await client.apply(secret, field_manager=self.field_manager, force=True)
             except ApiError as exc:
                 error = api_error(
                     exc,
@@ -245,7 +276,7 @@ class KubernetesSink:
             log.debug(
                 "secret key written",
                 target=self.target,
-                fingerprint=token.fingerprint(),
+                fingerprint=shown,
                 resource_version=version,
                 attempts=attempt,
             )
@@ -253,6 +284,37 @@ class KubernetesSink:
 
     async def read_back(self) -> Token | None:
         """The token the Secret holds now (None when absent, unreadable or undated)."""
+        secret = await self._read()
+        if secret is None:
+            return None
+        annotations = secret.metadata.annotations if secret.metadata is not None else None
+        token = token_from_secret(secret.data, annotations, self.key)
+        if token is not None:
+            log.debug(
+                "secret key read back",
+                target=self.target,
+                fingerprint=token.fingerprint(),
+                expires_at=rfc3339(token.expires_at),
+            )
+        return token
+
+    async def get(self) -> bytes | None:
+        """The content `put` keeps in the key (None when absent or unreadable)."""
+        secret = await self._read()
+        raw = (secret.data or {}).get(self.key) if secret is not None else None
+        if not raw:
+            return None
+        try:
+            return base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+
+    def stamp(self) -> object | None:
+        """Unknown without asking the API server: a bundle reads the Secret again."""
+        return None
+
+    async def _read(self) -> Secret | None:
+        """The Secret, remembering its resourceVersion; None (logged) if it cannot be read."""
         try:
             client = self._client()
             secret = await client.get(Secret, self.secret, namespace=self.namespace)
@@ -276,16 +338,7 @@ class KubernetesSink:
             return None
         metadata = secret.metadata
         self.clients.versions[self._ref] = metadata.resourceVersion if metadata else None
-        annotations = metadata.annotations if metadata is not None else None
-        token = token_from_secret(secret.data, annotations, self.key)
-        if token is not None:
-            log.debug(
-                "secret key read back",
-                target=self.target,
-                fingerprint=token.fingerprint(),
-                expires_at=rfc3339(token.expires_at),
-            )
-        return token
+        return secret
 
     async def remove(self) -> None:
         """Delete our keys and annotations (a JSON merge patch, guarded by the last seen
@@ -412,18 +465,9 @@ class KubernetesSink:
     def _data_keys(self) -> list[str]:
         return list(secret_data_keys(self.key))
 
-    def _applied(self, token: Token, version: str | None) -> Secret:
-        data = {self.key: _b64(token.value)}
-        if "expires_at" in self.config.extra_keys and token.expires_at is not None:
-            data[f"{self.key}.expires_at"] = _b64(rfc3339(token.expires_at) or "")
-        if "token_type" in self.config.extra_keys:
-            data[f"{self.key}.token_type"] = _b64(token.token_type)
-        annotations = {
-            self._annotations["fingerprint"]: token.fingerprint(),
-            self._annotations["obtained-at"]: rfc3339(token.obtained_at) or "",
-        }
-        if token.expires_at is not None:
-            annotations[self._annotations["expires-at"]] = rfc3339(token.expires_at) or ""
+    def _applied(
+        self, data: dict[str, str], annotations: dict[str, str], version: str | None
+    ) -> Secret:
         return Secret(
             metadata=ObjectMeta(
                 name=self.secret,

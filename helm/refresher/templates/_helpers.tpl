@@ -170,7 +170,8 @@ true
 {{- end }}
 
 {{/*
-Secret names that kind=kubernetes sinks and oauth2 state_secrets write, as JSON
+Secret names that kind=kubernetes sinks, bundle and template sinks kept in a Secret
+(`secret:` instead of `path:`) and oauth2 state_secrets write, as JSON
 {"<namespace>": ["name", ...]}. Without a namespace they write into the pod's (= the
 release) namespace. Several jobs may share one Secret (each applies only its own key):
 names are de-duplicated.
@@ -187,7 +188,7 @@ names are de-duplicated.
 {{- $_ := set $byNs $ns (append $existing $state.name | uniq | sortAlpha) -}}
 {{- end -}}
 {{- range $j, $sink := ($job.sinks | default list) -}}
-{{- if and (eq (toString $sink.kind) "kubernetes") (not $sink.kubeconfig) -}}
+{{- if and (include "refresher.writesSecret" $sink) (not $sink.kubeconfig) -}}
 {{- if not $sink.secret -}}
 {{- fail (printf "config.jobs[%d].sinks[%d]: a kubernetes sink needs 'secret'" $i $j) -}}
 {{- end -}}
@@ -198,6 +199,14 @@ names are de-duplicated.
 {{- end -}}
 {{- end -}}
 {{- $byNs | toJson -}}
+{{- end }}
+
+{{/*
+Does this sink write a Secret: kind kubernetes, or a bundle/template with `secret:`?
+*/}}
+{{- define "refresher.writesSecret" -}}
+{{- $kind := toString .kind -}}
+{{- if or (eq $kind "kubernetes") (and (has $kind (list "bundle" "template")) .secret) -}}true{{- end -}}
 {{- end }}
 
 {{/*
@@ -352,7 +361,7 @@ replaces it; extraVolumeMounts (e.g. a ReadWriteMany claim) count as shared too.
 {{- range $i, $job := ($cfg.jobs | default list) -}}
 {{- $kube := false -}}
 {{- range ($job.sinks | default list) -}}
-{{- if eq (toString .kind) "kubernetes" -}}{{- $kube = true -}}{{- end -}}
+{{- if include "refresher.writesSecret" . -}}{{- $kube = true -}}{{- end -}}
 {{- end -}}
 {{- if not $kube -}}
 {{- range $j, $sink := ($job.sinks | default list) -}}
