@@ -6,32 +6,81 @@ answers by building anyio's whole extra-attribute map (with a `getpeername`
 call) per question. A refresher keeps many idle connections and sends one
 request per refresh, so that probe alone cost more than the request's own
 parsing. The stream below looks the socket up once, when the connection opens.
+
+It also sends a request's head and body together: httpcore2 writes them in two
+calls, which costs a second `send` and wakes the server twice. A small write is
+held until the next write (then both leave in one `send`) or the next read (the
+response cannot come before the request is out), never while another task reads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 from collections.abc import Iterable
 from typing import Any
 
 import anyio.abc
+import anyio.streams.tls
 import httpcore2
 import httpx2
 from httpcore2._backends.anyio import AnyIOBackend, AnyIOStream
 from httpcore2._backends.base import AsyncNetworkStream
+from httpcore2._exceptions import WriteError
 from httpcore2._utils import is_socket_readable
 
 __all__ = ["SocketCachingBackend", "use_socket_caching_backend"]
 
+#: Writes up to this size may wait for the next one (a request head, a token form).
+HOLD_LIMIT = 16 * 1024
+
 
 class SocketCachingStream(AnyIOStream):
-    """An `AnyIOStream` that keeps its raw socket for the readability probe."""
+    """An `AnyIOStream` that keeps its raw socket for the readability probe and sends
+    a request's head and body in one write."""
 
     def __init__(self, stream: anyio.abc.ByteStream) -> None:
         super().__init__(stream)
         raw_socket = anyio.abc.SocketAttribute.raw_socket
         self._socket: socket.socket | None = stream.extra(raw_socket, None)  # noqa: S610
+        ssl_object = stream.extra(anyio.streams.tls.TLSAttribute.ssl_object, None)  # noqa: S610
+        # HTTP/2 reads in one task while others write: nothing may wait there.
+        self._may_hold = ssl_object is None or ssl_object.selected_alpn_protocol() != "h2"
+        self._held = b""
+        self._held_timeout: float | None = None
+        self._readers = 0
+
+    async def write(
+        self,
+        buffer: bytes,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore2's signature
+    ) -> None:
+        if not buffer:
+            return
+        if self._held:
+            buffer, self._held = self._held + buffer, b""
+        elif self._may_hold and not self._readers and len(buffer) <= HOLD_LIMIT:
+            self._held, self._held_timeout = buffer, timeout
+            return
+        await super().write(buffer, timeout)
+
+    async def read(
+        self,
+        max_bytes: int,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore2's signature
+    ) -> bytes:
+        if self._held:
+            held, self._held = self._held, b""
+            # As httpcore2 does for a failed request write: the server may have
+            # answered (e.g. 413) before closing, so read what it sent.
+            with contextlib.suppress(WriteError):
+                await super().write(held, self._held_timeout)
+        self._readers += 1
+        try:
+            return await super().read(max_bytes, timeout)
+        finally:
+            self._readers -= 1
 
     def get_extra_info(self, info: str) -> Any:
         if info == "is_readable":

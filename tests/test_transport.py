@@ -100,3 +100,67 @@ async def test_an_idle_connection_the_server_closed_is_not_reused(
             with anyio.fail_after(5):  # the server has closed its side before the next request
                 while len(closed) < served:
                     await anyio.sleep(0.005)
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+async def test_a_request_head_and_body_leave_in_one_send(make_emulator: Any, tls: bool) -> None:
+    emulator = make_emulator(OAuth2Emulator, clients={CLIENT_ID: CLIENT_SECRET}, tls=tls)
+    form = {"grant_type": "client_credentials", "client_id": CLIENT_ID}
+    clients = HTTPClients()
+    try:
+        client = clients.get(emulator.url, ca_file=emulator.ca_file)
+        await client.post(emulator.token_url, data={**form, "client_secret": CLIENT_SECRET})
+        (stream,) = _streams(client)
+        inner = stream._stream
+        sends: list[int] = []
+        send = inner.send
+
+        async def counting_send(item: bytes) -> None:
+            sends.append(len(item))
+            await send(item)
+
+        inner.send = counting_send
+        for _ in range(3):
+            answer = await client.post(
+                emulator.token_url, data={**form, "client_secret": CLIENT_SECRET}
+            )
+            assert answer.status_code == 200
+        assert len(sends) == 3  # one per request: head and form body together
+        assert all(size > len(CLIENT_SECRET) for size in sends)
+    finally:
+        await clients.aclose()
+
+
+async def test_a_write_while_another_task_reads_is_sent_at_once() -> None:
+    """HTTP/2 reads in one task while others write: a held write would never leave."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    received = threading.Event()
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            if connection.recv(16) == b"ping":
+                received.set()
+                connection.sendall(b"pong")
+
+    thread = threading.Thread(target=serve, name="pong-server", daemon=True)
+    thread.start()
+    try:
+        stream = SocketCachingStream(await anyio.connect_tcp("127.0.0.1", port))
+        answers: list[bytes] = []
+
+        async def read() -> None:
+            answers.append(await stream.read(16))
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read)
+                while not stream._readers:
+                    await anyio.sleep(0.001)
+                await stream.write(b"ping")
+        assert received.is_set() and answers == [b"pong"]
+        await stream.aclose()
+    finally:
+        thread.join(5)
+        listener.close()

@@ -4,8 +4,9 @@ One child process per run (so RSS is this daemon's alone):
 
 1. starts the token server (separate process) issuing `lifetime`-second tokens;
 2. measures the raw-httpx2 reference in this process: CPU per Debitura-format token
-   request (POST JSON + parse) at concurrency 16, and paced at the run's expected
-   steady-state request rate (one task per request, like a scheduler would);
+   request (POST JSON + parse) at concurrency 16 (before and again after the run, the
+   mean of both is the reference), and paced at the run's expected steady-state
+   request rate (one task per request, like a scheduler would);
 3. seeds steady state: one JSON token file per tenant (the FileSink format),
    obtained at a uniformly random moment of the last mean refresh interval, so
    refreshes come due evenly as in a long-running daemon (a cold start instead mints
@@ -278,6 +279,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 peak_inflight = scheduler.peak_requests_in_flight
             server_cpu = server.cpu() - server_cpu0
             stats = server.stats()
+            if args.raw_n:
+                # Again after the run: the reference is the mean of both sides, so a
+                # neighbour's load during one of them does not decide the ratio.
+                before = result["raw_saturated"]
+                after = await raw_debitura_cpu(server.url, args.raw_n)
+                result["raw_saturated"] = {
+                    key: (before[key] + after[key]) / 2 for key in before
+                } | {"samples_ms": [before["cpu_per_request_ms"], after["cpu_per_request_ms"]]}
         fetches = recorder.first_mints + recorder.refreshes
         lags_ms = [lag * 1e3 for lag in recorder.lags]
         steady = rss_samples[len(rss_samples) // 2 :] or rss_samples
