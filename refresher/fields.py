@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    StrictBool,
     WithJsonSchema,
     field_validator,
 )
@@ -228,6 +229,9 @@ class HTTPProviderConfig(Model):
     requests_per_minute: int | None = Field(default=None, gt=0)
     max_concurrency: int | None = Field(default=None, gt=0)
     assume_lifetime: PositiveDuration | None = None
+    #: Speak HTTP/2 (negotiated by ALPN over https; http:// stays HTTP/1.1): all of this
+    #: host's requests multiplexed on one connection instead of a keep-alive pool.
+    http2: StrictBool = False
 
     _check_ca = field_validator("ca_file")(existing_file)
 

@@ -150,6 +150,11 @@ BAD_CONFIGS = [
         "refresh.backoff: initial must not exceed max",
     ),
     (
+        "http2 not a boolean",
+        lambda c, t: c["jobs"][0]["provider"].update(http2="yes"),
+        "jobs[0].provider.http2: Input should be a valid boolean",
+    ),
+    (
         "wrong sink format",
         lambda c, t: c["jobs"][0]["sinks"][0].update(format="xml"),
         "jobs[0].sinks[0].format",

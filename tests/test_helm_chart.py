@@ -99,6 +99,15 @@ OAUTH2_PROVIDER = {
     "client_secret_file": "/etc/refresher/credentials/oauth2",
 }
 
+
+def http2_job(http2: object) -> dict[str, Any]:
+    return {
+        "name": "api",
+        "provider": {**OAUTH2_PROVIDER, "http2": http2},
+        "sinks": [{"kind": "file", "path": "/run/refresher/api.token"}],
+    }
+
+
 KUBE_SINK_VALUES: dict[str, Any] = {
     "config": {"jobs": KUBE_SINK_JOBS},
     "credentials": {"existingSecret": "partner-creds"},
@@ -1201,6 +1210,11 @@ def test_pod_monitor_in_standalone_mode(chart: helm.Chart) -> None:
         pytest.param(
             {"serviceMonitor": {"enabled": "yes"}}, "/serviceMonitor/enabled", id="bool-as-string"
         ),
+        pytest.param(
+            {"config": {"jobs": [http2_job("yes")]}},
+            "/config/jobs/0/provider/http2",
+            id="http2-as-string",
+        ),
         # It is written into PromQL: a quote would end the selector and inject an expression.
         pytest.param({"scrapeJob": 'x"} or vector(1) #'}, "/scrapeJob", id="scrape-job-injection"),
         pytest.param(
@@ -1229,6 +1243,7 @@ def test_schema_accepts_documented_values(chart: helm.Chart) -> None:
         example_values("values-sidecar.yaml"),
         example_values("values-standalone.yaml"),
         {**KUBE_SINK_VALUES, "rbac": {"allowSecretCreate": True}},
+        {"config": {"jobs": [http2_job(True)]}},
     ):
         chart.validate_schema(chart.merge_values(values))
 

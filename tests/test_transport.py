@@ -1,5 +1,5 @@
-"""The network backend under the providers' HTTP clients: it is really used (plain and
-TLS), and its cheap readability probe still notices a server that closed an idle
+"""The network backend under the providers' HTTP clients: it is really used (plain,
+TLS and HTTP/2), and its cheap readability probe still notices a server that closed an idle
 keep-alive connection, which is the probe's whole purpose."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import pytest
 
 from refresher.providers.base import HTTPClients
 from refresher.transport import SocketCachingStream, use_socket_caching_backend
-from tests.conftest import CLIENT_ID, CLIENT_SECRET
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, LeakGuard
+from tests.emulators.h2server import HypercornServer
 from tests.emulators.oauth2 import OAuth2Emulator
 
 pytestmark = pytest.mark.anyio
@@ -49,6 +50,28 @@ async def test_provider_clients_keep_alive_on_the_socket_caching_stream(
         assert (stream.get_extra_info("ssl_object") is not None) is tls
     finally:
         await clients.aclose()
+
+
+async def test_http2_clients_multiplex_on_the_socket_caching_stream(leak_guard: LeakGuard) -> None:
+    emulator = OAuth2Emulator(clients={CLIENT_ID: CLIENT_SECRET})
+    leak_guard.emulators.append(emulator)
+    clients = HTTPClients()
+    with HypercornServer(emulator.app()) as server:
+        try:
+            client = clients.get(server.url, ca_file=server.ca_file, http2=True)
+            form = {"grant_type": "client_credentials", "client_id": CLIENT_ID}
+            for _ in range(3):
+                answer = await client.post(
+                    "/oauth/token", data={**form, "client_secret": CLIENT_SECRET}
+                )
+                assert (answer.status_code, answer.http_version) == (200, "HTTP/2")
+            (stream,) = _streams(client)
+            assert isinstance(stream, SocketCachingStream)
+            assert stream.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
+            assert stream.get_extra_info("socket").fileno() > 0
+        finally:
+            await clients.aclose()
+    assert len(server.connections()) == 1
 
 
 @pytest.fixture

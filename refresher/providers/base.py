@@ -119,12 +119,12 @@ class ClientCertificate:
 
 
 class HTTPClients:
-    """One `httpx2.AsyncClient` per (base URL, TLS settings), reused across jobs, and
-    the partner-side request budgets that jobs sharing a client id share."""
+    """One `httpx2.AsyncClient` per (base URL, TLS settings, HTTP version), reused
+    across jobs, and the partner-side request budgets that jobs sharing a client id share."""
 
     def __init__(self) -> None:
         self._clients: dict[
-            tuple[str, str | None, float, ClientCertificate | None], httpx2.AsyncClient
+            tuple[str, str | None, float, ClientCertificate | None, bool], httpx2.AsyncClient
         ] = {}
         self._limiters: dict[str, SlidingWindowLimiter] = {}
         self._closers: list[Callable[[], Awaitable[None]]] = []
@@ -150,10 +150,13 @@ class HTTPClients:
         ca_file: Path | None = None,
         timeout: float = 10.0,
         client_cert: ClientCertificate | None = None,
+        http2: bool = False,
     ) -> httpx2.AsyncClient:
         """The shared client; with `client_cert`, one presenting that certificate
-        (`SecretUnusableError` when the certificate and key do not load)."""
-        key = (base_url, str(ca_file) if ca_file else None, timeout, client_cert)
+        (`SecretUnusableError` when the certificate and key do not load); with `http2`,
+        one offering HTTP/2 by ALPN, so an https host that accepts it multiplexes every
+        request on one connection."""
+        key = (base_url, str(ca_file) if ca_file else None, timeout, client_cert, http2)
         client = self._clients.get(key)
         if client is None:
             verify: ssl.SSLContext | bool = True
@@ -167,6 +170,7 @@ class HTTPClients:
                 timeout=timeout,
                 verify=verify,
                 follow_redirects=False,
+                http2=http2,
                 limits=httpx2.Limits(max_connections=100, max_keepalive_connections=20),
                 headers={"User-Agent": _user_agent()},
             )
@@ -398,7 +402,9 @@ class HTTPProvider(Generic[ConfigT]):
         self.config = config
         self.base_url = base_url
         self.clock = clock
-        self.client = clients.get(base_url, ca_file=config.ca_file, timeout=config.timeout)
+        self.client = clients.get(
+            base_url, ca_file=config.ca_file, timeout=config.timeout, http2=config.http2
+        )
         self._secrets = {name: src for name, src in secrets.items() if src is not None}
         self._urls: dict[str, httpx2.URL] = {}
         self._credential = f"{self.kind}:{base_url}:{rate_limit_key or ''}"

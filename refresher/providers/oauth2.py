@@ -815,7 +815,11 @@ class OAuth2Provider(HTTPProvider[OAuth2ProviderConfig]):
             cfg.tls_client_cert_file, cfg.tls_client_key_file, digest, owner=f"{id(self):x}"
         )
         client = self.clients.get(
-            self.base_url, ca_file=cfg.ca_file, timeout=cfg.timeout, client_cert=certificate
+            self.base_url,
+            ca_file=cfg.ca_file,
+            timeout=cfg.timeout,
+            client_cert=certificate,
+            http2=cfg.http2,
         )
         previous, self.client = (self.client if self._certificate else None), client
         self._urls.clear()
