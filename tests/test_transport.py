@@ -68,6 +68,7 @@ async def test_http2_clients_multiplex_on_the_socket_caching_stream(leak_guard: 
             (stream,) = _streams(client)
             assert isinstance(stream, SocketCachingStream)
             assert stream.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
+            assert stream._may_hold is False  # HTTP/2 frames are never held back
             assert stream.get_extra_info("socket").fileno() > 0
         finally:
             await clients.aclose()
