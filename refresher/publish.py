@@ -46,6 +46,8 @@ class Publisher:
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         self.written_hooks: list[WrittenHook] = []
+        #: Sink writes under way (most wait for a worker thread, not the clock).
+        self.writes_in_flight = 0
 
     async def recover(self, runtime: JobRuntime) -> bool:
         """Adopt the token the job's sinks already hold, if every sink agrees and it
@@ -82,6 +84,7 @@ class Publisher:
         errors: list[SinkError] = []
         for sink in sinks:
             started = clock.now()
+            self.writes_in_flight += 1
             try:
                 await sink.write(token)
             except Exception as exc:
@@ -94,6 +97,7 @@ class Publisher:
                 errors.append(error)
                 metrics.sink_failures.labels(*series.labels, sink.kind).inc()
             finally:
+                self.writes_in_flight -= 1
                 metrics.sink_write_duration_of(series, sink.kind).observe(
                     max(clock.now() - started, 0)
                 )

@@ -7,6 +7,7 @@ token any emulator issued during it appears in that output.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import random
@@ -176,8 +177,8 @@ async def get_json(
 
 
 async def settle(scheduler: Any) -> None:
-    """Wait (real time, briefly) until no provider request is in flight and the
-    refreshes stopped moving: jobs handed a slot or a rate grant between two looks
+    """Wait (real time, briefly) until no provider request or sink write is in flight
+    and the refreshes stopped moving: jobs handed a slot or a rate grant between two looks
     would otherwise be taken for jobs waiting on the clock."""
 
     def signature() -> tuple[int, int, int]:
@@ -188,13 +189,23 @@ async def settle(scheduler: Any) -> None:
             sum(r.token is not None for r in runtimes),
         )
 
+    def busy() -> bool:
+        # Work already handed to the event loop (a woken scheduler or limiter head
+        # takes several loop passes to act): on a loaded machine three 2 ms polls can
+        # be three passes, so stillness alone is not proof. (`_ready` is asyncio's
+        # private queue of callbacks due in the next pass.)
+        loop = asyncio.get_running_loop()
+        heap = scheduler._heap
+        due = bool(heap) and heap[0][0] <= scheduler.clock.now() and scheduler.is_active()
+        return bool(loop._ready) or due  # type: ignore[attr-defined]
+
     await anyio.sleep(0)
     with anyio.fail_after(30):
         last, same = signature(), 0
-        while same < 3 or last[0] != 0:
+        while same < 3 or last[0] != 0 or scheduler.publisher.writes_in_flight:
             await anyio.sleep(0.002)
             current = signature()
-            same = same + 1 if current == last else 0
+            same = same + 1 if current == last and not busy() else 0
             last = current
 
 
