@@ -162,7 +162,9 @@ class Scheduler:
 
     def _due(self, now: float) -> list[JobRuntime]:
         """Pop the jobs due now, and those planned a little later that may leave early
-        with them (`early_slack`): one wake-up sends a batch, not one refresh each."""
+        with them (`early_slack`): one wake-up sends a batch, not one refresh each.
+        Never early for a rate-limited provider: its limiter serves the earliest expiry
+        first among those waiting, and none may jump ahead of one not yet due."""
         heap, due = self._heap, []
         while heap:
             moment, _, key, generation = heap[0]
@@ -174,6 +176,7 @@ class Scheduler:
                 runtime.failures
                 or runtime.unwritten
                 or runtime.parked_at is not None
+                or runtime.provider.rate_limit is not None
                 or moment - early_slack(runtime.token, now, self.policy) > now
             ):
                 break

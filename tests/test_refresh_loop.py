@@ -358,3 +358,20 @@ async def test_planned_refreshes_leave_in_batches_a_little_early_never_late(
     # few batches; without, each at its own moment.
     batches = len(set(sent.values()))
     assert batches <= 16 if coalesce else batches == 40
+
+
+async def test_a_rate_limited_providers_refreshes_never_leave_early(
+    start_daemon, debitura, clock, tmp_path
+) -> None:
+    """Its limiter serves the earliest expiry first among those waiting: a refresh
+    dispatched early could take a grant a more urgent one, not yet due, needs."""
+    tenants = [f"t-{i:02d}" for i in range(40)]
+    job = deb_job(debitura, tmp_path, tenants, requests_per_minute=600)
+    async with start_daemon({"refresh": {"coalesce": 0.05}, "jobs": [job]}) as daemon:
+        sched = daemon.scheduler
+        await drive(clock, sched, lambda: all(r.token for r in sched.jobs.values()), horizon=clock.now() + 60)
+        planned = {r.tenant: r.next_refresh_at for r in sched.jobs.values()}
+        first = len(debitura.requests)
+        await drive(clock, sched, lambda: len(debitura.requests) >= first + 40, horizon=clock.now() + 1800)
+        sent = {r.client: r.at for r in debitura.requests[first:]}
+    assert sent and all(at >= planned[tenant] - 1e-6 for tenant, at in sent.items())

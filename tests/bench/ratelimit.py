@@ -137,6 +137,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             settings = load_settings(
                 data={
                     "server": {"listen": "127.0.0.1:0"},
+                    "refresh": {} if args.coalesce is None else {"coalesce": args.coalesce},
                     "jobs": [
                         {
                             "name": f"goo-{i:04d}",
@@ -217,6 +218,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--limit", type=int, default=60)
     parser.add_argument("--lifetime", type=float, default=3600.0)
+    parser.add_argument(
+        "--coalesce", type=float, default=None, help="refresh.coalesce (default: the daemon's)"
+    )
     emit(anyio.run(run, parser.parse_args()))
 
 
