@@ -95,6 +95,9 @@ class SocketCachingStream(AnyIOStream):
         server_hostname: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - httpcore2's signature
     ) -> AsyncNetworkStream:
+        if self._held:  # nothing held may cross into the TLS session
+            held, self._held = self._held, b""
+            await super().write(held, self._held_timeout)
         return _caching(await super().start_tls(ssl_context, server_hostname, timeout))
 
 

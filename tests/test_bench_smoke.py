@@ -1,9 +1,10 @@
 """The benchmark (``python -m tests.bench``) still runs: a tiny ``--smoke`` pass
 (a few seconds per part) must print a parseable ``BENCH {json}`` line with every
 part's numbers. The full targets are not asserted here (too noisy at this size);
-the regression gate is: refresher at least half as fast as raw httpx2 (median of
-five paired rounds, so a noisy neighbour slows both sides of a pair), no refresh
-missed, nothing over the rate limit, no mint after a restart."""
+the regression gate is: refresher at least 0.6 as fast as raw httpx2 and 0.7 as fast
+as authlib (median of five paired rounds, so a noisy neighbour slows both sides of a
+pair; 0.71–0.92 and 0.88–1.13 measured here), no refresh missed, nothing over the rate
+limit and strictly earliest-expiring first, no mint after a restart."""
 
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ def test_benchmark_smoke_prints_bench_line() -> None:
     assert {"mode", "throughput", "scale", "growth", "ratelimit", "restart", "targets"} <= set(bench)
     assert bench["mode"] == "smoke"
     for concurrency, ratios in bench["throughput"]["ratios"].items():
-        assert ratios["refresher_over_raw"] >= 0.5, (concurrency, ratios)
-        assert ratios["refresher_over_authlib"] > 0
+        assert ratios["refresher_over_raw"] >= 0.6, (concurrency, ratios)
+        assert ratios["refresher_over_authlib"] >= 0.7, (concurrency, ratios)
     scale = bench["scale"]
     for key in ("rss_steady_mb", "cpu_per_refresh_ms", "lag_ms", "peak_inflight", "raw_paced"):
         assert key in scale
@@ -43,6 +44,7 @@ def test_benchmark_smoke_prints_bench_line() -> None:
     limit = bench["ratelimit"]
     assert limit["over_limit"] == 0
     assert limit["http_429"] == 0
+    assert limit["order_inversions"] == 0
     assert limit["all_valid_sim_min"] > 0
     restart = bench["restart"]["restart"]
     assert restart["recovered"] == restart["jobs"]
