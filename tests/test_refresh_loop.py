@@ -338,19 +338,28 @@ async def test_on_expiry_keep_or_remove(start_daemon, oauth2_emulator, clock, tm
         assert metric(daemon, "refresher_token_valid", token_job="api") == 0
 
 
-@pytest.mark.parametrize("coalesce", [0.01, 0.0])
-async def test_planned_refreshes_leave_in_batches_a_little_early_never_late(
-    start_daemon, debitura, clock, tmp_path, coalesce
-) -> None:
+async def second_round(
+    start_daemon, debitura, clock, tmp_path, refresh, **provider
+) -> tuple[dict[str, float], dict[str, float]]:
+    """40 Debitura tenants minted, then refreshed once each: (planned moment, moment
+    sent) per tenant."""
     tenants = [f"t-{i:02d}" for i in range(40)]
-    config = {"refresh": {"coalesce": coalesce}, "jobs": [deb_job(debitura, tmp_path, tenants)]}
-    async with start_daemon(config) as daemon:
+    job = deb_job(debitura, tmp_path, tenants, **provider)
+    async with start_daemon({"refresh": refresh, "jobs": [job]}) as daemon:
         sched = daemon.scheduler
         await drive(clock, sched, lambda: all(r.token for r in sched.jobs.values()), horizon=clock.now() + 60)
         planned = {r.tenant: r.next_refresh_at for r in sched.jobs.values()}
         first = len(debitura.requests)
         await drive(clock, sched, lambda: len(debitura.requests) >= first + 40, horizon=clock.now() + 1800)
-        sent = {r.client: r.at for r in debitura.requests[first:]}
+        return planned, {r.client: r.at for r in debitura.requests[first:]}
+
+
+@pytest.mark.parametrize("coalesce", [0.01, 0.0])
+async def test_planned_refreshes_leave_in_batches_a_little_early_never_late(
+    start_daemon, debitura, clock, tmp_path, coalesce
+) -> None:
+    refresh = {"coalesce": coalesce}
+    planned, sent = await second_round(start_daemon, debitura, clock, tmp_path, refresh)
     slack = coalesce * 1800  # Debitura tokens live 30 min
     for tenant, moment in sent.items():
         assert planned[tenant] - slack - 1e-6 <= moment <= planned[tenant] + 1e-6, tenant
@@ -365,13 +374,7 @@ async def test_a_rate_limited_providers_refreshes_never_leave_early(
 ) -> None:
     """Its limiter serves the earliest expiry first among those waiting: a refresh
     dispatched early could take a grant a more urgent one, not yet due, needs."""
-    tenants = [f"t-{i:02d}" for i in range(40)]
-    job = deb_job(debitura, tmp_path, tenants, requests_per_minute=600)
-    async with start_daemon({"refresh": {"coalesce": 0.05}, "jobs": [job]}) as daemon:
-        sched = daemon.scheduler
-        await drive(clock, sched, lambda: all(r.token for r in sched.jobs.values()), horizon=clock.now() + 60)
-        planned = {r.tenant: r.next_refresh_at for r in sched.jobs.values()}
-        first = len(debitura.requests)
-        await drive(clock, sched, lambda: len(debitura.requests) >= first + 40, horizon=clock.now() + 1800)
-        sent = {r.client: r.at for r in debitura.requests[first:]}
+    planned, sent = await second_round(
+        start_daemon, debitura, clock, tmp_path, {"coalesce": 0.05}, requests_per_minute=600
+    )
     assert sent and all(at >= planned[tenant] - 1e-6 for tenant, at in sent.items())
