@@ -70,17 +70,20 @@ class SocketCachingStream(AnyIOStream):
         max_bytes: int,
         timeout: float | None = None,  # noqa: ASYNC109 - httpcore2's signature
     ) -> bytes:
-        if self._held:
-            held, self._held = self._held, b""
-            # As httpcore2 does for a failed request write: the server may have
-            # answered (e.g. 413) before closing, so read what it sent.
-            with contextlib.suppress(WriteError):
-                await super().write(held, self._held_timeout)
+        # As httpcore2 does for a failed request write: the server may have answered
+        # (e.g. 413) before closing, so read what it sent.
+        with contextlib.suppress(WriteError):
+            await self._flush()
         self._readers += 1
         try:
             return await super().read(max_bytes, timeout)
         finally:
             self._readers -= 1
+
+    async def _flush(self) -> None:
+        if self._held:
+            held, self._held = self._held, b""
+            await super().write(held, self._held_timeout)
 
     def get_extra_info(self, info: str) -> Any:
         if info == "is_readable":
@@ -95,9 +98,7 @@ class SocketCachingStream(AnyIOStream):
         server_hostname: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - httpcore2's signature
     ) -> AsyncNetworkStream:
-        if self._held:  # nothing held may cross into the TLS session
-            held, self._held = self._held, b""
-            await super().write(held, self._held_timeout)
+        await self._flush()  # nothing held may cross into the TLS session
         return _caching(await super().start_tls(ssl_context, server_hostname, timeout))
 
 

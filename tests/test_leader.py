@@ -14,6 +14,7 @@ from refresher.clock import ManualClock
 from refresher.config import LeaderElectionConfig
 from refresher.kube import KubeClients
 from refresher.leader import LeaderElector, micro_time
+from refresher.token import parse_rfc3339
 from tests.conftest import wait_for
 from tests.kube_support import (
     NS,
@@ -57,6 +58,12 @@ def elector(kubeconfig: Path, clients: KubeClients, clock: ManualClock, identity
     return Replica(LeaderElector(config, clients=clients, clock=clock, rng=NoJitter()), clock)
 
 
+def pods(kubeconfig: Path, clients: KubeClients, clock: ManualClock) -> tuple[Replica, Replica]:
+    """Two replicas, ``pod-a`` and ``pod-b``, campaigning for the same Lease."""
+    a = elector(kubeconfig, clients, clock, "pod-a")
+    return a, elector(kubeconfig, clients, clock, "pod-b")
+
+
 async def settle(replicas: list[Replica]) -> None:
     await wait_for(lambda: all(r.idle() for r in replicas), what="electors idle")
 
@@ -74,10 +81,7 @@ def leaders(replicas: list[Replica]) -> list[str]:
 
 
 async def test_two_electors_exactly_one_leader(kube, kubeconfig, clients, clock) -> None:
-    a, b = (
-        elector(kubeconfig, clients, clock, "pod-a"),
-        elector(kubeconfig, clients, clock, "pod-b"),
-    )
+    a, b = pods(kubeconfig, clients, clock)
     async with anyio.create_task_group() as tg:
         tg.start_soon(a.run)
         tg.start_soon(b.run)  # racing for the same absent Lease
@@ -98,17 +102,14 @@ async def test_two_electors_exactly_one_leader(kube, kubeconfig, clients, clock)
 async def test_killed_leader_is_replaced_after_the_lease_expires(
     kube, kubeconfig, clients, clock
 ) -> None:
-    a, b = (
-        elector(kubeconfig, clients, clock, "pod-a"),
-        elector(kubeconfig, clients, clock, "pod-b"),
-    )
+    a, b = pods(kubeconfig, clients, clock)
     async with anyio.create_task_group() as tg:
         await tg.start(a.run)
         await tg.start(b.run)
         assert leaders([a, b]) == ["pod-a"]
         await advance(clock, [a, b], 5)
         last_renew = kube.lease(NS, "refresher")["spec"]["renewTime"]
-        renewed_at = lease_seconds(last_renew)
+        renewed_at = parse_rfc3339(last_renew)
 
         a.scope.cancel()  # the pod is killed: no release
         await settle([a, b])
@@ -129,26 +130,16 @@ async def test_killed_leader_is_replaced_after_the_lease_expires(
         tg.cancel_scope.cancel()
 
 
-def lease_seconds(micro: str) -> float:
-    """A Lease's MicroTime string → Unix seconds."""
-    from datetime import datetime
-
-    return datetime.fromisoformat(micro.replace("Z", "+00:00")).timestamp()
-
-
 async def test_failing_renewals_stop_leadership_at_the_renew_deadline(
     kube, kubeconfig, clients, clock
 ) -> None:
-    a, b = (
-        elector(kubeconfig, clients, clock, "pod-a"),
-        elector(kubeconfig, clients, clock, "pod-b"),
-    )
+    a, b = pods(kubeconfig, clients, clock)
     async with anyio.create_task_group() as tg:
         await tg.start(a.run)
         await tg.start(b.run)
         await advance(clock, [a, b], 4)
         assert leaders([a, b]) == ["pod-a"]
-        renewed_at = lease_seconds(kube.lease(NS, "refresher")["spec"]["renewTime"])
+        renewed_at = parse_rfc3339(kube.lease(NS, "refresher")["spec"]["renewTime"])
 
         kube.fail(500, count=10_000, resource="leases")
         while clock.now() < renewed_at + 10:
@@ -181,17 +172,14 @@ async def test_a_hanging_renew_does_not_extend_leadership(kube, kubeconfig, clie
         # and the next round renews at once: a claim again, but only ever within
         # renew_deadline of the renewTime the Lease holds (followers wait 15 s).
         await settle([a])
-        record = lease_seconds(kube.lease(NS, "refresher")["spec"]["renewTime"])
+        record = parse_rfc3339(kube.lease(NS, "refresher")["spec"]["renewTime"])
         assert record >= renewed_at + 2
         assert a.elector.is_leader() and clock.now() < record + 10
         tg.cancel_scope.cancel()
 
 
 async def test_release_hands_over_at_the_next_retry(kube, kubeconfig, clients, clock) -> None:
-    a, b = (
-        elector(kubeconfig, clients, clock, "pod-a"),
-        elector(kubeconfig, clients, clock, "pod-b"),
-    )
+    a, b = pods(kubeconfig, clients, clock)
     async with anyio.create_task_group() as tg:
         await tg.start(a.run)
         await tg.start(b.run)

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from tests.bench.common import REPO, ServerProcess, run_child, sink_root
+from tests.bench.scale import mean_refresh_interval
 
 PROFILES: dict[str, dict[str, Any]] = {
     "full": {
@@ -298,10 +299,10 @@ def growth_grid() -> str:
     for lifetime in GROWTH_LIFETIMES:
         measured: dict[str, Any] | None = None
         for jobs in GROWTH_TENANTS:
-            rate = jobs / (0.7125 * lifetime)
+            rate = jobs / mean_refresh_interval(lifetime)
             if rate <= GROWTH_MAX_RATE:
                 log(f"growth: {jobs} tenants, {lifetime} s tokens")
-                args_ = ["--jobs", str(jobs), "--lifetime", str(lifetime), "--duration", "60", "--raw-n", "0"]
+                args_ = scale_args(PROFILES["full"], jobs, reference=False, lifetime=lifetime, duration=60)
                 measured = run_child("tests.bench.scale", args_, timeout=1800)
                 m = measured
                 lines.append(

@@ -207,14 +207,18 @@ async def raw_paced_cpu(url: str, rate: float, seconds: float) -> dict[str, floa
         }
 
 
+def mean_refresh_interval(lifetime: float) -> float:
+    """Seconds between a tenant's refreshes with the default policy: at 0.75 × lifetime
+    ± 10 % jitter, capped at expiry − 25 %, i.e. between 0.675 and 0.75 of it."""
+    return 0.7125 * lifetime
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from tests.bench.throughput import raw_debitura_cpu
 
     lifetime = float(args.lifetime)
     jobs = args.jobs
-    # Refresh happens at 0.75 × lifetime ± 10 % jitter, capped at expiry − 25 %:
-    # between 0.675 and 0.75 of the lifetime after the mint.
-    interval = 0.7125 * lifetime
+    interval = mean_refresh_interval(lifetime)
     steady_rate = jobs / interval
     result: dict[str, Any] = {"jobs": jobs, "lifetime_s": lifetime, "duration_s": args.duration}
     root = Path(tempfile.mkdtemp(prefix="refresher-scale-", dir=args.sink_root or sink_root()))
